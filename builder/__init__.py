@@ -1,0 +1,1 @@
+"""Containerfile -> image (not yet implemented; see issue 4)."""

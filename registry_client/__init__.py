@@ -1,0 +1,1 @@
+"""OCI distribution client (not yet implemented; see issue 5)."""

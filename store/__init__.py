@@ -1,0 +1,1 @@
+"""kiln storage: OCI layout store, blobs, layers, images."""
