@@ -31,7 +31,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 class VerifyingReader:
-    """Wraps a binary stream, hashing what passes; ``verify()`` at EOF checks size and digest.
+    """Wraps a binary stream, hashing what passes; reading EOF checks size and digest.
 
     Reads past the expected size raise at once, so a blob one byte long is
     caught without reading further than one extra byte.
@@ -44,11 +44,14 @@ class VerifyingReader:
         self._hash = hashlib.sha256()
         self._seen = 0
         self._what = what
+        self._verified = False
 
     def read(self, n: int = -1) -> bytes:
         if self._size is not None and (n is None or n < 0):
             n = self._size - self._seen + 1
         data = self._raw.read(n)
+        if not data and n != 0 and not self._verified:
+            self.verify()
         if data:
             self._hash.update(data)
             self._seen += len(data)
@@ -58,13 +61,17 @@ class VerifyingReader:
                 )
         return data
 
+    def readable(self) -> bool:
+        return True
+
     def readinto(self, buf) -> int:
         data = self.read(len(buf))
         buf[: len(data)] = data
         return len(data)
 
     def verify(self) -> None:
-        """Call at EOF: raises DigestError if size or digest differ."""
+        """Raises DigestError if size or digest differ; called by itself when EOF is read."""
+        self._verified = True
         if self._size is not None and self._seen != self._size:
             raise DigestError(
                 f"{self._what} {self._digest} has {self._seen} bytes, declared size {self._size}"
@@ -76,7 +83,6 @@ class VerifyingReader:
     def read_all_and_verify(self, chunk: int = 1 << 20) -> None:
         while self.read(chunk):
             pass
-        self.verify()
 
     def close(self) -> None:
         self._raw.close()

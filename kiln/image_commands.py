@@ -1,0 +1,193 @@
+"""Image commands: import, images, tag, rmi, inspect, history, save, load, prune."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+COMPRESSION = click.Choice(["zstd", "gzip"])
+
+
+def _store(ctx: click.Context):
+    return ctx.obj.store
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)
+
+
+def _ago(created: str) -> str:
+    from datetime import datetime
+
+    try:
+        then = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return created or "unknown"
+    secs = max(0, int(time.time() - then))
+    for size, unit in ((86400 * 365, "year"), (86400 * 7, "week"), (86400, "day"),
+                       (3600, "hour"), (60, "minute"), (1, "second")):
+        if secs >= size:
+            n = secs // size
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "Less than a second ago"
+
+
+@click.command("import")
+@click.argument("source", type=click.Path())
+@click.argument("name")
+@click.option("--compression-format", "compression", type=COMPRESSION, default="zstd",
+              show_default=True, help="How the layer is stored.")
+@click.pass_context
+def import_cmd(ctx, source, name, compression):
+    """Make a one-layer base image from a root filesystem directory or tarball."""
+    from store.importer import import_rootfs
+
+    desc = import_rootfs(_store(ctx), source, name, compression=compression)
+    click.echo(desc.digest)
+
+
+@click.command("images")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--digests", is_flag=True, help="Show manifest digests.")
+@click.option("-q", "--quiet", is_flag=True, help="Only image IDs.")
+@click.option("--no-trunc", is_flag=True, help="Full image IDs.")
+@click.pass_context
+def images_cmd(ctx, fmt, digests, quiet, no_trunc):
+    """List images in the store."""
+    from store.catalog import list_images
+
+    rows = list_images(_store(ctx))
+    if fmt == "json":
+        click.echo(json.dumps([{"Id": r.id, "Names": r.names, "Digest": r.digest,
+                                "Created": r.created, "Size": r.size} for r in rows], indent=2))
+        return
+    if quiet:
+        for r in rows:
+            click.echo(r.id if no_trunc else r.id[:12])
+        return
+    table = [["REPOSITORY", "TAG"] + (["DIGEST"] if digests else [])
+             + ["IMAGE ID", "CREATED", "SIZE"]]
+    for r in rows:
+        for name in r.names:
+            repo, _, tag = name.rpartition(":")
+            table.append([repo, tag] + ([r.digest] if digests else [])
+                         + [r.id if no_trunc else r.id[:12], _ago(r.created),
+                            _human_size(r.size)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@click.command("tag")
+@click.argument("image")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def tag_cmd(ctx, image, names):
+    """Give IMAGE one or more additional names."""
+    store = _store(ctx)
+    with store.writing():
+        desc = store.resolve(image)
+        for name in names:
+            store.tag(name, desc)
+
+
+@click.command("rmi")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if containers use it.")
+@click.pass_context
+def rmi_cmd(ctx, images, force):
+    """Remove image names; the image itself goes when its last name does."""
+    from store.catalog import remove_image
+
+    for name in images:
+        untagged, deleted = remove_image(_store(ctx), name, force=force)
+        for t in untagged:
+            click.echo(f"Untagged: {t}")
+        if deleted:
+            click.echo(f"Deleted: {name}")
+
+
+@click.command("inspect")
+@click.argument("images", nargs=-1, required=True)
+@click.pass_context
+def inspect_cmd(ctx, images):
+    """Show images as JSON."""
+    from store.catalog import inspect_image
+
+    click.echo(json.dumps([inspect_image(_store(ctx), n) for n in images], indent=2))
+
+
+@click.command("history")
+@click.argument("image")
+@click.option("--no-trunc", is_flag=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def history_cmd(ctx, image, no_trunc, fmt):
+    """Show how an image was made, newest step first."""
+    from store.catalog import history
+
+    rows = history(_store(ctx), image)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'ID':<14}{'CREATED':<20}{'CREATED BY':<47}{'SIZE':<10}COMMENT")
+    for r in rows:
+        ident = (r["layer"] or "<missing>")
+        ident = ident if no_trunc or not r["layer"] else ident[7:19]
+        by = r["created_by"] if no_trunc else r["created_by"][:44]
+        click.echo(f"{ident:<14}{_ago(r['created']):<20}{by:<47}"
+                   f"{_human_size(r['size']):<10}{r['comment']}")
+
+
+@click.command("save")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write.")
+@click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker-archive"]),
+              default="oci-archive", show_default=True)
+@click.option("--compression-format", "compression", type=COMPRESSION, default=None,
+              help="Re-compress layers that are stored otherwise (default: as stored).")
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def save_cmd(ctx, images, output, fmt, compression, quiet):
+    """Write images to an OCI layout, oci-archive or docker-archive."""
+    from kiln.progress import blob_progress
+    from store.transfer import save
+
+    save(_store(ctx), images, output, fmt=fmt, compression=compression,
+         progress=blob_progress(quiet))
+
+
+@click.command("load")
+@click.option("-i", "--input", "path", required=True, type=click.Path())
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def load_cmd(ctx, path, quiet):
+    """Load images from an OCI layout, oci-archive or docker-archive (detected)."""
+    from kiln.progress import blob_progress
+    from store.transfer import load
+
+    for name in load(_store(ctx), path, progress=blob_progress(quiet)):
+        click.echo(f"Loaded image: {name}")
+
+
+@click.command("prune")
+@click.pass_context
+def prune_cmd(ctx):
+    """Remove blobs, layers and temporary files no image, container or cache needs."""
+    from store.gc import prune
+
+    r = prune(_store(ctx))
+    click.echo(f"Removed {r.blobs} blobs ({_human_size(r.bytes)}), {r.layers} layer "
+               f"directories, {r.tmp} temporary entries")
+
+
+def register(group: click.Group) -> None:
+    for cmd in (import_cmd, images_cmd, tag_cmd, rmi_cmd, inspect_cmd, history_cmd, save_cmd,
+                load_cmd, prune_cmd):
+        group.add_command(cmd)

@@ -1,0 +1,113 @@
+"""``kiln prune``: remove what nothing reachable refers to.
+
+Roots are the tags in index.json, the images of containers, and build cache
+records. Runs with the store lock held exclusive, so a concurrent writer
+either finished before (its tag is a root) or starts after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from store.digest import digest_hex, validate_digest
+from store.documents import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, parse_any
+from store.errors import DigestError, KilnError
+from store.fsutil import remove_tree
+from store.store import Store
+
+
+@dataclass
+class PruneReport:
+    blobs: int = 0
+    layers: int = 0
+    tmp: int = 0
+    bytes: int = 0
+
+
+def _walk(store: Store, digest: str, blobs: set[str], diff_ids: set[str]) -> None:
+    """Mark a manifest or index and everything below it."""
+    if digest in blobs or not store.has_blob(digest):
+        return
+    blobs.add(digest)
+    try:
+        media_type, doc = parse_any(store.read_blob(digest))
+    except KilnError:
+        return  # not a document (or unreadable): keep the blob itself, nothing below
+    if media_type in INDEX_MEDIA_TYPES:
+        for m in doc.get("manifests", []):
+            _walk(store, m["digest"], blobs, diff_ids)
+    elif media_type in MANIFEST_MEDIA_TYPES:
+        blobs.add(doc["config"]["digest"])
+        for layer in doc.get("layers", []):
+            blobs.add(layer["digest"])
+        try:
+            _, config = parse_any(store.read_blob(doc["config"]["digest"]))
+            diff_ids.update(config.get("rootfs", {}).get("diff_ids", []))
+        except KilnError:
+            pass
+        subject = doc.get("subject")
+        if subject:
+            blobs.add(subject["digest"])
+
+
+def _cache_roots(store: Store) -> tuple[set[str], set[str]]:
+    """Build cache records are JSON with ``blobs`` and ``diff_ids`` lists (builder writes them)."""
+    blobs: set[str] = set()
+    diff_ids: set[str] = set()
+    for dirpath, _, files in os.walk(store.cache_dir):
+        for name in files:
+            try:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    rec = json.loads(f.read(1 << 20))
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict):
+                blobs.update(d for d in rec.get("blobs", []) if isinstance(d, str))
+                diff_ids.update(d for d in rec.get("diff_ids", []) if isinstance(d, str))
+    return blobs, diff_ids
+
+
+def reachable(store: Store) -> tuple[set[str], set[str]]:
+    blobs: set[str] = set()
+    diff_ids: set[str] = set()
+    for tagged in store.tags():
+        _walk(store, tagged.descriptor.digest, blobs, diff_ids)
+    if store.containers_dir.is_dir():
+        for entry in os.scandir(store.containers_dir):
+            try:
+                with open(os.path.join(entry.path, "state.json"), "rb") as f:
+                    image = json.loads(f.read(1 << 20)).get("image")
+                _walk(store, validate_digest(image), blobs, diff_ids)
+            except (OSError, ValueError, AttributeError, DigestError):
+                continue
+    cache_blobs, cache_diff_ids = _cache_roots(store)
+    for d in cache_blobs:
+        try:
+            _walk(store, validate_digest(d), blobs, diff_ids)
+        except DigestError:
+            continue
+    diff_ids |= cache_diff_ids
+    return blobs, diff_ids
+
+
+def prune(store: Store) -> PruneReport:
+    report = PruneReport()
+    with store.collecting():
+        report.tmp = store.clean_tmp()
+        keep_blobs, keep_layers = reachable(store)
+        for digest in list(store.layout.blob_digests()):
+            if digest not in keep_blobs:
+                path = store.layout.blob_path(digest)
+                try:
+                    report.bytes += path.stat().st_size
+                    path.unlink()
+                    report.blobs += 1
+                except FileNotFoundError:
+                    pass
+        for diff_id in store.layer_diff_ids_on_disk():
+            if diff_id not in keep_layers:
+                remove_tree(store.layers_dir / digest_hex(diff_id))
+                report.layers += 1
+    return report

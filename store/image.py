@@ -1,0 +1,279 @@
+"""The one image model: a small read-only Image/Layer interface, and copy_image.
+
+Wherever an image lives (the store, an OCI layout directory or archive, a
+docker-archive tarball, later a registry) it is read through ``Image`` and
+written through an ``ImageSink``; ``copy_image`` moves only the blobs the
+destination lacks and verifies every digest as the bytes stream past.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from store.compression import OCI_LAYER_FOR, compression_of, decompressing_reader
+from store.documents import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    canonical_json,
+    parse_config,
+    parse_manifest,
+)
+from store.errors import ManifestError
+
+Progress = Callable[[Descriptor, int], None]  # (blob being moved, bytes moved so far)
+
+
+class Layer(Protocol):
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+
+    def open_compressed(self) -> BinaryIO: ...
+
+    def open_uncompressed(self) -> BinaryIO: ...
+
+
+class Image(Protocol):
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def media_type(self) -> str: ...
+
+    def raw_manifest(self) -> bytes: ...
+
+    def manifest(self) -> dict: ...
+
+    def raw_config(self) -> bytes: ...
+
+    def config(self) -> dict: ...
+
+    def layers(self) -> list[Layer]: ...
+
+
+class ImageSink(Protocol):
+    # The compression a destination insists on (docker-archive: "none"), or None.
+    required_compression: str | None
+
+    def has_blob(self, digest: str) -> bool: ...
+
+    def put_blob(self, stream: BinaryIO, desc: Descriptor) -> None: ...
+
+    def put_manifest(self, image: Image, raw: bytes, desc: Descriptor,
+                     tags: Sequence[str]) -> None: ...
+
+
+@dataclass
+class BlobLayer:
+    """A layer whose compressed blob is readable through ``open_blob(digest, size)``."""
+
+    desc: Descriptor
+    diff_id: str
+    opener: Callable[[str, int], BinaryIO] = field(repr=False)
+
+    @property
+    def media_type(self) -> str:
+        return self.desc.media_type
+
+    @property
+    def digest(self) -> str:
+        return self.desc.digest
+
+    @property
+    def size(self) -> int:
+        return self.desc.size
+
+    def open_compressed(self) -> BinaryIO:
+        return self.opener(self.desc.digest, self.desc.size)
+
+    def open_uncompressed(self) -> BinaryIO:
+        return decompressing_reader(self.open_compressed(), compression_of(self.media_type))
+
+
+class ManifestImage:
+    """An image given by its manifest bytes and a blob reader: the store and OCI layouts."""
+
+    def __init__(self, raw_manifest: bytes, desc: Descriptor,
+                 read_blob: Callable[[str, int], bytes],
+                 open_blob: Callable[[str, int], BinaryIO]):
+        self._raw = raw_manifest
+        self._desc = desc
+        self._manifest = parse_manifest(raw_manifest, media_type=desc.media_type)
+        self._read_blob = read_blob
+        self._open_blob = open_blob
+        self._raw_config: bytes | None = None
+        self._config: dict | None = None
+
+    @property
+    def digest(self) -> str:
+        return self._desc.digest
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return self._desc
+
+    @property
+    def media_type(self) -> str:
+        return self._manifest.get("mediaType") or self._desc.media_type
+
+    def raw_manifest(self) -> bytes:
+        return self._raw
+
+    def manifest(self) -> dict:
+        return self._manifest
+
+    def config_descriptor(self) -> Descriptor:
+        return Descriptor.from_json(self._manifest["config"], where="manifest config")
+
+    def raw_config(self) -> bytes:
+        if self._raw_config is None:
+            cd = self.config_descriptor()
+            self._raw_config = self._read_blob(cd.digest, cd.size)
+        return self._raw_config
+
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = parse_config(self.raw_config())
+        return self._config
+
+    def layers(self) -> list[Layer]:
+        descs = [Descriptor.from_json(d, where=f"manifest layers[{i}]")
+                 for i, d in enumerate(self._manifest.get("layers", []))]
+        diff_ids = self.config()["rootfs"]["diff_ids"]
+        if len(diff_ids) != len(descs):
+            raise ManifestError(
+                f"image {self.digest}: manifest has {len(descs)} layers but config lists "
+                f"{len(diff_ids)} diff_ids"
+            )
+        return [BlobLayer(d, diff_id, self._open_blob) for d, diff_id in zip(descs, diff_ids,
+                                                                           strict=True)]
+
+
+def _copy_stream(src: BinaryIO, dst: BinaryIO, desc: Descriptor,
+                 progress: Progress | None) -> None:
+    done = 0
+    while True:
+        chunk = src.read(1 << 20)
+        if not chunk:
+            break
+        dst.write(chunk)
+        done += len(chunk)
+        if progress:
+            progress(desc, done)
+
+
+class _ProgressReader:
+    def __init__(self, raw: BinaryIO, desc: Descriptor, progress: Progress | None):
+        self._raw, self._desc, self._progress, self._done = raw, desc, progress, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._done += len(data)
+        if self._progress and data:
+            self._progress(self._desc, self._done)
+        return data
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def recompress_layer(layer: Layer, compression: str, tmp_dir: str | None = None
+                     ) -> tuple[Descriptor, str]:
+    """Write ``layer`` re-compressed to a temp file; returns (descriptor, temp path).
+
+    The diff_id must come out unchanged, or the source lied about its content.
+    """
+    from store.layer_writer import compress_stream
+
+    fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="recompress-")
+    try:
+        with os.fdopen(fd, "wb") as out, layer.open_uncompressed() as src:
+            blob = compress_stream(src, out, compression=compression)
+            out.flush()
+            os.fsync(out.fileno())
+        if blob.diff_id != layer.diff_id:
+            raise ManifestError(
+                f"layer {layer.digest}: uncompressed content has digest {blob.diff_id}, "
+                f"config says {layer.diff_id}"
+            )
+        return Descriptor(blob.media_type, blob.digest, blob.size), path
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def copy_image(src: Image, dst: ImageSink, *, tags: Sequence[str] = (),
+               compression: str | None = None, progress: Progress | None = None,
+               tmp_dir: str | None = None) -> Descriptor:
+    """Copy ``src`` into ``dst``; returns the descriptor of the manifest written there.
+
+    ``compression`` (zstd/gzip/none) picks how layers leave; layers already in
+    that form are moved as they are, so their digests and the manifest stay.
+    """
+    want = compression or dst.required_compression
+    new_layers: list[Descriptor] = []
+    changed = False
+    for layer in src.layers():
+        desc = Descriptor(layer.media_type, layer.digest, layer.size)
+        if want is not None and compression_of(layer.media_type) != want:
+            new_desc, path = recompress_layer(layer, want, tmp_dir)
+            try:
+                if not dst.has_blob(new_desc.digest):
+                    with open(path, "rb") as f:
+                        dst.put_blob(_ProgressReader(f, new_desc, progress), new_desc)
+            finally:
+                os.unlink(path)
+            new_layers.append(new_desc)
+            changed = True
+            continue
+        if not dst.has_blob(desc.digest):
+            with layer.open_compressed() as stream:
+                dst.put_blob(_ProgressReader(stream, desc, progress), desc)
+        new_layers.append(desc)
+
+    manifest = src.manifest()
+    config_desc = Descriptor.from_json(manifest["config"], where="manifest config")
+    if not dst.has_blob(config_desc.digest):
+        import io
+
+        dst.put_blob(io.BytesIO(src.raw_config()), config_desc)
+
+    raw = src.raw_manifest()
+    media_type = src.media_type
+    if changed:
+        raw, media_type = _rewrite_manifest(manifest, config_desc, new_layers)
+    from store.digest import sha256_digest
+
+    desc = Descriptor(media_type, sha256_digest(raw), len(raw))
+    dst.put_manifest(src, raw, desc, tags)
+    return desc
+
+
+def _rewrite_manifest(manifest: dict, config_desc: Descriptor, layers: list[Descriptor]
+                      ) -> tuple[bytes, str]:
+    """An OCI manifest naming the re-compressed layers (Docker schema2 has no zstd type)."""
+    cfg = config_desc
+    if cfg.media_type == DOCKER_CONFIG:
+        cfg = Descriptor(OCI_CONFIG, cfg.digest, cfg.size)
+    doc: dict = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": cfg.to_json(),
+        "layers": [Descriptor(OCI_LAYER_FOR[compression_of(d.media_type)], d.digest,
+                              d.size).to_json() for d in layers],
+    }
+    if manifest.get("annotations"):
+        doc["annotations"] = manifest["annotations"]
+    return canonical_json(doc), OCI_MANIFEST
+
+
+__all__ = ["Image", "Layer", "ImageSink", "BlobLayer", "ManifestImage", "copy_image",
+           "recompress_layer", "DOCKER_MANIFEST"]

@@ -1,0 +1,326 @@
+"""The local store: an OCI image layout plus kiln's own directories.
+
+    <root>/oci-layout, index.json, blobs/sha256/   the OCI layout (tags in index.json)
+    <root>/layers/<diff_id hex>/diff/              unpacked layers, overlay lowerdirs
+    <root>/cache/  containers/  keys/  tmp/  locks/
+
+Every writer holds ``locks/store.lock`` shared for its whole operation;
+``prune`` takes it exclusive, so collection never races a writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from store.digest import digest_hex, validate_digest
+from store.documents import INDEX_MEDIA_TYPES, Descriptor, parse_index
+from store.errors import DigestError, NotFoundError, ReferenceError_, StoreError
+from store.fsutil import remove_tree
+from store.image import Image, ManifestImage
+from store.layout import REF_NAME, OCILayout
+from store.locks import file_lock
+from store.reference import parse_reference
+
+SUBDIRS = ("blobs/sha256", "layers", "cache", "containers", "keys", "tmp", "locks")
+
+
+def default_root() -> Path:
+    env = os.environ.get("KILN_ROOT")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/kiln")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                             "share")
+    return Path(data) / "kiln"
+
+
+def host_platform() -> dict:
+    machine = platform.machine()
+    arch, variant = {
+        "x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", None),
+        "arm64": ("arm64", None), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+        "i386": ("386", None), "i686": ("386", None), "ppc64le": ("ppc64le", None),
+        "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+    }.get(machine, (machine, None))
+    p = {"architecture": arch, "os": "linux"}
+    if variant:
+        p["variant"] = variant
+    return p
+
+
+@dataclass(frozen=True)
+class TaggedImage:
+    name: str  # the full reference, e.g. docker.io/library/busybox:latest
+    descriptor: Descriptor
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True):
+        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(os.path.abspath(self.root))
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.layers_dir = self.root / "layers"
+        self.cache_dir = self.root / "cache"
+        self.containers_dir = self.root / "containers"
+        self.layout = OCILayout(self.root, tmp=self.tmp, index_lock=self.locks / "index.lock")
+        if create:
+            self._create()
+        elif not (self.root / "oci-layout").is_file():
+            raise StoreError(f"no kiln store at {self.root}")
+
+    def _create(self) -> None:
+        try:
+            for sub in SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root / "keys", 0o700)
+            self.layout.create()
+        except PermissionError as e:
+            raise StoreError(f"cannot create the store at {self.root}: {e.strerror}; "
+                             "use --root or KILN_ROOT to pick a writable directory") from None
+        if any(os.scandir(self.tmp)):
+            self._clean_tmp_if_idle()
+
+    # -- locks ----------------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held (shared) by every operation that adds to the store."""
+        with file_lock(self.locks / "store.lock", exclusive=False):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Held (exclusive) by garbage collection: no writer runs meanwhile."""
+        with file_lock(self.locks / "store.lock", exclusive=True):
+            yield
+
+    def _clean_tmp_if_idle(self) -> None:
+        """A crash leaves garbage in tmp/: remove it when no other kiln is writing."""
+        fd = os.open(self.locks / "store.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            self.clean_tmp()
+        finally:
+            os.close(fd)
+
+    def clean_tmp(self) -> int:
+        """Remove everything in tmp/; only call with the store lock held exclusive."""
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            remove_tree(entry.path)
+            removed += 1
+        return removed
+
+    def mkdtemp(self, prefix: str) -> str:
+        return tempfile.mkdtemp(dir=self.tmp, prefix=prefix)
+
+    # -- blobs ----------------------------------------------------------
+    def has_blob(self, digest: str) -> bool:
+        return self.layout.has_blob(digest)
+
+    def put_blob(self, stream: BinaryIO, media_type: str, *, digest: str | None = None,
+                 size: int | None = None) -> Descriptor:
+        return self.layout.put_blob(stream, media_type, digest=digest, size=size)
+
+    def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
+        return self.layout.put_bytes(data, media_type)
+
+    def open_blob(self, digest: str, size: int | None = None):
+        return self.layout.open_blob(digest, size)
+
+    def read_blob(self, digest: str, size: int | None = None) -> bytes:
+        return self.layout.read_blob(digest, size)
+
+    # -- images ---------------------------------------------------------
+    def tags(self) -> list[TaggedImage]:
+        return [TaggedImage(name, d) for name, d in self.layout.tags()]
+
+    def tag(self, name: str, desc: Descriptor) -> str:
+        ref = parse_reference(name)
+        if ref.digest:
+            raise ReferenceError_(f"cannot tag with a digest reference {name!r}")
+        full = str(ref)
+        self.layout.set_tag(full, desc)
+        return full
+
+    def untag(self, name: str) -> Descriptor:
+        return self.layout.remove_tag(str(parse_reference(name)))
+
+    def resolve(self, name: str) -> Descriptor:
+        """A manifest descriptor for a tag, a full digest, or an image-ID prefix."""
+        tags = self.tags()
+        if _looks_like_id(name):
+            hexpart = name.removeprefix("sha256:")
+            hits = {t.descriptor.digest: t.descriptor for t in tags
+                    if self._image_id(t.descriptor).startswith(hexpart)
+                    or digest_hex(t.descriptor.digest).startswith(hexpart)}
+            if len(hits) == 1:
+                return next(iter(hits.values()))
+            if len(hits) > 1:
+                raise StoreError(f"image ID prefix {name!r} is ambiguous")
+        ref = parse_reference(name)
+        if ref.digest:
+            for t in tags:
+                if t.descriptor.digest == ref.digest:
+                    return t.descriptor
+            if self.has_blob(ref.digest):
+                return Descriptor("application/vnd.oci.image.manifest.v1+json", ref.digest,
+                                  os.path.getsize(self.layout.blob_path(ref.digest)))
+            raise NotFoundError(f"image {name} is not in the store")
+        full = str(ref)
+        for t in tags:
+            if t.name == full:
+                return t.descriptor
+        raise NotFoundError(f"image {full} is not in the store (see `kiln images`)")
+
+    def _image_id(self, desc: Descriptor) -> str:
+        try:
+            return digest_hex(self.image_for(desc).config_descriptor().digest)
+        except StoreError:
+            return ""
+
+    def image(self, name: str) -> ManifestImage:
+        return self.image_for(self.resolve(name))
+
+    def image_for(self, desc: Descriptor, *, platform: dict | None = None) -> ManifestImage:
+        raw = self.read_blob(desc.digest, None)
+        if desc.media_type in INDEX_MEDIA_TYPES:
+            return self.image_for(pick_platform(parse_index(raw), platform or host_platform(),
+                                                where=desc.digest))
+        return ManifestImage(raw, desc, self.read_blob, self.open_blob)
+
+    def names_of(self, digest: str) -> list[str]:
+        return [t.name for t in self.tags() if t.descriptor.digest == digest]
+
+    # -- layers ---------------------------------------------------------
+    def layer_dir(self, diff_id: str) -> Path:
+        """``layers/<hex>/diff``: the unpacked layer, an overlay lowerdir."""
+        return self.layers_dir / digest_hex(diff_id) / "diff"
+
+    def has_layer_dir(self, diff_id: str) -> bool:
+        return self.layer_dir(diff_id).is_dir()
+
+    def ensure_layer_dir(self, layer) -> Path:
+        """Unpack ``layer`` (an image.Layer) once, under a per-layer lock; return its dir."""
+        from store.layer_extract import extract_layer
+
+        final = self.layer_dir(layer.diff_id)
+        if final.is_dir():
+            return final
+        with file_lock(self.locks / f"layer-{digest_hex(layer.diff_id)}.lock"):
+            if final.is_dir():
+                return final
+            work = Path(self.mkdtemp("layer-"))
+            try:
+                with layer.open_compressed() as blob:
+                    extract_layer(blob, layer.media_type, work / "diff",
+                                  expected_diff_id=layer.diff_id, layer_digest=layer.digest)
+                os.rename(work, final.parent)
+            except BaseException:
+                remove_tree(work)
+                raise
+        return final
+
+    def adopt_layer_dir(self, diff_dir: str | os.PathLike, diff_id: str) -> Path:
+        """Move an already unpacked, verified layer dir into ``layers/`` (no copy)."""
+        validate_digest(diff_id)
+        final = self.layer_dir(diff_id)
+        with file_lock(self.locks / f"layer-{digest_hex(diff_id)}.lock"):
+            if final.is_dir():
+                remove_tree(diff_dir)
+                return final
+            work = Path(self.mkdtemp("layer-"))
+            os.rename(diff_dir, work / "diff")
+            os.rename(work, final.parent)
+        return final
+
+    def layer_diff_ids_on_disk(self) -> list[str]:
+        out = []
+        for name in os.listdir(self.layers_dir):
+            try:
+                out.append(validate_digest("sha256:" + name))
+            except DigestError:
+                continue
+        return out
+
+    def unpack_image(self, image: Image) -> list[Path]:
+        return [self.ensure_layer_dir(layer) for layer in image.layers()]
+
+    # -- containers (written by runtime; read here for rmi and prune) ---
+    def containers_using(self, manifest_digest: str) -> list[str]:
+        import json
+
+        users = []
+        if not self.containers_dir.is_dir():
+            return users
+        for entry in os.scandir(self.containers_dir):
+            try:
+                with open(os.path.join(entry.path, "state.json"), "rb") as f:
+                    state = json.loads(f.read(1 << 20))
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and state.get("image") == manifest_digest:
+                users.append(entry.name)
+        return users
+
+
+class StoreSink:
+    """copy_image destination: blobs into the store, tags into index.json, layers unpacked."""
+
+    required_compression = None
+
+    def __init__(self, store: Store, *, unpack: bool = True):
+        self.store = store
+        self.unpack = unpack
+        self.written: list[Descriptor] = []
+
+    def has_blob(self, digest: str) -> bool:
+        return self.store.has_blob(digest)
+
+    def put_blob(self, stream: BinaryIO, desc: Descriptor) -> None:
+        self.store.put_blob(stream, desc.media_type, digest=desc.digest, size=desc.size)
+
+    def put_manifest(self, image: Image, raw: bytes, desc: Descriptor,
+                     tags: Sequence[str]) -> None:
+        self.store.put_bytes(raw, desc.media_type)
+        stored = self.store.image_for(desc)
+        if self.unpack:
+            self.store.unpack_image(stored)
+        for t in tags:
+            self.store.tag(t, desc)
+        self.written.append(desc)
+
+
+def pick_platform(index: dict, want: dict, *, where: str) -> Descriptor:
+    manifests = [Descriptor.from_json(m, where=f"{where} manifests[{i}]")
+                 for i, m in enumerate(index.get("manifests", []))]
+    for m in manifests:
+        p = m.platform or {}
+        if p.get("os") == want["os"] and p.get("architecture") == want["architecture"] and (
+                "variant" not in want or p.get("variant") in (None, want["variant"])):
+            return m
+    have = ", ".join(f"{(m.platform or {}).get('os')}/{(m.platform or {}).get('architecture')}"
+                     for m in manifests)
+    raise NotFoundError(f"index {where} has no image for {want['os']}/{want['architecture']} "
+                        f"(it has: {have or 'nothing'})")
+
+
+def _looks_like_id(name: str) -> bool:
+    hexpart = name.removeprefix("sha256:")
+    return 3 <= len(hexpart) <= 64 and all(c in "0123456789abcdef" for c in hexpart) and (
+        "/" not in name)
+
+
+__all__ = ["Store", "StoreSink", "TaggedImage", "default_root", "host_platform", "REF_NAME"]

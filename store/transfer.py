@@ -1,0 +1,134 @@
+"""``kiln save`` and ``kiln load``: copy_image between the store and archives on disk."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from store.docker_archive import DockerArchive, DockerArchiveSink
+from store.errors import KilnError, ReferenceError_, StoreError
+from store.fsutil import remove_tree
+from store.image import Progress, copy_image
+from store.layout import REF_NAME
+from store.oci_dir import LayoutSink, LayoutSource, unpack_oci_archive, write_oci_archive
+from store.reference import parse_reference
+from store.store import Store, StoreSink
+
+SAVE_FORMATS = ("oci", "oci-archive", "docker-archive")
+
+
+def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: str = "oci",
+         compression: str | None = None, progress: Progress | None = None) -> None:
+    """Write the named images to ``output``; nothing is left at ``output`` on failure."""
+    if fmt not in SAVE_FORMATS:
+        raise KilnError(f"unknown save format {fmt!r} (use one of {', '.join(SAVE_FORMATS)})")
+    output = Path(output)
+    if fmt == "docker-archive" and compression not in (None, "none"):
+        raise KilnError("docker-archive layers are always uncompressed (as docker save "
+                        "writes them); drop --compression-format")
+    images = []
+    for name in names:
+        desc = store.resolve(name)
+        tags = store.names_of(desc.digest)
+        try:
+            ref = str(parse_reference(name))
+            tags = [ref] if ref in tags else tags[:1]
+        except ReferenceError_:
+            tags = tags[:1]  # named by ID: keep one of its tags, if it has any
+        images.append((store.image_for(desc), tags))
+    parent = output.parent
+    if fmt == "docker-archive":
+        sink = DockerArchiveSink(output)
+        try:
+            for image, tags in images:
+                copy_image(image, sink, tags=tags, progress=progress, tmp_dir=str(store.tmp))
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        return
+    into_existing = fmt == "oci" and output.exists()
+    if into_existing and not (output / "oci-layout").exists() and any(output.iterdir()):
+        raise KilnError(f"{output} exists and is not an OCI layout; refusing to write into it")
+    work = None if into_existing else Path(tempfile.mkdtemp(dir=parent,
+                                                            prefix=f".{output.name}."))
+    try:
+        sink = LayoutSink(output if into_existing else work)
+        for image, tags in images:
+            copy_image(image, sink, tags=tags, compression=compression, progress=progress,
+                       tmp_dir=str(store.tmp))
+        if fmt == "oci-archive":
+            write_oci_archive(work, output)
+        elif work is not None:
+            os.rename(work, output)
+            work = None
+    finally:
+        if work is not None:
+            remove_tree(work)
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "oci-layout").is_file():
+            return "oci"
+        raise StoreError(f"{path} is a directory but not an OCI layout")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = {m.name.removeprefix("./") for m in tar.getmembers()}
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise StoreError(f"cannot read {path}: {e}") from None
+    if "manifest.json" in names:
+        return "docker-archive"
+    if "oci-layout" in names:
+        return "oci-archive"
+    raise StoreError(f"{path} is neither a docker-archive nor an oci-archive "
+                     "(no manifest.json or oci-layout inside)")
+
+
+def load(store: Store, path: str | os.PathLike, *, progress: Progress | None = None
+         ) -> list[str]:
+    """Load every image in an archive or layout into the store; returns the names tagged."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"cannot load {path}: no such file or directory")
+    fmt = detect_format(path)
+    loaded: list[str] = []
+    with store.writing():
+        sink = StoreSink(store)
+        if fmt == "docker-archive":
+            archive = DockerArchive(path)
+            try:
+                for image in archive.images:
+                    tags = [str(parse_reference(t)) for t in image.repo_tags]
+                    desc = copy_image(image, sink, tags=tags, compression="zstd",
+                                      progress=progress, tmp_dir=str(store.tmp))
+                    loaded.extend(tags or [desc.digest])
+            finally:
+                archive.close()
+            return loaded
+        work = None
+        try:
+            if fmt == "oci-archive":
+                work = store.mkdtemp("load-")
+                unpack_oci_archive(path, work)
+                source = LayoutSource(work)
+            else:
+                source = LayoutSource(path)
+            for entry in source.entries():
+                name = (entry.annotations or {}).get(REF_NAME)
+                tags = []
+                if name:
+                    try:
+                        tags = [str(parse_reference(name))]
+                    except ReferenceError_:
+                        tags = []
+                desc = copy_image(source.image(entry), sink, tags=tags, progress=progress,
+                                  tmp_dir=str(store.tmp))
+                loaded.extend(tags or [desc.digest])
+        finally:
+            if work is not None:
+                remove_tree(work)
+    return loaded
