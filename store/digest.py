@@ -47,8 +47,13 @@ class VerifyingReader:
         self._verified = False
 
     def read(self, n: int = -1) -> bytes:
-        if self._size is not None and (n is None or n < 0):
-            n = self._size - self._seen + 1
+        if n is None or n < 0:  # read everything: EOF is reached within this call
+            want = -1 if self._size is None else self._size - self._seen + 1
+            data = self._raw.read(want)
+            self._hash.update(data)
+            self._seen += len(data)
+            self.verify()
+            return data
         data = self._raw.read(n)
         if not data and n != 0 and not self._verified:
             self.verify()

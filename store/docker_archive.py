@@ -85,7 +85,7 @@ class _ArchiveImage:
         if not isinstance(config_name, str) or not isinstance(layer_names, list):
             raise StoreError(f"{where} needs Config and Layers")
         self._raw_config = archive.read_member(config_name, limit=MAX_DOCUMENT_BYTES)
-        self._config = parse_config(self._raw_config)
+        self._config = parse_config(self._raw_config, media_type=DOCKER_CONFIG)
         diff_ids = self._config["rootfs"]["diff_ids"]
         if len(diff_ids) != len(layer_names):
             raise StoreError(f"{where}: {len(layer_names)} layers but the config lists "

@@ -16,6 +16,7 @@ from typing import BinaryIO, Protocol
 
 from store.compression import OCI_LAYER_FOR, compression_of, decompressing_reader
 from store.documents import (
+    CONFIG_MEDIA_TYPES,
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     OCI_CONFIG,
@@ -141,7 +142,10 @@ class ManifestImage:
 
     def config(self) -> dict:
         if self._config is None:
-            self._config = parse_config(self.raw_config())
+            media_type = self.config_descriptor().media_type
+            if media_type not in CONFIG_MEDIA_TYPES:  # e.g. application/octet-stream
+                media_type = DOCKER_CONFIG if self.media_type == DOCKER_MANIFEST else None
+            self._config = parse_config(self.raw_config(), media_type=media_type)
         return self._config
 
     def layers(self) -> list[Layer]:

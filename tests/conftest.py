@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+CORPORA = PROJECT.parent / "shared" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory) -> Path:
+    """A busybox root filesystem from Debian's busybox-static (the tests' base image)."""
+    if not shutil.which("busybox") and not os.path.exists("/bin/busybox"):
+        pytest.fail("busybox-static is not installed (tests/setup-and-run.sh installs it)")
+    root = tmp_path_factory.mktemp("busybox") / "rootfs"
+    subprocess.run(["sh", str(PROJECT / "Containerfiles" / "busybox-rootfs.sh"), str(root)],
+                   check=True)
+    return root
+
+
+@pytest.fixture
+def store(tmp_path):
+    from store.store import Store
+
+    return Store(tmp_path / "root")
+
+
+@pytest.fixture
+def busybox_store(store, busybox_rootfs):
+    from store.importer import import_rootfs
+
+    import_rootfs(store, busybox_rootfs, "busybox:latest", epoch=0)
+    return store
+
+
+class KilnCLI:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __call__(self, *args: str, check: bool = True, input: bytes | None = None,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "KILN_ROOT": str(self.root), **(env or {})}
+        p = subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True,
+                           env=full_env, input=input, cwd=PROJECT)
+        p.out = p.stdout.decode()  # type: ignore[attr-defined]
+        p.err = p.stderr.decode()  # type: ignore[attr-defined]
+        if check and p.returncode != 0:
+            raise AssertionError(f"kiln {' '.join(args)} failed ({p.returncode}):\n{p.err}")
+        return p
+
+
+@pytest.fixture
+def kiln(tmp_path) -> KilnCLI:
+    return KilnCLI(tmp_path / "root")
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Everything observable about a tree: names, types, modes, owners, sizes, contents, links."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            entry = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+            if os.path.islink(p):
+                entry += (os.readlink(p),)
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    entry += (f.read(),)
+            snap[os.path.relpath(p, root)] = entry
+    return snap
