@@ -7,6 +7,7 @@ A digest is validated before it is ever used to form a path, so
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 
 from store.errors import DigestError
@@ -30,7 +31,7 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class VerifyingReader:
+class VerifyingReader(io.RawIOBase):
     """Wraps a binary stream, hashing what passes; reading EOF checks size and digest.
 
     Reads past the expected size raise at once, so a blob one byte long is
@@ -90,10 +91,6 @@ class VerifyingReader:
             pass
 
     def close(self) -> None:
-        self._raw.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        if not self.closed:
+            self._raw.close()
+        super().close()

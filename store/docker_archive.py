@@ -141,7 +141,7 @@ class DockerArchive:
         except (tarfile.TarError, EOFError, OSError) as e:
             raise StoreError(f"cannot read docker-archive {self.path}: {e}") from None
         raw = self.read_member("manifest.json", limit=MAX_DOCUMENT_BYTES)
-        entries = decode_document(raw, what=f"{self.path}: manifest.json")
+        entries = decode_document(raw, what=f"{self.path}: manifest.json", top=list)
         if not isinstance(entries, list) or not entries:
             raise StoreError(f"{self.path}: manifest.json must be a non-empty list")
         self.images = [_ArchiveImage(self, e, i) for i, e in enumerate(entries)]

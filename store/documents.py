@@ -113,8 +113,8 @@ def _refuse_constant(name: str) -> None:
     raise ManifestError(f"{name} is not valid JSON")
 
 
-def decode_document(raw: bytes, *, what: str = "document") -> dict:
-    """Decode one JSON document under kiln's rules; the top level must be an object."""
+def decode_document(raw: bytes, *, what: str = "document", top: type = dict) -> Any:
+    """Decode one JSON document under kiln's rules; the top level must be a ``top``."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise TypeError(f"{what}: expected bytes, got {type(raw).__name__}")
     if len(raw) > MAX_DOCUMENT_BYTES:
@@ -135,8 +135,9 @@ def decode_document(raw: bytes, *, what: str = "document") -> dict:
         raise ManifestError(f"{what}: JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
         raise ManifestError(f"{what}: invalid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ManifestError(f"{what}: top level must be a JSON object, not {_json_type(doc)}")
+    if not isinstance(doc, top):
+        want = "a JSON object" if top is dict else "a JSON array"
+        raise ManifestError(f"{what}: top level must be {want}, not {_json_type(doc)}")
     if "\\u" in text:  # only escapes can produce lone surrogates, which kiln could not re-encode
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")

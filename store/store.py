@@ -83,7 +83,9 @@ class Store:
             for sub in SUBDIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(self.root / "keys", 0o700)
-            self.layout.create()
+            if not (self.root / "index.json").is_file() or not (self.root / "oci-layout").is_file():
+                with self.writing(), file_lock(self.locks / "index.lock"):
+                    self.layout.create()
         except PermissionError as e:
             raise StoreError(f"cannot create the store at {self.root}: {e.strerror}; "
                              "use --root or KILN_ROOT to pick a writable directory") from None

@@ -1,0 +1,63 @@
+import io
+import json
+
+from store.gc import prune
+from store.importer import import_rootfs
+from tests.store.fsck import check_store
+
+
+def _blobs(store):
+    return set(p.name for p in (store.root / "blobs/sha256").iterdir())
+
+
+def _tree(tmp_path, name, content):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "file").write_text(content)
+    return d
+
+
+def test_prune_keeps_everything_reachable(busybox_store, tmp_path):
+    store = busybox_store
+    before = _blobs(store)
+    layers = set(p.name for p in store.layers_dir.iterdir())
+    r = prune(store)
+    assert (r.blobs, r.layers) == (0, 0)
+    assert _blobs(store) == before
+    assert set(p.name for p in store.layers_dir.iterdir()) == layers
+    assert check_store(store) == 1
+
+
+def test_prune_removes_unreachable_blobs_layers_and_tmp(busybox_store, tmp_path):
+    store = busybox_store
+    keep = _blobs(store)
+    import_rootfs(store, _tree(tmp_path, "other", "x"), "other:1", epoch=0)
+    other_layers = {la.diff_id for la in store.image("other:1").layers()}
+    store.put_blob(io.BytesIO(b"orphan"), "application/octet-stream")
+    (store.tmp / "leftover-from-a-crash").write_text("junk")
+    store.untag("other:1")
+    r = prune(store)
+    assert r.blobs == 4  # other's layer, config, manifest + the orphan
+    assert r.layers == 1 and r.tmp == 1
+    assert _blobs(store) == keep
+    assert not any(store.has_layer_dir(d) for d in other_layers)
+    assert check_store(store) == 1
+
+
+def test_containers_and_cache_records_are_roots(busybox_store, tmp_path):
+    store = busybox_store
+    img = import_rootfs(store, _tree(tmp_path, "ctr", "c"), "ctr:1", epoch=0)
+    cached = import_rootfs(store, _tree(tmp_path, "cached", "k"), "cached:1", epoch=0)
+    cached_image = store.image_for(cached)
+    cached_layer = cached_image.layers()[0]
+    (store.containers_dir / "abc123").mkdir()
+    (store.containers_dir / "abc123" / "state.json").write_text(json.dumps({"image": img.digest}))
+    (store.cache_dir / "key1.json").write_text(json.dumps(
+        {"blobs": [cached_layer.digest], "diff_ids": [cached_layer.diff_id]}))
+    store.untag("ctr:1")
+    store.untag("cached:1")
+    prune(store)
+    image = store.image_for(img)  # still whole: a container uses it
+    assert store.has_layer_dir(image.layers()[0].diff_id)
+    assert store.has_blob(cached_layer.digest) and store.has_layer_dir(cached_layer.diff_id)
+    assert not store.has_blob(cached.digest)  # the cache keeps the layer, not the manifest
