@@ -279,7 +279,14 @@ class Store:
 
 
 class StoreSink:
-    """copy_image destination: blobs into the store, tags into index.json, layers unpacked."""
+    """copy_image destination: the store, all or nothing per image.
+
+    Blobs are staged under tmp/ and layers unpacked (diff_ids verified) there;
+    only when every piece of an image has checked out are the blobs renamed
+    into blobs/, the layer dirs into layers/ and the tags written. Bad input
+    therefore leaves no blob, layer or tag behind. Use as a context manager
+    so a failure removes the stage.
+    """
 
     required_compression = None
 
@@ -287,19 +294,54 @@ class StoreSink:
         self.store = store
         self.unpack = unpack
         self.written: list[Descriptor] = []
+        self._stage = Path(store.mkdtemp("stage-"))
+        self._staged = OCILayout(self._stage, tmp=self._stage)
+        self._staged.blobs.mkdir(parents=True)
+
+    def __enter__(self) -> StoreSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        remove_tree(self._stage)
 
     def has_blob(self, digest: str) -> bool:
-        return self.store.has_blob(digest)
+        return self.store.has_blob(digest) or self._staged.has_blob(digest)
 
     def put_blob(self, stream: BinaryIO, desc: Descriptor) -> None:
-        self.store.put_blob(stream, desc.media_type, digest=desc.digest, size=desc.size)
+        self._staged.put_blob(stream, desc.media_type, digest=desc.digest, size=desc.size)
+
+    def _read(self, digest: str, size: int | None = None) -> bytes:
+        source = self._staged if self._staged.has_blob(digest) else self.store.layout
+        return source.read_blob(digest, size)
+
+    def _open(self, digest: str, size: int | None = None):
+        source = self._staged if self._staged.has_blob(digest) else self.store.layout
+        return source.open_blob(digest, size)
 
     def put_manifest(self, image: Image, raw: bytes, desc: Descriptor,
                      tags: Sequence[str]) -> None:
-        self.store.put_bytes(raw, desc.media_type)
-        stored = self.store.image_for(desc)
-        if self.unpack:
-            self.store.unpack_image(stored)
+        from store.layer_extract import extract_layer
+
+        self._staged.put_bytes(raw, desc.media_type)
+        staged_image = ManifestImage(raw, desc, self._read, self._open)
+        unpacked: list[tuple[Path, str]] = []
+        for layer in staged_image.layers():
+            if not self.store.has_blob(layer.digest) and not self._staged.has_blob(layer.digest):
+                raise StoreError(f"layer {layer.digest} of image {desc.digest} was not copied")
+            if self.unpack and not self.store.has_layer_dir(layer.diff_id):
+                dest = self._stage / "layers" / digest_hex(layer.diff_id) / "diff"
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True)
+                    with layer.open_compressed() as blob:
+                        extract_layer(blob, layer.media_type, dest,
+                                      expected_diff_id=layer.diff_id, layer_digest=layer.digest)
+                    unpacked.append((dest, layer.diff_id))
+        staged_image.config()
+        # Everything verified: commit blobs (the manifest last), then layers, then tags.
+        for digest in sorted(self._staged.blob_digests(), key=lambda d: d == desc.digest):
+            self.store.layout.install_file(self._staged.blob_path(digest), digest)
+        for dest, diff_id in unpacked:
+            self.store.adopt_layer_dir(dest, diff_id)
         for t in tags:
             self.store.tag(t, desc)
         self.written.append(desc)

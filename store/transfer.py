@@ -96,8 +96,7 @@ def load(store: Store, path: str | os.PathLike, *, progress: Progress | None = N
         raise StoreError(f"cannot load {path}: no such file or directory")
     fmt = detect_format(path)
     loaded: list[str] = []
-    with store.writing():
-        sink = StoreSink(store)
+    with store.writing(), StoreSink(store) as sink:
         if fmt == "docker-archive":
             archive = DockerArchive(path)
             try:
