@@ -29,7 +29,7 @@ from store.documents import (
     parse_config,
 )
 from store.errors import StoreError
-from store.fsutil import remove_tree
+from store.fsutil import current_umask, remove_tree
 from store.image import Image, Layer
 
 _DOCKER_LAYER = {"none": "application/vnd.docker.image.rootfs.diff.tar",
@@ -222,6 +222,7 @@ class DockerArchiveSink:
     def close(self) -> None:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
                                    prefix=f".{os.path.basename(self.path)}.")
+        os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates
         os.close(fd)
         try:
             with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:

@@ -61,3 +61,15 @@ def remove_tree(path: str | os.PathLike) -> None:
             shutil.rmtree(path, onerror=onerror)
         else:
             os.unlink(path)
+
+
+def current_umask() -> int:
+    """The process umask, read without the set-and-restore race of os.umask()."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from store.documents import INDEX_MEDIA_TYPES, Descriptor, parse_index
 from store.errors import StoreError
-from store.fsutil import remove_tree
+from store.fsutil import current_umask, remove_tree
 from store.image import Image, ManifestImage
 from store.layout import REF_NAME, OCILayout
 
@@ -59,8 +59,8 @@ class LayoutSink:
 
     required_compression = None
 
-    def __init__(self, path: str | os.PathLike):
-        self.layout = OCILayout(path)
+    def __init__(self, path: str | os.PathLike, *, index_lock: Path | None = None):
+        self.layout = OCILayout(path, index_lock=index_lock)
         self.layout.create()
 
     def has_blob(self, digest: str) -> bool:
@@ -116,6 +116,7 @@ def write_oci_archive(layout_dir: str | os.PathLike, archive: str | os.PathLike)
     layout_dir = Path(layout_dir)
     archive = Path(archive)
     fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.")
+    os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates, not mkstemp's 0600
     os.close(fd)
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:

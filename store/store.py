@@ -126,7 +126,10 @@ class Store:
         return removed
 
     def mkdtemp(self, prefix: str) -> str:
-        return tempfile.mkdtemp(dir=self.tmp, prefix=prefix)
+        """A private work dir in tmp/; made 0755 so it can be renamed into place as it is."""
+        path = tempfile.mkdtemp(dir=self.tmp, prefix=prefix)
+        os.chmod(path, 0o755)
+        return path
 
     # -- blobs ----------------------------------------------------------
     def has_blob(self, digest: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from store.docker_archive import DockerArchive, DockerArchiveSink
 from store.errors import KilnError, ReferenceError_, StoreError
-from store.fsutil import remove_tree
+from store.fsutil import current_umask, remove_tree
 from store.image import Progress, copy_image
 from store.layout import REF_NAME
 from store.oci_dir import LayoutSink, LayoutSource, unpack_oci_archive, write_oci_archive
@@ -55,8 +56,13 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
         raise KilnError(f"{output} exists and is not an OCI layout; refusing to write into it")
     work = None if into_existing else Path(tempfile.mkdtemp(dir=parent,
                                                             prefix=f".{output.name}."))
+    if work is not None:
+        os.chmod(work, 0o777 & ~current_umask())  # as any directory the user creates
+    # the index lock lives in the store, not in the user's layout
+    lock = store.locks / ("layout-" + hashlib.sha256(os.fsencode(os.path.abspath(output)))
+                          .hexdigest()[:16] + ".lock")
     try:
-        sink = LayoutSink(output if into_existing else work)
+        sink = LayoutSink(output if into_existing else work, index_lock=lock)
         for image, tags in images:
             copy_image(image, sink, tags=tags, compression=compression, progress=progress,
                        tmp_dir=str(store.tmp))
