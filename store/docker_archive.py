@@ -209,11 +209,15 @@ class DockerArchiveSink:
         manifest = json.loads(raw)
         config = manifest["config"]["digest"]
         layers = [la["digest"] for la in manifest["layers"]]
-        self._entries.append({
-            "Config": digest_hex(config) + ".json",
-            "RepoTags": list(tags),
-            "Layers": [digest_hex(d) + ".tar" for d in layers],
-        })
+        entry = {"Config": digest_hex(config) + ".json", "RepoTags": [],
+                 "Layers": [digest_hex(d) + ".tar" for d in layers]}
+        for e in self._entries:  # one entry per image, all its names together, as docker does
+            if e["Config"] == entry["Config"] and e["Layers"] == entry["Layers"]:
+                entry = e
+                break
+        else:
+            self._entries.append(entry)
+        entry["RepoTags"] += [t for t in tags if t not in entry["RepoTags"]]
         for t in tags:
             repo, _, tag = t.rpartition(":")
             if layers:

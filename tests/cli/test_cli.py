@@ -165,3 +165,17 @@ def test_save_of_missing_image_leaves_no_output(kiln, busybox_rootfs, tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path)
                                                       if not n.startswith("out-"))
         assert not out.exists()
+
+
+def test_docker_archive_lists_an_image_once_with_all_its_names(kiln, busybox_rootfs, tmp_path):
+    kiln("import", str(busybox_rootfs), "busybox")
+    kiln("tag", "busybox", "other:2")
+    kiln("save", "busybox", "other:2", "-o", str(tmp_path / "d.tar"), "--format",
+         "docker-archive")
+    with tarfile.open(tmp_path / "d.tar") as t:
+        entries = json.load(t.extractfile("manifest.json"))
+    assert len(entries) == 1
+    assert entries[0]["RepoTags"] == ["docker.io/library/busybox:latest",
+                                      "docker.io/library/other:2"]
+    out = kiln("--root", str(tmp_path / "fresh"), "load", "-i", str(tmp_path / "d.tar")).out
+    assert "docker.io/library/other:2" in out and "docker.io/library/busybox:latest" in out
