@@ -42,9 +42,10 @@ def cli(ctx: click.Context, root: str | None) -> None:
 
 
 def _register() -> None:
-    from kiln import image_commands
+    from kiln import container_commands, image_commands
 
     image_commands.register(cli)
+    container_commands.register(cli)
 
 
 def fail(message: str) -> None:

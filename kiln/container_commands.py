@@ -1,0 +1,117 @@
+"""Container commands: run, ps, rm."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("run", context_settings={"allow_interspersed_args": False,
+                                        "help_option_names": ["--help"]})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-e", "--env", multiple=True, help="Set a variable (K=V, or K from kiln's env).")
+@click.option("--env-file", multiple=True, type=click.Path(), help="Read variables from a file.")
+@click.option("--entrypoint", default=None, help="Override the image's ENTRYPOINT.")
+@click.option("-w", "--workdir", default=None, help="Working directory (created if missing).")
+@click.option("-u", "--user", default=None, help="name|uid[:group|gid]")
+@click.option("-h", "--hostname", default=None)
+@click.option("--name", default=None)
+@click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only.")
+@click.option("-v", "--volume", "volumes", multiple=True, help="HOST:CONTAINER[:ro]")
+@click.option("--tmpfs", multiple=True, help="PATH[:OPTIONS]")
+@click.option("--network", "--net", default="none", show_default=True,
+              type=click.Choice(["none", "host"]))
+@click.option("--cap-add", multiple=True)
+@click.option("--cap-drop", multiple=True)
+@click.option("--privileged", is_flag=True)
+@click.option("--security-opt", multiple=True,
+              help="seccomp=unconfined|PROFILE.json, no-new-privileges")
+@click.option("--init", is_flag=True, help="Run a minimal init as PID 1.")
+@click.option("-m", "--memory", default=None)
+@click.option("--memory-swap", default=None)
+@click.option("--cpus", default=None)
+@click.option("--cpu-shares", "-c", default=None)
+@click.option("--pids-limit", default=None)
+@click.option("--stop-timeout", default=10.0, type=float, show_default=True,
+              help="Seconds between forwarding SIGINT/SIGTERM and SIGKILL.")
+@click.pass_context
+def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entrypoint, workdir,
+            user, hostname, name, read_only, volumes, tmpfs, network, cap_add, cap_drop,
+            privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
+            stop_timeout):
+    """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
+    from runtime.containers import RunOptions, run
+    from runtime.process import ContainerStartError
+
+    opts = RunOptions(
+        image=image, command=list(command), entrypoint=entrypoint, env=list(env),
+        env_files=list(env_file), workdir=workdir, user=user, hostname=hostname, name=name,
+        remove=remove, tty=tty, interactive=interactive, read_only=read_only,
+        volumes=list(volumes), tmpfs=list(tmpfs), network=network, cap_add=list(cap_add),
+        cap_drop=list(cap_drop), privileged=privileged, security_opts=list(security_opt),
+        init=init, memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
+        pids_limit=pids_limit, stop_timeout=stop_timeout)
+    try:
+        status = run(ctx.obj.store, opts)
+    except ContainerStartError as e:
+        click.echo(f"kiln: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    if status.oom_killed:
+        click.echo(f"kiln: container was killed: out of memory (--memory {memory})", err=True)
+        sys.exit(137)
+    sys.exit(status.code)
+
+
+def _status(rec) -> str:
+    if rec.status == "running":
+        return "Up"
+    if rec.exit_code is not None:
+        return f"Exited ({rec.exit_code})"
+    return rec.status.capitalize()
+
+
+@click.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also exited containers.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def ps_cmd(ctx, show_all, quiet, fmt):
+    """List containers (running ones unless -a)."""
+    from runtime.containers import list_containers
+
+    rows = [c for c in list_containers(ctx.obj.store) if show_all or c.status == "running"]
+    if fmt == "json":
+        click.echo(json.dumps([c.__dict__ for c in rows], indent=2))
+        return
+    if quiet:
+        for c in rows:
+            click.echo(c.id[:12])
+        return
+    click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<36}{'COMMAND':<24}{'STATUS':<14}NAMES")
+    for c in rows:
+        cmd = " ".join(c.command)[:22]
+        click.echo(f"{c.id[:12]:<14}{c.image_name[:34]:<36}{cmd:<24}{_status(c):<14}{c.name}")
+
+
+@click.command("rm")
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill running containers first.")
+@click.pass_context
+def rm_cmd(ctx, containers, force):
+    """Remove containers and their writable layers."""
+    from runtime.containers import remove
+
+    for c in containers:
+        remove(ctx.obj.store, c, force=force)
+        click.echo(c)
+
+
+def register(group: click.Group) -> None:
+    for cmd in (run_cmd, ps_cmd, rm_cmd):
+        group.add_command(cmd)

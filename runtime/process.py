@@ -1,0 +1,429 @@
+"""The container process: namespaces, the sandbox steps in order, exec, and waiting.
+
+    kiln (parent) --fork--> stage 1: unshare namespaces --fork--> container PID 1
+        |                     (exits at once; kiln is the subreaper)     |
+        |<-- PID 1's host pid ------------------------------------------|
+        | adds it to the cgroup, then says go -------------------------->| mounts, pivot_root,
+        |                                                                | user, caps, seccomp,
+        |<-- exec error (or EOF when exec succeeded) --------------------| exec
+        | forwards signals, relays the terminal, waits for the exit status
+
+No kiln process lives in the container's pid namespace once the image's
+program runs (unless --init, whose PID 1 is non-dumpable and as confined as
+the program), so nothing of the host's Python is reachable from inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import termios
+import time
+from dataclasses import dataclass
+
+from runtime import rootfs
+from runtime import syscalls as sc
+from runtime.capabilities import last_cap, mask
+from runtime.spec import DEFAULT_PATH, ContainerSpec
+from runtime.users import resolve_user
+from store.errors import KilnError
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2)
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+class ContainerStartError(KilnError):
+    def __init__(self, message: str, exit_code: int = 125):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class ExitStatus:
+    code: int  # as docker reports it: the exit code, or 128+N for signal N
+    signal: int | None = None
+    oom_killed: bool = False
+
+
+# ----------------------------------------------------------------- inside the container
+def _fail_child(errpipe: int, message: str, code: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(errpipe, json.dumps({"error": message, "code": code}).encode())
+    os._exit(code)
+
+
+def _set_loopback_up() -> None:
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _find_executable(name: str, env: list[str]) -> str:
+    if "/" in name:
+        return name
+    path = DEFAULT_PATH
+    for e in env:
+        if e.startswith("PATH="):
+            path = e[5:]
+    for d in path.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise ContainerStartError(f"{name}: executable file not found in $PATH", EXIT_NOT_FOUND)
+
+
+def _apply_identity_and_privileges(spec: ContainerSpec) -> None:
+    """User, capabilities, no_new_privs and seccomp, in the only order that works.
+
+    Seccomp is loaded while CAP_SYS_ADMIN is still effective (so no_new_privs
+    is not forced on), then the final capability sets are installed.
+    """
+    user = resolve_user(spec.process.user)
+    keep = mask(spec.capabilities)
+    sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+    for cap in range(last_cap() + 1):
+        if not keep & (1 << cap):
+            sc.prctl(sc.PR_CAPBSET_DROP, cap)
+    os.setgroups(list(user.additional_gids))
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    _eff, perm, _inh = sc.capget()
+    sc.capset(perm, perm, 0)  # raise effective again for the seccomp load
+    if spec.no_new_privileges:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    if spec.seccomp is not None:
+        sc.seccomp_set_filter(spec.seccomp)
+    final = keep if user.uid == 0 else 0
+    sc.capset(final, final, 0)
+    sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+    sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+    if not any(e.startswith("HOME=") for e in spec.process.env):
+        spec.process.env.append(f"HOME={user.home}")
+
+
+def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -> None:
+    """PID 1 of the container: never returns.
+
+    Everything it needs is imported at module level: after pivot_root the
+    host's Python library is out of reach.
+    """
+    try:
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)
+        if os.read(go_read, 1) != b"g":  # kiln died or gave up before we were ready
+            os._exit(EXIT_NOT_FOUND)
+        os.close(go_read)
+        # Only now is kiln our parent (stage 1 has exited and kiln is the subreaper):
+        # if kiln dies from here on, so does the container.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        rootfs.setup(spec)
+        if spec.hostname:
+            sc.sethostname(spec.hostname)
+        if spec.network == "none":
+            _set_loopback_up()
+        cwd = spec.process.cwd or "/"
+        if not os.path.isdir(cwd):
+            os.makedirs(cwd, 0o755, exist_ok=True)
+        if spec.process.terminal:
+            master, slave = os.openpty()
+            socket.send_fds(tty_sock, [b"t"], [master])
+            os.close(master)
+            tty_sock.close()
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            if slave > 2:
+                os.close(slave)
+        elif tty_sock is not None:
+            tty_sock.close()
+        _apply_identity_and_privileges(spec)
+        os.chdir(cwd)
+        if not os.getcwd().startswith("/"):
+            raise ContainerStartError(f"working directory {cwd} is outside the container")
+        program = _find_executable(spec.process.args[0], spec.process.env)
+        if spec.init:
+            _run_init(spec, program, errpipe)
+        sc.close_range(3, 0xFFFFFFFF, 4)  # CLOSE_RANGE_CLOEXEC: errpipe closes on exec too
+        os.execve(program, spec.process.args, _env_dict(spec.process.env))
+    except ContainerStartError as e:
+        _fail_child(errpipe, str(e), e.exit_code)
+    except OSError as e:
+        code = EXIT_NOT_FOUND if e.errno == 2 and "exec" not in str(e) else 125
+        if e.filename is None and e.errno in (2, 13, 8, 21):  # from execve
+            code = EXIT_NOT_FOUND if e.errno == 2 else EXIT_NOT_EXECUTABLE
+            _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
+        _fail_child(errpipe, f"cannot start the container: {e}", code)
+    except KilnError as e:
+        _fail_child(errpipe, str(e), 125)
+    except BaseException as e:  # never let a traceback escape into the container
+        _fail_child(errpipe, f"cannot start the container: {e!r}", 125)
+
+
+def _env_dict(env: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for e in env:
+        k, _, v = e.partition("=")
+        out[k] = v
+    return out
+
+
+def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
+    """--init: PID 1 forks the program, forwards signals to it and reaps every zombie."""
+    child = os.fork()
+    if child == 0:
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        sc.close_range(3, 0xFFFFFFFF, 4)
+        try:
+            os.execve(program, spec.process.args, _env_dict(spec.process.env))
+        except OSError as e:
+            code = EXIT_NOT_FOUND if e.errno == 2 else EXIT_NOT_EXECUTABLE
+            _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
+    os.close(errpipe)
+    sc.close_range(3, 0xFFFFFFFF, 0)
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, lambda s, _f: os.kill(child, s))
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == child:
+            if os.WIFSIGNALED(status):
+                os._exit(128 + os.WTERMSIG(status))
+            os._exit(os.waitstatus_to_exitcode(status))
+
+
+# ----------------------------------------------------------------- the kiln side
+def _stage1(spec: ContainerSpec, go_read: int, errpipe: int, pidpipe: int, tty_sock) -> None:
+    try:
+        flags = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+                 | sc.CLONE_NEWCGROUP)
+        if spec.network == "none":
+            flags |= sc.CLONE_NEWNET
+        sc.unshare(flags)
+        pid = os.fork()
+        if pid == 0:
+            os.close(pidpipe)
+            _container_main(spec, go_read, errpipe, tty_sock)
+        os.write(pidpipe, str(pid).encode())
+        os._exit(0)
+    except BaseException as e:
+        _fail_child(errpipe, f"cannot create the container's namespaces: {e}", 125)
+
+
+class Container:
+    """A started container; ``wait()`` relays I/O and signals until it exits."""
+
+    def __init__(self, spec: ContainerSpec, cgroup=None):
+        self.spec = spec
+        self.cgroup = cgroup
+        self.pid = 0
+        self._master: int | None = None
+
+    def start(self) -> None:
+        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+        go_read, go_write = os.pipe()
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+        pid_read, pid_write = os.pipe()
+        tty_parent = tty_child = None
+        if self.spec.process.terminal:
+            tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stage1 = os.fork()
+        if stage1 == 0:
+            os.close(go_write)
+            os.close(err_read)
+            os.close(pid_read)
+            if tty_parent is not None:
+                tty_parent.close()
+            if not self.spec.process.stdin and not self.spec.process.terminal:
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.close(devnull)
+            _stage1(self.spec, go_read, err_write, pid_write, tty_child)
+        os.close(go_read)
+        os.close(err_write)
+        os.close(pid_write)
+        if tty_child is not None:
+            tty_child.close()
+        try:
+            data = _read_all(pid_read)
+            os.waitpid(stage1, 0)
+            if not data:
+                self._raise_start_error(err_read)
+            self.pid = int(data)
+            if self.cgroup is not None:
+                self.cgroup.add_process(self.pid)
+            os.write(go_write, b"g")
+            os.close(go_write)
+            go_write = -1
+            if tty_parent is not None:
+                try:
+                    self._master = _receive_master(tty_parent)
+                except ContainerStartError:
+                    self._raise_start_error(err_read)  # the real reason, if it said one
+                    raise
+            self._raise_start_error(err_read)  # EOF without data: exec succeeded
+        except BaseException:
+            if self.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+            raise
+        finally:
+            if go_write >= 0:
+                os.close(go_write)
+            os.close(pid_read)
+            if tty_parent is not None:
+                tty_parent.close()
+
+    def _raise_start_error(self, err_read: int) -> None:
+        data = _read_all(err_read)
+        os.close(err_read)
+        if data:
+            info = json.loads(data)
+            if self.pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+            raise ContainerStartError(info["error"], info.get("code", 125))
+
+    def wait(self, *, stop_timeout: float = 10.0) -> ExitStatus:
+        deadline: list[float] = []
+
+        def forward(sig, _frame):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            if sig in (signal.SIGINT, signal.SIGTERM) and not deadline:
+                deadline.append(time.monotonic() + stop_timeout)
+
+        old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        try:
+            if self._master is not None:
+                status = self._relay_terminal(deadline)
+            else:
+                status = self._wait_plain(deadline)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return self._exit_status(status)
+
+    def _wait_plain(self, deadline: list[float]) -> int:
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            while True:
+                timeout = max(0.0, deadline[0] - time.monotonic()) if deadline else None
+                select.select([pidfd], [], [], timeout)
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    return status
+                self._kill_after(deadline)
+        finally:
+            os.close(pidfd)
+
+    def _kill_after(self, deadline: list[float]) -> None:
+        if deadline and time.monotonic() > deadline[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def _relay_terminal(self, deadline: list[float]) -> int:
+        import tty
+
+        master = self._master
+        assert master is not None
+        stdin_tty = os.isatty(0)
+        saved = termios.tcgetattr(0) if stdin_tty else None
+
+        def resize(_sig=None, _frame=None):
+            if stdin_tty:
+                with contextlib.suppress(OSError):
+                    size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+                    fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+
+        old_winch = signal.signal(signal.SIGWINCH, resize)
+        resize()
+        if stdin_tty:
+            tty.setraw(0)
+        inputs = [master] + ([0] if self.spec.process.stdin else [])
+        status = None
+        try:
+            while True:
+                ready, _, _ = select.select(inputs, [], [], 0.05)
+                if master in ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        inputs.remove(master)
+                    else:
+                        _write_all(1, data)
+                if 0 in ready:
+                    data = os.read(0, 65536)
+                    if data:
+                        _write_all(master, data)
+                    else:
+                        inputs.remove(0)
+                if status is None:
+                    pid, st = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        status = st
+                if status is not None and master not in inputs:
+                    return status
+                if status is not None and not ready:
+                    return status
+                self._kill_after(deadline)
+        finally:
+            signal.signal(signal.SIGWINCH, old_winch)
+            if saved is not None:
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            os.close(master)
+
+    def _exit_status(self, status: int) -> ExitStatus:
+        oom = bool(self.cgroup is not None and self.cgroup.oom_killed())
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return ExitStatus(128 + sig, sig, oom)
+        return ExitStatus(os.waitstatus_to_exitcode(status), None, oom)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _receive_master(sock: socket.socket) -> int:
+    _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+    if not fds:
+        raise ContainerStartError("the container did not hand over its terminal")
+    return fds[0]
+
+
+def run(spec: ContainerSpec, cgroup=None, *, stop_timeout: float = 10.0) -> ExitStatus:
+    container = Container(spec, cgroup)
+    container.start()
+    return container.wait(stop_timeout=stop_timeout)
+

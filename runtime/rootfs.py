@@ -1,0 +1,330 @@
+"""The container's root filesystem: overlay of layer dirs, Docker's default mounts, pivot_root.
+
+Runs in the container's first process, inside its new mount namespace,
+before anything of the image executes. Paths inside the rootfs are resolved
+with symlinks followed only within it, and mounts are made onto O_PATH file
+descriptors, so an image's symlinks can never send a mount to the host.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from runtime import syscalls as sc
+from runtime.spec import ContainerSpec
+from store.errors import KilnError
+
+MAX_SYMLINKS = 40
+
+
+class RootfsError(KilnError):
+    pass
+
+
+# -- overlay ---------------------------------------------------------------------
+def mount_overlay(layers: list[str], upper: str, work: str, target: str,
+                  scratch: str, *, nodev: bool = True) -> None:
+    """Overlay with ``layers`` (bottom first) as lowerdirs; one lowerdir+ each when possible.
+
+    ``scratch`` is a per-container dir for the fallback: short symlinks to the
+    layer dirs, so even 150 layers fit the one-page option string.
+    """
+    lowers = list(reversed(layers)) or [_empty_dir(scratch)]
+    try:
+        fd = sc.fsopen("overlay")
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            for lower in lowers:
+                sc.fsconfig(fd, sc.FSCONFIG_SET_STRING, "lowerdir+", lower)
+            sc.fsconfig(fd, sc.FSCONFIG_SET_STRING, "upperdir", upper)
+            sc.fsconfig(fd, sc.FSCONFIG_SET_STRING, "workdir", work)
+            sc.fsconfig(fd, sc.FSCONFIG_CMD_CREATE)
+            mfd = sc.fsmount(fd, sc.FSMOUNT_CLOEXEC, sc.MOUNT_ATTR_NODEV if nodev else 0)
+            try:
+                sc.move_mount(mfd, target)
+            finally:
+                os.close(mfd)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise RootfsError(f"cannot mount the container's overlay: {e}") from None
+        finally:
+            os.close(fd)
+    _mount_overlay_classic(lowers, upper, work, target, scratch, sc.MS_NODEV if nodev else 0)
+
+
+def _empty_dir(scratch: str) -> str:
+    path = os.path.join(scratch, "empty")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _mount_overlay_classic(lowers: list[str], upper: str, work: str, target: str,
+                           scratch: str, flags: int) -> None:
+    links = os.path.join(scratch, "l")
+    os.makedirs(links, exist_ok=True)
+    names = []
+    for i, lower in enumerate(lowers):
+        name = format(i, "x")
+        path = os.path.join(links, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink(lower, path)
+        names.append(name)
+    old = os.getcwd()
+    os.chdir(links)  # relative lowerdirs keep the option string short
+    try:
+        data = (f"lowerdir={':'.join(names)},upperdir={os.path.relpath(upper)},"
+                f"workdir={os.path.relpath(work)}")
+        if len(data) >= 4096:
+            raise RootfsError(f"{len(lowers)} layers do not fit an overlay mount on this kernel")
+        sc.mount("overlay", target, "overlay", flags, data)
+    finally:
+        os.chdir(old)
+
+
+# -- resolving paths inside the rootfs ---------------------------------------------
+def resolve_in_root(root: str, path: str) -> str:
+    """The host path of ``path`` inside ``root``, symlinks followed as if root were '/'.
+
+    Missing components are allowed (the caller may create them); nothing ever
+    resolves outside ``root``.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise RootfsError(f"too many levels of symbolic links resolving {path}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def open_in_root(root: str, path: str, *, make: str | None = None) -> int:
+    """An O_PATH fd for ``path`` inside ``root``; ``make`` = 'dir' or 'file' creates it."""
+    host = resolve_in_root(root, path)
+    if make and not os.path.lexists(host):
+        parent = resolve_in_root(root, os.path.dirname(path) or "/")
+        _mkdirs_in_root(root, os.path.relpath(parent, root))
+        parent_fd = open_in_root(root, os.path.dirname(path) or "/")
+        try:
+            name = os.path.basename(host)
+            if make == "dir":
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+            else:
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o644, dir_fd=parent_fd))
+        finally:
+            os.close(parent_fd)
+    fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    if real != root and not real.startswith(root.rstrip("/") + "/"):
+        os.close(fd)
+        raise RootfsError(f"{path} resolves outside the container's root filesystem")
+    return fd
+
+
+def _mkdirs_in_root(root: str, rel: str) -> None:
+    current = root
+    for part in [p for p in rel.split("/") if p not in ("", ".")]:
+        nxt = os.path.join(current, part)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            os.mkdir(nxt, 0o755)
+            current = nxt
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise RootfsError(f"{os.path.relpath(nxt, root)} in the image is not a directory")
+        current = nxt
+
+
+def _fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _remount(host_path: str, flags: int) -> None:
+    """Change the flags of the mount now on top of ``host_path`` (opened afresh for that)."""
+    fd = os.open(host_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        sc.mount(None, _fd_path(fd), None, sc.MS_BIND | sc.MS_REMOUNT | flags)
+    finally:
+        os.close(fd)
+
+
+def _mount_at(root: str, path: str, source, fstype, flags: int, data=None, *,
+              make: str = "dir") -> None:
+    fd = open_in_root(root, path, make=make)
+    try:
+        sc.mount(source, _fd_path(fd), fstype, flags, data)
+    finally:
+        os.close(fd)
+
+
+# -- Docker's default mounts -----------------------------------------------------------
+_DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+            ("urandom", 1, 9), ("tty", 5, 0)]
+
+
+def _refuse_symlink(root: str, path: str) -> None:
+    try:
+        st = os.lstat(os.path.join(root, path.lstrip("/")))
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise RootfsError(f"the image's {path} is a symbolic link; refusing to start")
+
+
+def mount_defaults(spec: ContainerSpec, root: str) -> None:
+    for path in ("/proc", "/dev", "/dev/null", "/sys"):
+        _refuse_symlink(root, path)
+    nosuid_nodev_noexec = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    nodev = 0 if spec.privileged else sc.MS_NODEV
+    _mount_at(root, "/proc", "proc", "proc", nosuid_nodev_noexec)
+    _mount_at(root, "/dev", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_STRICTATIME | nodev,
+              "mode=755,size=65536k")
+    dev = os.path.join(root, "dev")
+    # Every mount the container can write to is nodev, so a device node it makes with
+    # CAP_MKNOD cannot be opened (the job a devices cgroup does for docker, on v1 and v2
+    # alike); the few devices it may use are the host's nodes, bind-mounted one by one.
+    for name, _major, _minor in _DEVICES:
+        path = os.path.join(dev, name)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+        sc.mount(f"/dev/{name}", path, None, sc.MS_BIND)
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(os.path.join(dev, name), 0o755)
+    sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    sc.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid_nodev_noexec,
+             f"mode=1777,size={spec.shm_size}")
+    sc.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid_nodev_noexec)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("core", "/proc/kcore")):
+        os.symlink(target, os.path.join(dev, name))
+    sys_flags = nosuid_nodev_noexec | (0 if spec.privileged else sc.MS_RDONLY)
+    try:
+        _mount_at(root, "/sys", "sysfs", "sysfs", sys_flags)
+    except OSError:  # sysfs of another net namespace (--network host): bind the host's
+        fd = open_in_root(root, "/sys", make="dir")
+        try:
+            sc.mount("/sys", _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
+        finally:
+            os.close(fd)
+        _remount(os.path.join(root, "sys"), sys_flags)
+    for path, host in spec.etc_files.items():
+        fd = open_in_root(root, path, make="file")
+        try:
+            sc.mount(host, _fd_path(fd), None, sc.MS_BIND)
+        finally:
+            os.close(fd)
+
+
+def mount_user_volumes(spec: ContainerSpec, root: str) -> None:
+    for b in spec.binds:
+        if not os.path.exists(b.source):
+            raise RootfsError(f"bind mount source {b.source} does not exist")
+        make = "dir" if os.path.isdir(b.source) else "file"
+        fd = open_in_root(root, b.target, make=make)
+        try:
+            sc.mount(b.source, _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
+            mounted = os.readlink(_fd_path(fd))
+        finally:
+            os.close(fd)
+        _remount(mounted, (sc.MS_RDONLY if b.readonly else 0)
+                 | (0 if spec.privileged else sc.MS_NODEV))
+    for t in spec.tmpfs:
+        flags, data = _tmpfs_options(t.options)
+        flags |= 0 if spec.privileged else sc.MS_NODEV
+        _mount_at(root, t.target, "tmpfs", "tmpfs", flags, data)
+
+
+def _tmpfs_options(options: str) -> tuple[int, str]:
+    flag_names = {"ro": sc.MS_RDONLY, "nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV,
+                  "noexec": sc.MS_NOEXEC, "noatime": sc.MS_NOATIME}
+    flags, data = 0, []
+    for opt in [o for o in options.split(",") if o]:
+        if opt in flag_names:
+            flags |= flag_names[opt]
+        elif opt in ("rw", "suid", "dev", "exec"):
+            continue
+        else:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def mask_paths(spec: ContainerSpec, root: str) -> None:
+    """Cover masked paths (by O_PATH fd, never following a symlink) and make others read-only."""
+    for path in spec.masked_paths:
+        host = os.path.join(root, path.lstrip("/"))
+        try:
+            fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                sc.mount("tmpfs", _fd_path(fd), "tmpfs", sc.MS_RDONLY, "size=0")
+            elif not stat.S_ISLNK(st.st_mode):
+                sc.mount(os.path.join(root, "dev/null"), _fd_path(fd), None, sc.MS_BIND)
+        finally:
+            os.close(fd)
+    for path in spec.readonly_paths:
+        host = os.path.join(root, path.lstrip("/"))
+        try:
+            fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            p = _fd_path(fd)
+            sc.mount(p, p, None, sc.MS_BIND | sc.MS_REC)
+        finally:
+            os.close(fd)
+        _remount(host, sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+
+
+def pivot_into(root: str) -> None:
+    """pivot_root (not chroot) into ``root`` and detach the old root entirely."""
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.mount(None, ".", None, sc.MS_SLAVE | sc.MS_REC)  # the umount must not propagate
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def setup(spec: ContainerSpec) -> None:
+    """Everything from a private mount tree to standing in the container's root."""
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    root = spec.rootfs
+    mount_overlay(spec.layers, spec.upper, spec.work, root, os.path.dirname(spec.upper),
+                  nodev=not spec.privileged)
+    mount_defaults(spec, root)
+    mount_user_volumes(spec, root)
+    if not spec.privileged:
+        mask_paths(spec, root)
+    pivot_into(root)
+    if spec.readonly_rootfs:
+        sc.mount(None, "/", None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
