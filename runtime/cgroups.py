@@ -1,0 +1,721 @@
+"""Resource limits for containers through cgroups: one interface, a v1 and a v2 driver.
+
+Where kiln puts its cgroups, and why:
+
+- v2 (the unified hierarchy, what most users have): ``<root>/kiln/<name>``, the
+  placement of docker's cgroupfs driver. kiln's own cgroup cannot be the parent: it
+  holds the kiln process, and v2's no-internal-process rule forbids enabling
+  controllers for the children of a cgroup that holds processes. ``kiln/`` itself never
+  holds a process, so memory, pids (and cpu when asked) are enabled in the
+  ``cgroup.subtree_control`` of the root and of ``kiln/``.
+- v1: ``<kiln's own cgroup in that hierarchy>/kiln/<name>``, the placement runc uses
+  for a relative cgroups path. v1 has no no-internal-process rule, and nesting keeps
+  containers inside whatever limits and accounting kiln itself runs under (a CI job, a
+  systemd unit, a sandbox) instead of escaping to the hierarchy's root.
+  Hierarchies used: memory (limits, and OOM-kill accounting even without a limit),
+  pids (limit and accounting), freezer (to stop a fork storm while it is killed), and
+  cpu only when a cpu limit is asked for.
+
+A cgroup's ``kiln/`` parent is removed with its last container.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Protocol
+
+from store.errors import KilnError
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+KILN_PARENT = "kiln"
+CPU_PERIOD_US = 100_000
+MIN_MEMORY = 6 * 1024 * 1024  # docker's linuxMinMemory ("6MB")
+MIN_CPU_SHARES = 2
+MAX_CPU_SHARES = 262_144
+MIN_CPUS = Fraction(1, 100)  # a cfs quota under 1 ms is refused by the kernel
+REMOVE_TIMEOUT = 5.0
+MAKE_ATTEMPTS = 10
+
+SWAP_ACCOUNTING_OFF = (
+    "swap accounting is off in this kernel or cgroup ({file} is missing): memory is "
+    "limited, swap is not; --memory-swap was ignored"
+)
+
+
+class CgroupError(KilnError):
+    """A cgroup cannot be created, limited or removed."""
+
+
+class _Vanished(CgroupError):
+    """The cgroup directory went away under us (ENOENT, ENODEV)."""
+
+
+# ---------------------------------------------------------------------------------------
+# limits from the command line
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None  # bytes
+    memory_swap: int | None = None  # memory+swap in bytes, as docker means it; -1 = unlimited
+    cpus: float | None = None  # -> cfs quota / period (period CPU_PERIOD_US)
+    cpu_shares: int | None = None  # v1 cpu.shares; v2 cpu.weight via runc's conversion
+    pids_limit: int | None = None  # <= 0 or None = unlimited
+    # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def controllers(self) -> set[str]:
+        """The controllers these limits need."""
+        needed = set()
+        if self.memory is not None or (self.memory_swap not in (None, -1)):
+            needed.add("memory")
+        if self.cpus is not None or self.cpu_shares is not None:
+            needed.add("cpu")
+        if self.pids_limit is not None and self.pids_limit > 0:
+            needed.add("pids")
+        return needed
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?(?:([kmgtp])(i)?)?(b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a docker memory size: "512m", "1g", "1.5GiB", "100k", "1024b", "4096".
+
+    Units are binary (k = 1024) as in docker's RAMInBytes; a fraction of a byte is dropped.
+    """
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise CgroupError(f"invalid size: {text!r} (expected a number with an optional "
+                          "unit b, k, m, g, t or p, such as 512m or 1g)")
+    number, unit, _, _ = match.groups()
+    size = int(Fraction(number) * _UNITS[(unit or "").lower()])
+    if size >= 1 << 63:
+        raise CgroupError(f"invalid size: {text!r} is too large")
+    return size
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def parse_limits(memory: str | None = None, memory_swap: str | None = None,
+                 cpus: str | None = None, cpu_shares: str | None = None,
+                 pids_limit: str | None = None) -> Limits:
+    """Limits from the strings of ``--memory --memory-swap --cpus --cpu-shares --pids-limit``.
+
+    Checked as docker checks them. A value of 0 means "not set", as in docker.
+    """
+    warnings: list[str] = []
+    mem = parse_size(str(memory)) if memory is not None else None
+    if mem == 0:
+        mem = None
+    if mem is not None and mem < MIN_MEMORY:
+        raise CgroupError(f"--memory {memory}: minimum memory limit allowed is 6MB "
+                          f"({MIN_MEMORY} bytes)")
+
+    swap = None
+    if memory_swap is not None:
+        swap = -1 if str(memory_swap).strip() == "-1" else parse_size(str(memory_swap))
+        if swap == 0:
+            swap = None
+    if swap is not None and swap != -1:
+        if mem is None:
+            raise CgroupError(f"--memory-swap {memory_swap} needs --memory as well: "
+                              "--memory-swap is the limit of memory and swap together")
+        if swap < mem:
+            raise CgroupError(f"--memory-swap {memory_swap} is smaller than --memory {memory}: "
+                              "--memory-swap is the limit of memory and swap together, so it "
+                              "must be at least --memory (or -1 for unlimited swap)")
+
+    ncpus = None
+    if cpus is not None:
+        ncpus = _parse_cpus(str(cpus))
+
+    shares = None
+    if cpu_shares is not None:
+        shares = _parse_int("--cpu-shares", cpu_shares)
+        if shares < 0:
+            raise CgroupError(f"--cpu-shares {cpu_shares}: must be a positive number "
+                              "(1024 is the default weight)")
+        if shares == 0:
+            shares = None
+        elif shares < MIN_CPU_SHARES:
+            warnings.append(f"changing requested --cpu-shares of {shares} to minimum allowed "
+                            f"of {MIN_CPU_SHARES}")
+            shares = MIN_CPU_SHARES
+        elif shares > MAX_CPU_SHARES:
+            warnings.append(f"changing requested --cpu-shares of {shares} to maximum allowed "
+                            f"of {MAX_CPU_SHARES}")
+            shares = MAX_CPU_SHARES
+
+    pids = None
+    if pids_limit is not None:
+        pids = _parse_int("--pids-limit", pids_limit)
+        if pids <= 0:
+            pids = None
+    return Limits(memory=mem, memory_swap=swap, cpus=ncpus, cpu_shares=shares,
+                  pids_limit=pids, warnings=tuple(warnings))
+
+
+def _parse_int(flag: str, text: str | int) -> int:
+    try:
+        return int(str(text).strip(), 10)
+    except ValueError:
+        raise CgroupError(f"{flag} {text!r}: not a whole number") from None
+
+
+def _parse_cpus(text: str) -> float | None:
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise CgroupError(f"--cpus {text!r}: not a number (such as 0.5 or 2)") from None
+    if value == 0:
+        return None
+    if (value * 10**9).denominator != 1:
+        raise CgroupError(f"--cpus {text}: value is too precise (at most 9 decimals)")
+    available = _cpu_count()
+    if value < MIN_CPUS or value > available:
+        raise CgroupError(f"--cpus {text}: range of CPUs is from 0.01 to {available}.00, as "
+                          f"there are only {available} CPUs available")
+    return float(value)
+
+
+def cfs_quota(cpus: float) -> int:
+    """The cfs quota in microseconds per CPU_PERIOD_US for ``cpus`` CPUs (docker's rounding)."""
+    return round(cpus * 10**9) * CPU_PERIOD_US // 10**9
+
+
+def cpu_weight(shares: int) -> int:
+    """cgroup v2 cpu.weight for v1 cpu.shares: runc's linear map of [2, 262144] to [1, 10000]."""
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def _swap_limit(limits: Limits) -> int | None:
+    """memory+swap in bytes, -1 unlimited, None when there is no memory limit at all."""
+    if limits.memory is None:
+        return None
+    if limits.memory_swap is None:
+        return 2 * limits.memory  # docker's default: as much swap as memory
+    return limits.memory_swap
+
+
+# ---------------------------------------------------------------------------------------
+# the interface
+
+
+class Cgroup(Protocol):
+    path: str
+    warnings: list[str]
+
+    def add_process(self, pid: int) -> None: ...
+
+    def oom_killed(self) -> bool: ...
+
+    def remove(self) -> None: ...
+
+
+def detect_driver(root: str = CGROUP_ROOT) -> str:
+    """"v2" when ``root`` is a cgroup2 mount (the unified hierarchy), else "v1"."""
+    return "v2" if _fstype(root) == "cgroup2" else "v1"
+
+
+def create_cgroup(name: str, limits: Limits, *, driver: str | None = None) -> Cgroup:
+    """Make the cgroup ``kiln/<name>`` with ``limits``; the caller then adds the container.
+
+    Raises CgroupError naming the file and the value on failure, having removed what it made.
+    """
+    driver = driver or detect_driver()
+    if driver == "v2":
+        return V2Cgroup.create(name, limits)
+    if driver == "v1":
+        return V1Cgroup.create(name, limits)
+    raise CgroupError(f"unknown cgroup driver {driver!r} (expected v1 or v2)")
+
+
+# ---------------------------------------------------------------------------------------
+# files
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_keyed(path: str) -> dict[str, str]:
+    """A "key value" per line file (memory.events, memory.oom_control, cgroup.events)."""
+    pairs = {}
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(" ")
+        pairs[key] = value.strip()
+    return pairs
+
+
+def _write(path: str, value: str | int) -> None:
+    """Write one value the way the kernel wants it: one write(2), no file creation."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Vanished(f"cannot write {value} to {path}: the file does not exist "
+                        "(controller not enabled for this cgroup?)") from None
+    except OSError as e:
+        raise CgroupError(f"cannot write {value} to {path}: {e.strerror}") from None
+    try:
+        os.write(fd, str(value).encode())
+    except OSError as e:
+        error = _Vanished if e.errno == errno.ENODEV else CgroupError
+        raise error(f"cannot write {value} to {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _validate_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise CgroupError(f"invalid cgroup name {name!r}: must be one path component")
+
+
+def _make_leaf(base: str, parent: str, name: str,
+               prepare: Callable[[str], None] | None = None) -> str:
+    """mkdir base/parent/name, the parents as needed; a leaf that exists is an error.
+
+    ``prepare`` is called on base and on each parent level before the level below is made.
+    """
+    leaf = os.path.join(base, parent, name)
+    for attempt in range(MAKE_ATTEMPTS):
+        here = base
+        try:
+            if prepare:
+                prepare(here)
+            for part in parent.split("/"):
+                here = os.path.join(here, part)
+                try:
+                    os.mkdir(here)
+                except FileExistsError:
+                    pass
+                if prepare:
+                    prepare(here)
+            os.mkdir(leaf)
+            return leaf
+        except FileExistsError:
+            raise CgroupError(f"cgroup {leaf} already exists (another container with the "
+                              f"name {name}?)") from None
+        except (FileNotFoundError, _Vanished) as e:
+            # another kiln removed the emptied parent as we went: make it again
+            if attempt == MAKE_ATTEMPTS - 1:
+                raise CgroupError(f"cannot create cgroup {leaf}: {e}") from None
+        except OSError as e:
+            raise CgroupError(f"cannot create cgroup {leaf}: {e.strerror}") from None
+    raise AssertionError("unreachable")
+
+
+def _tree(top: str) -> Iterator[str]:
+    """top and every cgroup below it, children before their parent."""
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        yield dirpath
+
+
+def _procs(dirs: Iterable[str]) -> set[int]:
+    """Every process in these cgroups and their descendants."""
+    pids: set[int] = set()
+    for top in dirs:
+        for d in _tree(top):
+            try:
+                pids.update(int(p) for p in _read(os.path.join(d, "cgroup.procs")).split())
+            except OSError:  # removed meanwhile
+                pass
+    return pids
+
+
+def _kill(dirs: list[str]) -> None:
+    """SIGKILL every process in ``dirs``, never one that left or a pid reused outside.
+
+    A pidfd pins the process first; the cgroup is read again after that, so a pid
+    listed then is the pinned process if it is still alive, and signalling a dead
+    pinned process fails harmlessly.
+    """
+    pidfds = {}
+    try:
+        for pid in _procs(dirs) - {os.getpid()}:
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pass
+        still_inside = _procs(dirs)
+        for pid, fd in pidfds.items():
+            if pid in still_inside:
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def _rmdir_tree(top: str, deadline: float) -> None:
+    for d in _tree(top):
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                # EBUSY for a moment after the last process exits
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}") from None
+                time.sleep(0.01)
+
+
+def _rmdir_empty_parents(leaf: str, stop: str) -> None:
+    """Remove kiln's parent dirs between leaf and stop while no other container uses them."""
+    here = os.path.dirname(leaf)
+    while len(here) > len(stop) and here.startswith(stop + "/"):
+        try:
+            os.rmdir(here)
+        except OSError:
+            return
+        here = os.path.dirname(here)
+
+
+def _wait_empty(dirs: list[str], deadline: float, between: Callable[[], None]) -> None:
+    while True:
+        left = _procs(dirs) - {os.getpid()}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise CgroupError(f"cgroup {dirs[0]} still has processes {sorted(left)} after "
+                              f"{REMOVE_TIMEOUT:.0f} s of SIGKILL; left in place")
+        between()
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# cgroup v2
+
+
+class V2Cgroup:
+    """A cgroup in the unified hierarchy mounted at ``root``."""
+
+    def __init__(self, path: str, *, root: str = CGROUP_ROOT):
+        self.path = path
+        self.root = root
+        self.warnings: list[str] = []
+        self._oom_seen = False
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, *, root: str = CGROUP_ROOT,
+               parent: str = KILN_PARENT) -> V2Cgroup:
+        _validate_name(name)
+        if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+            raise CgroupError(f"cgroup v2 is not mounted at {root} (no cgroup.controllers): "
+                              "use the v1 driver on this host")
+        required = limits.controllers()
+        wanted = required | {"memory", "pids"}  # OOM-kill events, process accounting
+
+        def enable(level: str) -> None:
+            _enable_controllers(level, wanted, required)
+
+        try:
+            leaf = _make_leaf(root, parent, name, prepare=enable)
+        except CgroupError:
+            _rmdir_empty_parents(os.path.join(root, parent, name), root)
+            raise
+        cgroup = cls(leaf, root=root)
+        try:
+            cgroup._apply(limits)
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def _apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            _write(self._file("memory.max"), limits.memory)
+            swap_file = self._file("memory.swap.max")
+            memsw = _swap_limit(limits)
+            if not os.path.exists(swap_file):
+                if memsw != -1:
+                    self.warnings.append(SWAP_ACCOUNTING_OFF.format(file=swap_file))
+            else:
+                _write(swap_file, "max" if memsw == -1 else memsw - limits.memory)
+        if limits.cpus is not None:
+            _write(self._file("cpu.max"), f"{cfs_quota(limits.cpus)} {CPU_PERIOD_US}")
+        if limits.cpu_shares is not None:
+            _write(self._file("cpu.weight"), cpu_weight(limits.cpu_shares))
+        if limits.pids_limit is not None and limits.pids_limit > 0:
+            _write(self._file("pids.max"), limits.pids_limit)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def add_process(self, pid: int) -> None:
+        _write(self._file("cgroup.procs"), pid)
+
+    def oom_killed(self) -> bool:
+        try:
+            events = _read_keyed(self._file("memory.events"))
+        except FileNotFoundError:  # gone (answer from before removal) or no memory controller
+            return self._oom_seen
+        self._oom_seen = int(events.get("oom_kill", "0")) > 0
+        return self._oom_seen
+
+    def remove(self) -> None:
+        """Kill what is left (cgroup.kill, else SIGKILL each), wait until empty, rmdir."""
+        deadline = time.monotonic() + REMOVE_TIMEOUT
+        if os.path.isdir(self.path):
+            self.oom_killed()
+            kill_file = self._file("cgroup.kill")
+            dirs = [self.path]
+
+            def kill() -> None:
+                if os.path.exists(kill_file):
+                    try:
+                        _write(kill_file, 1)
+                        return
+                    except CgroupError:
+                        if not os.path.isdir(self.path):
+                            return
+                _kill(dirs)
+
+            kill()
+            _wait_empty(dirs, deadline, kill)
+            _rmdir_tree(self.path, deadline)
+        _rmdir_empty_parents(self.path, self.root)
+
+    def __repr__(self) -> str:
+        return f"V2Cgroup({self.path!r})"
+
+
+def _enable_controllers(cgroup_dir: str, wanted: set[str], required: set[str]) -> None:
+    """Enable ``wanted`` (those available) for the children of ``cgroup_dir``."""
+    controllers_file = os.path.join(cgroup_dir, "cgroup.controllers")
+    subtree_file = os.path.join(cgroup_dir, "cgroup.subtree_control")
+    try:
+        available = set(_read(controllers_file).split())
+        enabled = set(_read(subtree_file).split())
+    except OSError as e:
+        error = _Vanished if e.errno in (errno.ENOENT, errno.ENODEV) else CgroupError
+        raise error(f"cannot read {controllers_file} and {subtree_file}: "
+                    f"{e.strerror}") from None
+    missing = required - available
+    if missing:
+        raise CgroupError(
+            f"cgroup v2 controller(s) {', '.join(sorted(missing))} not available in "
+            f"{controllers_file} (it has: {' '.join(sorted(available)) or 'none'}); "
+            "they are needed for the limits asked for (on a hybrid host they may be bound to "
+            "cgroup v1: use the v1 driver)")
+    to_enable = sorted((wanted & available) - enabled)
+    if not to_enable:
+        return
+    value = " ".join("+" + c for c in to_enable)
+    try:
+        _write(subtree_file, value)
+    except CgroupError as e:
+        if "Device or resource busy" in str(e):
+            raise CgroupError(
+                f"cannot write {value} to {subtree_file}: {cgroup_dir} holds processes, and "
+                "cgroup v2 enables controllers only for children of a cgroup without its own "
+                "processes (the no-internal-process rule); move them to a child cgroup") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# cgroup v1
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _parse_mountinfo() -> list[tuple[str, str, str, list[str]]]:
+    """(mount root, mount point, fstype, super options) for every mount."""
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])  # \040 = space
+            mounts.append((fields[3], point, fields[sep + 1], fields[sep + 3].split(",")))
+    return mounts
+
+
+def _fstype(path: str) -> str | None:
+    path = os.path.realpath(path)
+    found = None
+    try:
+        for _root, point, fstype, _opts in _parse_mountinfo():
+            if point == path:
+                found = fstype  # the last mount on a point is the visible one
+    except OSError:
+        return None
+    return found
+
+
+def v1_hierarchies() -> dict[str, str]:
+    """controller -> the directory of kiln's own cgroup in that v1 hierarchy."""
+    own: dict[frozenset[str], str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _id, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers:
+                own[frozenset(controllers.split(","))] = path
+    with open("/proc/cgroups") as f:
+        known = {line.split()[0] for line in f if not line.startswith("#")}
+    found: dict[str, str] = {}
+    for mount_root, point, fstype, opts in _parse_mountinfo():
+        if fstype != "cgroup":
+            continue
+        controllers = frozenset(opts) & known
+        if not controllers:
+            continue  # a named hierarchy (name=systemd) has no controller
+        own_path = own.get(controllers, "/")
+        if mount_root != "/" and (own_path + "/").startswith(mount_root.rstrip("/") + "/"):
+            own_path = own_path[len(mount_root.rstrip("/")):] or "/"
+        d = os.path.normpath(os.path.join(point, own_path.lstrip("/")))
+        if not os.path.isdir(d):
+            d = point
+        for c in controllers:
+            found.setdefault(c, d)
+    return found
+
+
+class V1Cgroup:
+    """A cgroup made of one directory in each v1 hierarchy it uses."""
+
+    TRACKING = ("memory", "pids", "freezer")
+
+    def __init__(self, dirs: dict[str, str], bases: dict[str, str]):
+        self.dirs = dirs  # controller -> cgroup dir
+        self._bases = bases  # cgroup dir -> the dir kiln's parent was made in
+        self.path = dirs.get("memory") or next(iter(dirs.values()), "")
+        self.warnings: list[str] = []
+        self._oom_seen = False
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, *, hierarchies: dict[str, str] | None = None,
+               parent: str = KILN_PARENT) -> V1Cgroup:
+        _validate_name(name)
+        if hierarchies is None:
+            hierarchies = v1_hierarchies()
+        required = limits.controllers()
+        missing = required - hierarchies.keys()
+        if missing:
+            raise CgroupError(f"cgroup v1 controller(s) {', '.join(sorted(missing))} not "
+                              "mounted (see /proc/self/mountinfo); they are needed for the "
+                              "limits asked for")
+        wanted = [c for c in (*cls.TRACKING, "cpu") if c in required or
+                  (c in cls.TRACKING and c in hierarchies)]
+        if not wanted:
+            raise CgroupError("no cgroup v1 hierarchy of memory, pids or freezer is mounted: "
+                              "kiln cannot track a container's processes")
+        cgroup = cls({}, {})
+        try:
+            made: dict[str, str] = {}  # base -> leaf, one per hierarchy (cpu,cpuacct share one)
+            for c in wanted:
+                base = hierarchies[c]
+                if base not in made:
+                    made[base] = _make_leaf(base, parent, name)
+                    cgroup._bases[made[base]] = base
+                cgroup.dirs[c] = made[base]
+            cgroup.path = cgroup.dirs.get("memory") or next(iter(cgroup.dirs.values()))
+            cgroup._apply(limits)
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def _file(self, controller: str, name: str) -> str:
+        return os.path.join(self.dirs[controller], name)
+
+    def _apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            _write(self._file("memory", "memory.limit_in_bytes"), limits.memory)
+            memsw_file = self._file("memory", "memory.memsw.limit_in_bytes")
+            memsw = _swap_limit(limits)
+            if not os.path.exists(memsw_file):
+                if memsw != -1:
+                    self.warnings.append(SWAP_ACCOUNTING_OFF.format(file=memsw_file))
+            else:
+                _write(memsw_file, memsw)
+        if limits.cpus is not None:
+            _write(self._file("cpu", "cpu.cfs_period_us"), CPU_PERIOD_US)
+            _write(self._file("cpu", "cpu.cfs_quota_us"), cfs_quota(limits.cpus))
+        if limits.cpu_shares is not None:
+            _write(self._file("cpu", "cpu.shares"), limits.cpu_shares)
+        if limits.pids_limit is not None and limits.pids_limit > 0:
+            _write(self._file("pids", "pids.max"), limits.pids_limit)
+
+    def _unique_dirs(self) -> list[str]:
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def add_process(self, pid: int) -> None:
+        for d in self._unique_dirs():
+            _write(os.path.join(d, "cgroup.procs"), pid)
+
+    def oom_killed(self) -> bool:
+        """memory.oom_control's oom_kill count (kernel >= 4.13); under_oom before that."""
+        if "memory" not in self.dirs:
+            return False
+        try:
+            control = _read_keyed(self._file("memory", "memory.oom_control"))
+        except FileNotFoundError:  # removed: the answer read before removal
+            return self._oom_seen
+        if "oom_kill" in control:
+            self._oom_seen = int(control["oom_kill"]) > 0
+        else:
+            self._oom_seen = self._oom_seen or control.get("under_oom") == "1"
+        return self._oom_seen
+
+    def remove(self) -> None:
+        """Freeze, SIGKILL everything, thaw, wait until empty, rmdir in every hierarchy."""
+        deadline = time.monotonic() + REMOVE_TIMEOUT
+        dirs = [d for d in self._unique_dirs() if os.path.isdir(d)]
+        if dirs:
+            self.oom_killed()
+            freezer = self.dirs.get("freezer")
+            state_file = os.path.join(freezer, "freezer.state") if freezer else None
+            if state_file and os.path.exists(state_file) and _procs(dirs):
+                self._freeze(state_file)
+                try:
+                    _kill(dirs)
+                finally:
+                    _write_quietly(state_file, "THAWED")
+            _kill(dirs)
+            _wait_empty(dirs, deadline, lambda: _kill(dirs))
+            for d in dirs:
+                _rmdir_tree(d, deadline)
+        for leaf, base in self._bases.items():
+            _rmdir_empty_parents(leaf, base)
+
+    @staticmethod
+    def _freeze(state_file: str) -> None:
+        """Stop every process so none forks while they are killed (bounded: 1 s)."""
+        if not _write_quietly(state_file, "FROZEN"):
+            return
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            try:
+                if _read(state_file).strip() == "FROZEN":
+                    return
+            except OSError:
+                return
+            time.sleep(0.005)
+
+    def __repr__(self) -> str:
+        return f"V1Cgroup({self.dirs!r})"
+
+
+def _write_quietly(path: str, value: str) -> bool:
+    try:
+        _write(path, value)
+        return True
+    except CgroupError:
+        return False
