@@ -16,6 +16,7 @@ the program), so nothing of the host's Python is reachable from inside.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -119,6 +120,10 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
     """
     try:
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
+        for sig in FORWARDED:  # kiln's own handlers must not run in here
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        os.setsid()  # the terminal's Ctrl-C reaches kiln only, which forwards it once
         if os.read(go_read, 1) != b"g":  # kiln died or gave up before we were ready
             os._exit(EXIT_NOT_FOUND)
         os.close(go_read)
@@ -137,8 +142,8 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
             master, slave = os.openpty()
             socket.send_fds(tty_sock, [b"t"], [master])
             os.close(master)
+            tty_sock.recv(1)  # kiln has set the window size: the program sees it from the start
             tty_sock.close()
-            os.setsid()
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
             for fd in (0, 1, 2):
                 os.dup2(slave, fd)
@@ -154,19 +159,24 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         if spec.init:
             _run_init(spec, program, errpipe)
         sc.close_range(3, 0xFFFFFFFF, 4)  # CLOSE_RANGE_CLOEXEC: errpipe closes on exec too
-        os.execve(program, spec.process.args, _env_dict(spec.process.env))
+        _exec(program, spec, errpipe)
     except ContainerStartError as e:
         _fail_child(errpipe, str(e), e.exit_code)
     except OSError as e:
-        code = EXIT_NOT_FOUND if e.errno == 2 and "exec" not in str(e) else 125
-        if e.filename is None and e.errno in (2, 13, 8, 21):  # from execve
-            code = EXIT_NOT_FOUND if e.errno == 2 else EXIT_NOT_EXECUTABLE
-            _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
-        _fail_child(errpipe, f"cannot start the container: {e}", code)
+        _fail_child(errpipe, f"cannot start the container: {e}", 125)
     except KilnError as e:
         _fail_child(errpipe, str(e), 125)
     except BaseException as e:  # never let a traceback escape into the container
         _fail_child(errpipe, f"cannot start the container: {e!r}", 125)
+
+
+def _exec(program: str, spec: ContainerSpec, errpipe: int) -> None:
+    """execve, or exit as docker does: 127 when not found, 126 when not executable."""
+    try:
+        os.execve(program, spec.process.args, _env_dict(spec.process.env))
+    except OSError as e:
+        code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE
+        _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:
@@ -184,11 +194,7 @@ def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         sc.close_range(3, 0xFFFFFFFF, 4)
-        try:
-            os.execve(program, spec.process.args, _env_dict(spec.process.env))
-        except OSError as e:
-            code = EXIT_NOT_FOUND if e.errno == 2 else EXIT_NOT_EXECUTABLE
-            _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
+        _exec(program, spec, errpipe)
     os.close(errpipe)
     sc.close_range(3, 0xFFFFFFFF, 0)
     for sig in range(1, signal.NSIG):
@@ -235,7 +241,16 @@ class Container:
         self._master: int | None = None
 
     def start(self) -> None:
+        """Start the container; signals for it are held back until ``wait()`` forwards them."""
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            self._start()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            raise
+
+    def _start(self) -> None:
         go_read, go_write = os.pipe()
         err_read, err_write = os.pipe2(os.O_CLOEXEC)
         pid_read, pid_write = os.pipe()
@@ -276,6 +291,8 @@ class Container:
                 except ContainerStartError:
                     self._raise_start_error(err_read)  # the real reason, if it said one
                     raise
+                _copy_window_size(self._master)
+                tty_parent.send(b"k")
             self._raise_start_error(err_read)  # EOF without data: exec succeeded
         except BaseException:
             if self.pid:
@@ -310,6 +327,7 @@ class Container:
                 deadline.append(time.monotonic() + stop_timeout)
 
         old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # those that came meanwhile, too
         try:
             if self._master is not None:
                 status = self._relay_terminal(deadline)
@@ -346,14 +364,7 @@ class Container:
         stdin_tty = os.isatty(0)
         saved = termios.tcgetattr(0) if stdin_tty else None
 
-        def resize(_sig=None, _frame=None):
-            if stdin_tty:
-                with contextlib.suppress(OSError):
-                    size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
-                    fcntl.ioctl(master, termios.TIOCSWINSZ, size)
-
-        old_winch = signal.signal(signal.SIGWINCH, resize)
-        resize()
+        old_winch = signal.signal(signal.SIGWINCH, lambda _s, _f: _copy_window_size(master))
         if stdin_tty:
             tty.setraw(0)
         inputs = [master] + ([0] if self.spec.process.stdin else [])
@@ -413,6 +424,15 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _copy_window_size(master: int) -> None:
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(master, termios.TIOCSWINSZ,
+                            fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+            return
 
 
 def _receive_master(sock: socket.socket) -> int:
