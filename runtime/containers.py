@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ class ContainerRecord:
     finished: float | None = None
 
     def save(self, directory: Path) -> None:
-        atomic_write(directory / "state.json", json.dumps(self.__dict__).encode())
+        atomic_write(directory / "state.json", json.dumps(self.__dict__).encode(), durable=False)
 
     @classmethod
     def load(cls, directory: Path) -> ContainerRecord:
@@ -207,7 +206,7 @@ def create(store: Store, opts: RunOptions) -> tuple[ContainerRecord, ContainerSp
         layer_dirs = [str(d) for d in store.unpack_image(image)]
         if opts.name and any(c.name == opts.name for c in list_containers(store)):
             raise KilnError(f"the container name {opts.name!r} is already in use")
-        cid = secrets.token_hex(32)
+        cid = os.urandom(32).hex()
         hostname = opts.hostname or cid[:12]
         argv = command_for(config, opts)
         directory = store.containers_dir / cid

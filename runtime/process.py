@@ -90,7 +90,7 @@ def _apply_identity_and_privileges(spec: ContainerSpec) -> None:
     is not forced on), then the final capability sets are installed.
     """
     user = resolve_user(spec.process.user)
-    keep = mask(spec.capabilities)
+    keep = mask(spec.capabilities) & sc.capget()[1]  # nothing kiln does not hold itself
     sc.prctl(sc.PR_SET_KEEPCAPS, 1)
     for cap in range(last_cap() + 1):
         if not keep & (1 << cap):
@@ -342,7 +342,9 @@ class Container:
         pidfd = os.pidfd_open(self.pid)
         try:
             while True:
-                timeout = max(0.0, deadline[0] - time.monotonic()) if deadline else None
+                # a forwarded SIGTERM sets the deadline from a signal handler, which does not
+                # wake select (PEP 475 retries it): so never block for long without one
+                timeout = max(0.0, deadline[0] - time.monotonic()) if deadline else 0.25
                 select.select([pidfd], [], [], timeout)
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
                 if pid:

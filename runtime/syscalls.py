@@ -9,9 +9,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    try:  # find_library runs ldconfig, a fork+exec on kiln run's hot path: try the soname first
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 
 # namespace flags (linux/sched.h)
 CLONE_NEWNS = 0x00020000
@@ -77,7 +84,7 @@ _NR = {
                 "fsopen": 430, "fsconfig": 431, "fsmount": 432, "close_range": 436,
                 "mount_setattr": 442},
 }
-_ARCH_NR = _NR.get(platform.machine(), _NR["x86_64"])
+_ARCH_NR = _NR.get(os.uname().machine, _NR["x86_64"])
 
 _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,

@@ -18,8 +18,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.PathLike | None = None,
-                 mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix."""
+                 mode: int = 0o644, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
+
+    ``durable=False`` skips the fsyncs: for state that means nothing after a reboot
+    (a running container's pid), where a flush would only slow the hot path.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".tmp-" + path.name + "-")
     try:
@@ -27,7 +31,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.Path
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -35,7 +40,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.Path
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def remove_tree(path: str | os.PathLike) -> None:

@@ -219,11 +219,11 @@ class Store:
 
     def ensure_layer_dir(self, layer) -> Path:
         """Unpack ``layer`` (an image.Layer) once, under a per-layer lock; return its dir."""
-        from store.layer_extract import extract_layer
-
         final = self.layer_dir(layer.diff_id)
         if final.is_dir():
             return final
+        from store.layer_extract import extract_layer
+
         with file_lock(self.locks / f"layer-{digest_hex(layer.diff_id)}.lock"):
             if final.is_dir():
                 return final
