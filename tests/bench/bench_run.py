@@ -53,7 +53,9 @@ def main() -> None:
         (bundle / "config.json").write_text(json.dumps(spec))
         cases = {
             "kiln": kiln + ["run", "--rm", "bench", "true"],
-            "podman": pod + ["run", "--rm", "--network", "none", "bench", "true"],
+            "podman": pod + ["run", "--rm", "--network", "none", "--pull", "never",
+                             "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+                             "localhost/bench", "true"],
             "runc": ["runc", "run", "--bundle", str(bundle), "bench-runc"],
         }
         for cmd in cases.values():  # warm caches once
