@@ -166,3 +166,63 @@ def test_init_reaps_and_forwards(run_root, krun):
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=20)
     assert p.returncode == 143  # sleep (not PID 1) dies of the forwarded SIGTERM
+
+
+def test_stdin_only_with_interactive(run_root):
+    p = subprocess.run(kiln_argv(run_root, "run", "--rm", "-i", "probe", "cat"),
+                       input=b"piped in\n", capture_output=True)
+    assert p.stdout == b"piped in\n"
+    p = subprocess.run(kiln_argv(run_root, "run", "--rm", "probe", "cat"),
+                       input=b"not for you\n", capture_output=True)
+    assert p.stdout == b""
+
+
+def test_default_dev_and_etc(krun):
+    p = krun("sh", "-c", "ls /dev | tr '\\n' ' '; echo; df -k /dev/shm | tail -1; "
+             "cat /etc/hostname; grep localhost /etc/hosts | head -1; readlink /dev/fd",
+             opts=("--hostname", "h1"))
+    devs = p.out.splitlines()[0].split()
+    for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm",
+                 "mqueue", "fd", "stdin", "stdout", "stderr"):
+        assert name in devs, (name, devs)
+    assert p.out.splitlines()[1].split()[1] == "65536"  # 64 MiB
+    assert p.out.splitlines()[2:] == ["h1", "127.0.0.1\tlocalhost", "/proc/self/fd"]
+
+
+def test_network_host_sees_host_interfaces(krun):
+    host = sorted(os.listdir("/sys/class/net"))
+    p = krun("ls", "/sys/class/net", opts=("--network", "host"))
+    assert sorted(p.out.split()) == host
+
+
+def test_interactive_shell_under_tmux(run_root, tmp_path):
+    import shutil
+
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is needed (tests/setup-and-run.sh installs it)")
+    sock = str(tmp_path / "tmux.sock")
+    cmd = " ".join(kiln_argv(run_root, "run", "--rm", "-it", "probe", "sh"))
+    tmux = ["tmux", "-S", sock]
+    subprocess.run(tmux + ["new-session", "-d", "-x", "90", "-y", "20", cmd], check=True)
+    try:
+        def screen():
+            return subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True,
+                                  text=True).stdout
+
+        deadline = time.monotonic() + 20
+        while "#" not in screen() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subprocess.run(tmux + ["send-keys", "echo $((6*7)); stty size", "Enter"], check=True)
+        while "42" not in screen() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = screen()
+        assert "42" in text and "20 90" in text, text
+        subprocess.run(tmux + ["send-keys", "exit", "Enter"], check=True)
+        while time.monotonic() < deadline:
+            if subprocess.run(tmux + ["has-session"], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the container shell did not exit")
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True)
