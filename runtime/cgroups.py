@@ -12,9 +12,10 @@ Where kiln puts its cgroups, and why:
   for a relative cgroups path. v1 has no no-internal-process rule, and nesting keeps
   containers inside whatever limits and accounting kiln itself runs under (a CI job, a
   systemd unit, a sandbox) instead of escaping to the hierarchy's root.
-  Hierarchies used: memory (limits, and OOM-kill accounting even without a limit),
-  pids (limit and accounting), freezer (to stop a fork storm while it is killed), and
-  cpu only when a cpu limit is asked for.
+  Hierarchies used: memory always (limits, and OOM-kill accounting and process
+  tracking even without a limit; pids or freezer stand in when memory is not mounted),
+  and pids and cpu only when their limits are asked for: each hierarchy costs an RCU
+  sync when the container's process moves in.
 
 A cgroup's ``kiln/`` parent is removed with its last container.
 """
@@ -611,8 +612,10 @@ class V1Cgroup:
             raise CgroupError(f"cgroup v1 controller(s) {', '.join(sorted(missing))} not "
                               "mounted (see /proc/self/mountinfo); they are needed for the "
                               "limits asked for")
-        wanted = [c for c in (*cls.TRACKING, "cpu") if c in required or
-                  (c in cls.TRACKING and c in hierarchies)]
+        # Moving a process into a v1 cgroup costs several ms per hierarchy (an RCU sync
+        # each), so besides what the limits need only one tracking hierarchy is used.
+        tracker = next((c for c in cls.TRACKING if c in hierarchies), None)
+        wanted = [c for c in (*cls.TRACKING, "cpu") if c in required or c == tracker]
         if not wanted:
             raise CgroupError("no cgroup v1 hierarchy of memory, pids or freezer is mounted: "
                               "kiln cannot track a container's processes")

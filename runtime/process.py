@@ -2,8 +2,8 @@
 
     kiln (parent) --fork--> stage 1: unshare namespaces --fork--> container PID 1
         |                     (exits at once; kiln is the subreaper)     |
-        |<-- PID 1's host pid ------------------------------------------|
-        | adds it to the cgroup, then says go -------------------------->| mounts, pivot_root,
+        |<-- PID 1's host pid ------------------------------------------| mounts, pivot_root
+        | adds it to the cgroup, then says go -------------------------->| cgroup namespace,
         |                                                                | user, caps, seccomp,
         |<-- exec error (or EOF when exec succeeded) --------------------| exec
         | forwards signals, relays the terminal, waits for the exit status
@@ -124,12 +124,8 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.setsid()  # the terminal's Ctrl-C reaches kiln only, which forwards it once
-        if os.read(go_read, 1) != b"g":  # kiln died or gave up before we were ready
-            os._exit(EXIT_NOT_FOUND)
-        os.close(go_read)
-        # Only now is kiln our parent (stage 1 has exited and kiln is the subreaper):
-        # if kiln dies from here on, so does the container.
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The filesystem is set up while kiln moves us into the cgroup (a slow write on v1);
+        # nothing of the image runs before kiln says go.
         rootfs.setup(spec)
         if spec.hostname:
             sc.sethostname(spec.hostname)
@@ -138,6 +134,14 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         cwd = spec.process.cwd or "/"
         if not os.path.isdir(cwd):
             os.makedirs(cwd, 0o755, exist_ok=True)
+        if os.read(go_read, 1) != b"g":  # kiln died or gave up before we were ready
+            os._exit(EXIT_NOT_FOUND)
+        os.close(go_read)
+        # In the container's cgroup now: a cgroup namespace rooted there hides the host's.
+        sc.unshare(sc.CLONE_NEWCGROUP)
+        # Only now is kiln our parent (stage 1 has exited and kiln is the subreaper):
+        # if kiln dies from here on, so does the container.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if spec.process.terminal:
             master, slave = os.openpty()
             socket.send_fds(tty_sock, [b"t"], [master])
@@ -216,8 +220,8 @@ def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
 # ----------------------------------------------------------------- the kiln side
 def _stage1(spec: ContainerSpec, go_read: int, errpipe: int, pidpipe: int, tty_sock) -> None:
     try:
-        flags = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
-                 | sc.CLONE_NEWCGROUP)
+        # the cgroup namespace comes later, once PID 1 is in the container's cgroup
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
         if spec.network == "none":
             flags |= sc.CLONE_NEWNET
         sc.unshare(flags)

@@ -261,9 +261,12 @@ def test_v1_limits_land_in_the_files(made):
     assert read(f"{cpu}/cpu.cfs_period_us") == "100000"
     assert read(f"{cpu}/cpu.shares") == "512"
     assert read(f"{pids}/pids.max") == "20"
-    for controller in ("memory", "pids", "freezer", "cpu"):
+    assert set(cg.dirs) == {"memory", "pids", "cpu"}  # no freezer: each hierarchy costs
+    for controller in ("memory", "pids", "cpu"):
         leaf = Path(cg.dirs[controller])
         assert leaf.parent.name == "kiln" and leaf.name.startswith("kiln-test-")
+    tracked_only = new_v1(made, parse_limits())
+    assert set(tracked_only.dirs) == {"memory"}  # memory alone tracks the processes
 
     unlimited_swap = new_v1(made, parse_limits(memory="64m", memory_swap="-1"))
     memsw = read(f"{unlimited_swap.dirs['memory']}/memory.memsw.limit_in_bytes")
