@@ -32,7 +32,9 @@ def main() -> None:
         rootfs = work / "rootfs"
         subprocess.run(["sh", str(PROJECT / "Containerfiles/busybox-rootfs.sh"), str(rootfs)],
                        check=True)
-        env = {**os.environ, "KILN_ROOT": str(work / "kiln")}
+        # as installed by pip: byte-compiled modules are used, not recompiled on every run
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["KILN_ROOT"] = str(work / "kiln")
         kiln = [sys.executable, "-m", "kiln"]
         subprocess.run(kiln + ["import", str(rootfs), "bench"], env=env, check=True,
                        stdout=subprocess.DEVNULL, cwd=PROJECT)
