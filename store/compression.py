@@ -1,40 +1,55 @@
-"""Which compression a layer uses, and streams that undo it.
+"""Which compression a layer uses, and the one decompressor kiln has.
 
 Media types say what a blob should be, but registries and tools serve
 uncompressed tars under gzip types often enough that the magic bytes decide.
+``decompressed_chunks`` bounds its output per step (a gzip or zstd bomb never
+sits in memory whole) and detects truncated streams, which zlib and libzstd's
+streaming readers would otherwise end quietly.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
 from typing import BinaryIO
+
+import zstandard
 
 from store.errors import LayerError
 
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_NONE, _GZIP, _ZSTD = "none", "gzip", "zstd"
 
 _LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
+    "application/vnd.oci.image.layer.v1.tar": _NONE,
+    "application/vnd.oci.image.layer.v1.tar+gzip": _GZIP,
+    "application/vnd.oci.image.layer.v1.tar+zstd": _ZSTD,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": _NONE,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": _GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": _ZSTD,
+    "application/vnd.docker.image.rootfs.diff.tar": _NONE,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": _GZIP,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": _GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": _ZSTD,
 }
 
 OCI_LAYER_FOR = {
-    "none": "application/vnd.oci.image.layer.v1.tar",
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    _NONE: "application/vnd.oci.image.layer.v1.tar",
+    _GZIP: "application/vnd.oci.image.layer.v1.tar+gzip",
+    _ZSTD: "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 
-COMPRESSIONS = ("zstd", "gzip", "none")
+COMPRESSIONS = (_ZSTD, _GZIP, _NONE)
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+IN_CHUNK = 256 << 10  # compressed bytes read at a time
+OUT_CHUNK = 1 << 20  # uncompressed bytes handed on at a time
+
+
+class StreamError(Exception):
+    """The compressed stream itself is bad: corrupt, truncated, or over a limit."""
 
 
 def compression_of(media_type: str) -> str:
@@ -50,203 +65,273 @@ def is_layer_media_type(media_type: str) -> bool:
 
 
 def sniff_compression(head: bytes) -> str:
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "none"
+    if head.startswith(_GZIP_MAGIC):
+        return _GZIP
+    if head.startswith(_ZSTD_MAGIC) or (len(head) >= 4 and _is_skippable_magic(head[:4])):
+        return _ZSTD
+    return _NONE
 
 
-class _GzipReader(io.RawIOBase):
-    """gzip decompression over a stream, with concatenated members and truncation detected."""
+def compression_for(media_type: str, head: bytes) -> str:
+    """The compression of a blob declared as ``media_type`` whose first bytes are ``head``."""
+    declared = compression_of(media_type)
+    # The bytes decide: registries serve plain tars under the gzip type, and a tar
+    # cannot start with these magics (they would be the first bytes of a file name).
+    if head.startswith(_GZIP_MAGIC):
+        return _GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return _ZSTD
+    if declared == _ZSTD and len(head) >= 4 and _is_skippable_magic(head[:4]):
+        return _ZSTD
+    return _NONE
 
-    def __init__(self, raw: BinaryIO, chunk: int = 1 << 20):
-        self._raw = raw
-        self._chunk = chunk
-        self._d = zlib.decompressobj(wbits=47)
-        self._pending = b""
-        self._eof = False
+
+def _is_skippable_magic(b: bytes) -> bool:
+    return b[1:4] == b"\x2a\x4d\x18" and 0x50 <= b[0] <= 0x5F
+
+
+# --------------------------------------------------------------------------- decompression
+
+
+def read_some(blob: BinaryIO, n: int) -> bytes:
+    try:
+        data = blob.read(n)
+    except OSError as e:
+        raise StreamError(f"cannot read layer blob: {e}") from e
+    return data or b""
+
+
+def _plain_chunks(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
+    if head:
+        yield head
+    while True:
+        data = read_some(blob, OUT_CHUNK)
+        if not data:
+            return
+        yield data
+
+
+def _gzip_chunks(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
+    """Concatenated gzip members; output bounded per call, truncation detected."""
+    d = zlib.decompressobj(wbits=31)
+    in_member = True
+    pending = head
+    while True:
+        data = pending or read_some(blob, IN_CHUNK)
+        pending = b""
+        if not data:
+            break
+        while data:
+            if not in_member:
+                # After a member: another member, or zero padding, else garbage.
+                if data.startswith(_GZIP_MAGIC) or (len(data) == 1 and data == b"\x1f"):
+                    if len(data) == 1:
+                        more = read_some(blob, IN_CHUNK)
+                        data += more
+                        if not more:
+                            raise StreamError("gzip stream is truncated")
+                        continue
+                    d = zlib.decompressobj(wbits=31)
+                    in_member = True
+                elif data.count(0) == len(data):
+                    break
+                else:
+                    raise StreamError("trailing garbage after the gzip stream")
+            try:
+                out = d.decompress(data, OUT_CHUNK)
+                while True:
+                    if out:
+                        yield out
+                    if d.eof:  # the rest of the input is in unused_data (and may be in tail)
+                        break
+                    tail = d.unconsumed_tail
+                    if not tail and len(out) < OUT_CHUNK:
+                        break
+                    out = d.decompress(tail, OUT_CHUNK)
+            except zlib.error as e:
+                raise StreamError(f"corrupt gzip stream: {e}") from e
+            if d.eof:
+                in_member = False
+                data = d.unused_data
+            else:
+                data = b""
+    if in_member:
+        raise StreamError("gzip stream is truncated (ends inside a gzip member)")
+
+
+class _ZstdFrameWalker:
+    """Follows zstd frame and block headers in the compressed bytes.
+
+    libzstd's streaming reader returns plain EOF when its input stops in the
+    middle of a frame, so truncation is detected here: the stream is complete
+    only if it ends exactly on a frame boundary. It also checks each frame's
+    window size against the limit, for a clearer error than libzstd's.
+    """
+
+    _MAGIC, _SKIP_SIZE, _FHD, _FHD_REST, _BLOCK = range(5)
+
+    def __init__(self, max_window_log: int):
+        self._max_window = 1 << max_window_log
+        self._max_window_log = max_window_log
+        self._state = self._MAGIC
+        self._need = 4
+        self._pending = bytearray()
+        self._skip = 0
+        self._fhd = 0
+        self._checksum = False
+        self._frames = 0
+
+    def complete(self) -> bool:
+        return (
+            self._frames > 0 and self._state == self._MAGIC and not self._pending
+            and self._skip == 0
+        )
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                i += k
+                self._skip -= k
+                continue
+            take = min(self._need - len(self._pending), n - i)
+            self._pending += data[i : i + take]
+            i += take
+            if len(self._pending) == self._need:
+                hdr = bytes(self._pending)
+                self._pending.clear()
+                self._header(hdr)
+
+    def _header(self, h: bytes) -> None:
+        state = self._state
+        if state == self._BLOCK:
+            v = int.from_bytes(h, "little")
+            btype = (v >> 1) & 3
+            if btype == 3:
+                raise StreamError("corrupt zstd stream: reserved block type")
+            self._skip = 1 if btype == 1 else v >> 3
+            if v & 1:  # last block of the frame
+                if self._checksum:
+                    self._skip += 4
+                self._state, self._need = self._MAGIC, 4
+                self._frames += 1
+            else:
+                self._need = 3
+        elif state == self._MAGIC:
+            if h == _ZSTD_MAGIC:
+                self._state, self._need = self._FHD, 1
+            elif _is_skippable_magic(h):
+                self._state, self._need = self._SKIP_SIZE, 4
+            else:
+                raise StreamError("corrupt zstd stream: data after the last frame is not a frame")
+        elif state == self._SKIP_SIZE:
+            self._skip = int.from_bytes(h, "little")
+            self._state, self._need = self._MAGIC, 4
+            self._frames += 1
+        elif state == self._FHD:
+            fhd = h[0]
+            if fhd & 0x08:
+                raise StreamError("corrupt zstd stream: reserved frame header bit set")
+            single = (fhd >> 5) & 1
+            self._fhd = fhd
+            self._checksum = bool(fhd & 0x04)
+            rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+            rest += ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+            self._state, self._need = self._FHD_REST, rest  # >= 1: a window or size byte
+        else:  # _FHD_REST
+            fhd = self._fhd
+            single = (fhd >> 5) & 1
+            if not single:
+                wlog = 10 + (h[0] >> 3)
+                window = (1 << wlog) + ((1 << wlog) >> 3) * (h[0] & 7)
+            else:
+                fcs_len = ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+                window = int.from_bytes(h[len(h) - fcs_len :], "little")
+                if fcs_len == 2:
+                    window += 256
+            if window > self._max_window:
+                raise StreamError(
+                    f"zstd frame needs a {window.bit_length() - 1 + (window & (window - 1) > 0)}"
+                    f"-bit window ({window} bytes), over the limit of window log "
+                    f"{self._max_window_log}"
+                )
+            self._state, self._need = self._BLOCK, 3
+
+
+class _WalkingSource:
+    """File-like wrapper handing compressed bytes to libzstd and to the frame walker."""
+
+    def __init__(self, blob: BinaryIO, head: bytes, walker: _ZstdFrameWalker):
+        self._blob = blob
+        self._head = head
+        self._walker = walker
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            data, self._head = self._head, b""
+        else:
+            data = read_some(self._blob, n if n and n > 0 else IN_CHUNK)
+        if data:
+            self._walker.feed(data)
+        return data
+
+
+def _zstd_chunks(blob: BinaryIO, head: bytes, max_window_log: int) -> Iterator[bytes]:
+    walker = _ZstdFrameWalker(max_window_log)
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
+    source = _WalkingSource(blob, head, walker)
+    reader = dctx.stream_reader(source, read_size=IN_CHUNK, read_across_frames=True,
+                                closefd=False)
+    try:
+        while True:
+            out = reader.read(OUT_CHUNK)
+            if not out:
+                break
+            yield out
+    except zstandard.ZstdError as e:
+        raise StreamError(f"corrupt zstd stream: {e}") from e
+    if source.read(1):  # libzstd stopped before the end: never ignore what follows
+        raise StreamError("unexpected data after the zstd stream")
+    if not walker.complete():
+        raise StreamError("zstd stream is truncated (ends inside a frame)")
+
+
+def decompressed_chunks(blob: BinaryIO, compression: str, head: bytes = b"", *,
+                        max_window_log: int = 27) -> Iterator[bytes]:
+    """The uncompressed bytes of ``blob`` (after ``head``, already read from it) in chunks."""
+    if compression == _GZIP:
+        return _gzip_chunks(blob, head)
+    if compression == _ZSTD:
+        return _zstd_chunks(blob, head, max_window_log)
+    return _plain_chunks(blob, head)
+
+
+class _ChunkReader(io.RawIOBase):
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        while not self._pending and not self._eof:
-            data = self._d.unconsumed_tail or self._raw.read(self._chunk)
-            if not data:
-                if not self._d.eof:
-                    raise LayerError("gzip stream is truncated")
-                self._eof = True
-                break
-            if self._d.eof:  # a new gzip member follows the previous one
-                rest = self._d.unused_data + data
-                self._d = zlib.decompressobj(wbits=47)
-                data = rest
+        while not self._pending:
             try:
-                self._pending = self._d.decompress(data, max(len(buf), 1 << 16))
-            except zlib.error as e:
-                raise LayerError(f"corrupt gzip stream: {e}") from None
-            if self._d.eof and self._d.unused_data:
-                tail = self._d.unused_data
-                self._d = zlib.decompressobj(wbits=47)
-                if tail.strip(b"\0"):
-                    self._pending += self._d.decompress(tail, 0)
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+            except StreamError as e:
+                raise LayerError(str(e)) from None
         n = min(len(buf), len(self._pending))
         buf[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
 
 
-class _ZstdFrameTracker(io.RawIOBase):
-    """Passes compressed bytes through while following zstd's frame structure.
-
-    python-zstandard's streaming readers return a clean EOF when the input
-    stops mid-frame, and its one-shot objects cannot bound their output. So
-    the frames are followed here (headers and block sizes only, no
-    decompression): at EOF the stream must sit on a frame boundary, and a
-    frame whose window exceeds the limit is refused before it is decoded.
-    """
-
-    def __init__(self, raw: BinaryIO, max_window_log: int):
-        self._raw = raw
-        self._max_window = 1 << max_window_log
-        self._state = "magic"
-        self._need = 4  # bytes still wanted by the current element
-        self._head = b""  # partial header bytes
-        self._skip = 0  # payload bytes to pass without parsing
-        self._frame = {}
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = self._raw.read(len(buf))
-        if not data:
-            if self._state != "magic" or self._head or self._skip:
-                raise LayerError("zstd stream is truncated")
-            return 0
-        self._feed(memoryview(data))
-        n = len(data)
-        buf[:n] = data
-        return n
-
-    def _feed(self, view: memoryview) -> None:
-        i, n = 0, len(view)
-        while i < n:
-            if self._skip:
-                take = min(self._skip, n - i)
-                self._skip -= take
-                i += take
-                if not self._skip:
-                    self._after_skip()
-                continue
-            take = min(self._need - len(self._head), n - i)
-            self._head += bytes(view[i : i + take])
-            i += take
-            if len(self._head) == self._need:
-                head, self._head = self._head, b""
-                self._parse(head)
-
-    def _parse(self, head: bytes) -> None:
-        state = self._state
-        if state == "magic":
-            magic = int.from_bytes(head, "little")
-            if magic == 0xFD2FB528:
-                self._state, self._need = "fhd", 1
-            elif magic & 0xFFFFFFF0 == 0x184D2A50:
-                self._state, self._need = "skiplen", 4
-            else:
-                raise LayerError("corrupt zstd stream: bad frame magic")
-        elif state == "skiplen":
-            self._skip = int.from_bytes(head, "little")
-            self._frame = {"after": "magic"}
-            if not self._skip:
-                self._after_skip()
-        elif state == "fhd":
-            fhd = head[0]
-            single = bool(fhd & 0x20)
-            fcs = (0, 2, 4, 8)[fhd >> 6] or (1 if single else 0)
-            did = (0, 1, 2, 4)[fhd & 3]
-            self._frame = {"checksum": bool(fhd & 4), "single": single, "fcs": fcs}
-            self._state, self._need = "fhrest", (0 if single else 1) + did + fcs
-            if self._need == 0:
-                self._state, self._need = "block", 3
-        elif state == "fhrest":
-            f = self._frame
-            if f["single"]:
-                size = int.from_bytes(head[len(head) - f["fcs"] :], "little")
-                window = size + (256 if f["fcs"] == 2 else 0)
-            else:
-                wd = head[0]
-                exp, mant = wd >> 3, wd & 7
-                base = 1 << (10 + exp)
-                window = base + (base >> 3) * mant
-            if window > self._max_window:
-                raise LayerError(
-                    f"zstd frame needs a {window}-byte window, over the limit of "
-                    f"{self._max_window} bytes"
-                )
-            self._state, self._need = "block", 3
-        elif state == "block":
-            bh = int.from_bytes(head, "little")
-            last, btype, bsize = bh & 1, (bh >> 1) & 3, bh >> 3
-            if btype == 3:
-                raise LayerError("corrupt zstd stream: reserved block type")
-            self._frame["last"] = bool(last)
-            self._skip = 1 if btype == 1 else bsize
-            self._frame["after"] = "block"
-            if not self._skip:
-                self._after_skip()
-        elif state == "checksum":
-            self._state, self._need = "magic", 4
-
-    def _after_skip(self) -> None:
-        f = self._frame
-        if f.get("after") == "magic":
-            self._state, self._need = "magic", 4
-        elif f.get("last"):
-            if f["checksum"]:
-                self._state, self._need = "checksum", 4
-            else:
-                self._state, self._need = "magic", 4
-        else:
-            self._state, self._need = "block", 3
-
-
-class _ZstdReader(io.RawIOBase):
-    def __init__(self, raw: BinaryIO, max_window_log: int = 27):
-        import zstandard
-
-        self._zstd = zstandard
-        d = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
-        tracked = io.BufferedReader(_ZstdFrameTracker(raw, max_window_log), 1 << 20)
-        self._reader = d.stream_reader(tracked, read_size=1 << 20, read_across_frames=True)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        try:
-            return self._reader.readinto(buf)
-        except self._zstd.ZstdError as e:
-            raise LayerError(f"corrupt zstd stream: {e}") from None
-
-
-def decompressing_reader(
-    raw: BinaryIO, compression: str | None = None, *, max_zstd_window_log: int = 27
-) -> BinaryIO:
-    """A buffered reader giving the uncompressed bytes of ``raw``.
-
-    ``compression`` None means: sniff the magic bytes.
-    """
-    if compression is None or compression != "none":
-        peek = io.BufferedReader(raw, 1 << 20) if not hasattr(raw, "peek") else raw
-        head = peek.peek(4)[:4]
-        sniffed = sniff_compression(head)
-        raw = peek
-        compression = sniffed
-    if compression == "gzip":
-        return io.BufferedReader(_GzipReader(raw), 1 << 20)
-    if compression == "zstd":
-        return io.BufferedReader(_ZstdReader(raw, max_zstd_window_log), 1 << 20)
-    return raw
+def decompressing_reader(raw: BinaryIO, *, max_zstd_window_log: int = 27) -> BinaryIO:
+    """A buffered reader giving the uncompressed bytes of ``raw``; the magic bytes decide."""
+    head = raw.read(4) or b""
+    chunks = decompressed_chunks(raw, sniff_compression(head), head,
+                                 max_window_log=max_zstd_window_log)
+    return io.BufferedReader(_ChunkReader(chunks), OUT_CHUNK)

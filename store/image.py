@@ -96,7 +96,8 @@ class BlobLayer:
         return self.opener(self.desc.digest, self.desc.size)
 
     def open_uncompressed(self) -> BinaryIO:
-        return decompressing_reader(self.open_compressed(), compression_of(self.media_type))
+        compression_of(self.media_type)  # refuses a media type that is no layer
+        return decompressing_reader(self.open_compressed())
 
 
 class ManifestImage:
