@@ -284,9 +284,14 @@ class Container:
             if not data:
                 self._raise_start_error(err_read)
             self.pid = int(data)
-            if self.cgroup is not None:
-                self.cgroup.add_process(self.pid)
-            os.write(go_write, b"g")
+            try:
+                if self.cgroup is not None:
+                    self.cgroup.add_process(self.pid)
+                os.write(go_write, b"g")
+            except (OSError, KilnError):
+                # PID 1 may have failed its setup meanwhile: its own reason comes first
+                self._raise_start_error(err_read)
+                raise
             os.close(go_write)
             go_write = -1
             if tty_parent is not None:

@@ -213,8 +213,10 @@ def mount_defaults(spec: ContainerSpec, root: str) -> None:
         path = os.path.join(dev, name)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
         sc.mount(f"/dev/{name}", path, None, sc.MS_BIND)
+    if spec.privileged:
+        _copy_host_devices(dev)
     for name in ("pts", "shm", "mqueue"):
-        os.mkdir(os.path.join(dev, name), 0o755)
+        os.makedirs(os.path.join(dev, name), 0o755, exist_ok=True)
     sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
              "newinstance,ptmxmode=0666,mode=0620,gid=5")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
@@ -241,6 +243,36 @@ def mount_defaults(spec: ContainerSpec, root: str) -> None:
             sc.mount(host, _fd_path(fd), None, sc.MS_BIND)
         finally:
             os.close(fd)
+
+
+_HOST_DEV_SKIP = {"pts", "shm", "mqueue", "fd", "stdin", "stdout", "stderr", "core", "ptmx",
+                  "console"} | {name for name, _major, _minor in _DEVICES}
+
+
+def _copy_host_devices(dev: str, host: str = "/dev") -> None:
+    """--privileged as docker means it: every host device node, made anew in /dev."""
+    for dirpath, dirnames, filenames in os.walk(host):
+        rel = os.path.relpath(dirpath, host)
+        if rel != "." and rel.split("/")[0] in _HOST_DEV_SKIP:
+            dirnames[:] = []
+            continue
+        for name in filenames:
+            if rel == "." and name in _HOST_DEV_SKIP:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                continue
+            target_dir = os.path.join(dev, rel)
+            os.makedirs(target_dir, 0o755, exist_ok=True)
+            target = os.path.join(target_dir, name)
+            try:
+                os.mknod(target, st.st_mode, st.st_rdev)
+                os.chown(target, st.st_uid, st.st_gid)
+            except FileExistsError:
+                continue
 
 
 def mount_user_volumes(spec: ContainerSpec, root: str) -> None:

@@ -124,3 +124,25 @@ def test_refuses_images_whose_proc_is_a_symlink(krun, tmp_path, busybox_rootfs):
     krun.cli("import", str(root), "badproc")
     p = krun.cli("run", "--rm", "badproc", "true", check=False)
     assert p.returncode == 125 and "/proc is a symbolic link" in p.err
+
+
+@pytest.mark.parametrize("make_bad", ["dev", "dev/null"])
+def test_refuses_images_whose_dev_or_dev_null_is_a_symlink(krun, tmp_path, busybox_rootfs,
+                                                          make_bad):
+    import shutil
+
+    root = tmp_path / "rootfs"
+    shutil.copytree(busybox_rootfs, root, symlinks=True)
+    target = root / make_bad
+    if target.is_dir():
+        target.rmdir()
+    target.symlink_to("/etc")
+    name = "bad" + make_bad.replace("/", "")
+    krun.cli("import", str(root), name)
+    p = krun.cli("run", "--rm", name, "true", check=False)
+    assert p.returncode == 125 and f"/{make_bad} is a symbolic link" in p.err
+
+
+def test_sys_is_read_only(krun):
+    p = krun("sh", "-c", "echo 1 > /sys/kernel/profiling")
+    assert p.returncode != 0 and "Read-only file system" in p.err

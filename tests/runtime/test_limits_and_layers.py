@@ -77,6 +77,10 @@ def test_privileged_and_seccomp_profile_file(krun, tmp_path):
              opts=("--privileged",))
     mine = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff")][0]  # noqa: SIM115
     assert p.out.split() == mine.split() + ["ok"], p.out + p.err  # every capability kiln has
+    host_block = sorted(n for n in os.listdir("/dev") if n.startswith(("vd", "sd", "nvme", "loop")))
+    seen = krun("ls", "/dev", opts=("--privileged",)).out.split()
+    assert host_block and set(host_block) <= set(seen)  # the host's devices, as docker gives
+    assert not set(host_block) & set(krun("ls", "/dev").out.split())
     profile = tmp_path / "p.json"
     profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}))
