@@ -226,3 +226,62 @@ def test_interactive_shell_under_tmux(run_root, tmp_path):
             raise AssertionError("the container shell did not exit")
     finally:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def entry_root(tmp_path_factory, probe_rootfs):
+    """An image whose config has ENTRYPOINT ["echo", "E"] and CMD ["C"]."""
+    import io
+    import tarfile
+
+    from store.store import Store
+    from store.transfer import load
+    from tests.store.test_hostile_images import make_layout
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        t.add(str(probe_rootfs), arcname=".")
+    base = tmp_path_factory.mktemp("entry")
+    store = Store(base / "root")
+    load(store, make_layout(base / "layout", layers=[buf.getvalue()], config_patch={
+        "config": {"Entrypoint": ["echo", "E"], "Cmd": ["C"], "Env": ["PATH=/bin"],
+                   "WorkingDir": "/tmp", "User": "nobody"}}))
+    return store.root
+
+
+@pytest.mark.parametrize("args, want", [
+    ([], "E C"),
+    (["A1", "A2"], "E A1 A2"),
+    (["--entrypoint", "echo"], ""),
+    (["--entrypoint", "echo", "X"], "X"),
+    (["--entrypoint", "", "echo", "Y"], "Y"),
+])
+def test_entrypoint_and_cmd_follow_docker(entry_root, args, want):
+    from tests.conftest import KilnCLI
+
+    cli = KilnCLI(entry_root)
+    opts = [a for a in args[:2] if args and args[0] == "--entrypoint"]
+    rest = args[2:] if opts else args
+    p = cli("run", "--rm", *opts, "evil:1", *rest)
+    assert p.out == want + "\n"
+
+
+def test_image_workdir_and_user_are_defaults(entry_root):
+    from tests.conftest import KilnCLI
+
+    cli = KilnCLI(entry_root)
+    assert cli("run", "--rm", "--entrypoint", "pwd", "evil:1").out == "/tmp\n"
+    assert cli("run", "--rm", "--entrypoint", "id", "evil:1").out.startswith("uid=65534")
+    assert cli("run", "--rm", "-u", "0", "--entrypoint", "id", "evil:1").out.startswith("uid=0")
+
+
+def test_no_command_at_all_is_a_clear_error(krun):
+    p = krun.cli("run", "--rm", "probe", check=False)
+    assert p.returncode == 125 and "no command specified" in p.err
+
+
+def test_no_cgroup_is_left_behind(krun):
+    before = {p for p in os.popen("find /sys/fs/cgroup -maxdepth 6 -name 'kiln-*' -type d")}
+    krun("true", opts=("--memory", "64m", "--pids-limit", "50", "--cpus", "0.5"))
+    after = {p for p in os.popen("find /sys/fs/cgroup -maxdepth 6 -name 'kiln-*' -type d")}
+    assert after <= before
