@@ -8,6 +8,7 @@ destination lacks and verifies every digest as the bytes stream past.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from store.compression import OCI_LAYER_FOR, compression_of, decompressing_reader
+from store.digest import sha256_digest
 from store.documents import (
     CONFIG_MEDIA_TYPES,
     DOCKER_CONFIG,
@@ -162,19 +164,6 @@ class ManifestImage:
                                                                            strict=True)]
 
 
-def _copy_stream(src: BinaryIO, dst: BinaryIO, desc: Descriptor,
-                 progress: Progress | None) -> None:
-    done = 0
-    while True:
-        chunk = src.read(1 << 20)
-        if not chunk:
-            break
-        dst.write(chunk)
-        done += len(chunk)
-        if progress:
-            progress(desc, done)
-
-
 class _ProgressReader:
     def __init__(self, raw: BinaryIO, desc: Descriptor, progress: Progress | None):
         self._raw, self._desc, self._progress, self._done = raw, desc, progress, 0
@@ -247,16 +236,12 @@ def copy_image(src: Image, dst: ImageSink, *, tags: Sequence[str] = (),
     manifest = src.manifest()
     config_desc = Descriptor.from_json(manifest["config"], where="manifest config")
     if not dst.has_blob(config_desc.digest):
-        import io
-
         dst.put_blob(io.BytesIO(src.raw_config()), config_desc)
 
     raw = src.raw_manifest()
     media_type = src.media_type
     if changed:
         raw, media_type = _rewrite_manifest(manifest, config_desc, new_layers)
-    from store.digest import sha256_digest
-
     desc = Descriptor(media_type, sha256_digest(raw), len(raw))
     dst.put_manifest(src, raw, desc, tags)
     return desc
@@ -280,5 +265,3 @@ def _rewrite_manifest(manifest: dict, config_desc: Descriptor, layers: list[Desc
     return canonical_json(doc), OCI_MANIFEST
 
 
-__all__ = ["Image", "Layer", "ImageSink", "BlobLayer", "ManifestImage", "copy_image",
-           "recompress_layer", "DOCKER_MANIFEST"]
