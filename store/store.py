@@ -10,6 +10,7 @@ Every writer holds ``locks/store.lock`` shared for its whole operation;
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import platform
@@ -250,6 +251,27 @@ class Store:
             os.rename(diff_dir, work / "diff")
             os.rename(work, final.parent)
         return final
+
+    def commit_layer(self, diff_dir: str | os.PathLike, *, compression: str = "zstd",
+                     epoch: int | None = None) -> tuple[Descriptor, str]:
+        """A RUN/COPY step's upper dir becomes a layer: tarred once into a blob, then moved
+        (not copied) into ``layers/``. Returns (blob descriptor, diff_id)."""
+        from store.layer_writer import write_layer
+
+        fd, blob_path = tempfile.mkstemp(dir=self.tmp, prefix="commit-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                blob = write_layer(diff_dir, out, compression=compression,
+                                   source_date_epoch=epoch)
+                out.flush()
+                os.fsync(out.fileno())
+            self.layout.install_file(blob_path, blob.digest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(blob_path)
+            raise
+        self.adopt_layer_dir(diff_dir, blob.diff_id)
+        return Descriptor(blob.media_type, blob.digest, blob.size), blob.diff_id
 
     def layer_diff_ids_on_disk(self) -> list[str]:
         out = []
