@@ -1,0 +1,388 @@
+"""The build context: which files a build may see, and content digests for COPY/ADD cache keys.
+
+A ``Context`` walks the context directory once (``lstat`` only), leaving out what the ignore
+file excludes and never descending into an excluded directory unless a ``!`` pattern could
+re-include something below it. File contents are hashed only when asked for (``files()`` hashes
+everything, ``select()`` only what a COPY names), and a stat cache on disk remembers
+(path, size, mtime, ctime, inode, device) -> sha256 so that a rebuild reads no unchanged file.
+
+Symlinks are recorded as symlinks and never followed. Special files (fifos, sockets, devices)
+are left out of ``files()``; a COPY that names one, directly, by glob, or through a directory,
+fails with ContextError, as docker's does.
+
+Racy entries: a file changed twice within one timestamp tick keeps its stat, so an entry whose
+mtime or ctime is within ``RACY_WINDOW_NS`` of the moment the cache is written is never saved;
+such a file is hashed again next time (once it is older, its entry sticks).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.ignore import IgnoreError, IgnoreMatcher, clean_path, compile_glob, has_glob
+from store.errors import KilnError
+
+CACHE_FORMAT = "kiln-context-stat-cache"
+CACHE_VERSION = 1
+MAX_CACHE_BYTES = 256 << 20
+MAX_CACHE_ENTRIES = 2_000_000
+RACY_WINDOW_NS = 2_000_000_000
+_HASH_ATTEMPTS = 3
+_DIGEST_PREFIX = "sha256:"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+_SPECIAL_KINDS = {
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+class ContextError(KilnError):
+    """The build context cannot be read, or a COPY/ADD source is not in it."""
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    path: str  # relative to the context root, '/'-separated
+    kind: str  # "file" | "dir" | "symlink"
+    mode: int  # permission bits incl. setuid/setgid/sticky
+    size: int  # bytes for files, len(target) for symlinks, 0 for directories
+    link_target: str | None
+    digest: str | None  # "sha256:<hex>" of the content, files only
+
+
+@dataclass(slots=True)
+class _Node:
+    path: str
+    kind: str
+    mode: int
+    size: int
+    link_target: str | None = None
+    stat_key: tuple[int, int, int, int, int] | None = None  # size, mtime, ctime, ino, dev
+    digest: str | None = None
+    from_cache: bool = False
+    entry: ContextFile | None = None
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _fs(path: str) -> bytes:
+    """A name as the bytes on disk; sorting by these is Go's (and tar's) byte order."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+class Context:
+    def __init__(self, root: str | os.PathLike, *, ignore: IgnoreMatcher | None = None,
+                 cache_path: str | os.PathLike | None = None):
+        self.root = Path(root)
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            raise ContextError(f"build context {self.root}: {e.strerror}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise ContextError(f"build context {self.root} is not a directory")
+        self._root_str = os.fspath(self.root)
+        self._ignore = ignore if ignore else None
+        self._cache_path = Path(cache_path) if cache_path is not None else None
+        self._nodes: dict[str, _Node] | None = None
+        self._order: list[str] = []
+        self._order_keys: list[bytes] = []
+        self._specials: dict[str, str] = {}
+        self.stats = {"files_hashed": 0, "bytes_hashed": 0, "cache_hits": 0,
+                      "entries": 0, "dirs_pruned": 0}
+
+    # -- scanning ----------------------------------------------------------------------------
+
+    def _load_cache(self) -> dict[str, list]:
+        if self._cache_path is None:
+            return {}
+        try:
+            with open(self._cache_path, "rb") as f:
+                raw = f.read(MAX_CACHE_BYTES + 1)
+        except OSError:
+            return {}
+        if len(raw) > MAX_CACHE_BYTES:
+            return {}
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return {}
+        # A cache of another format, version or context is useless, never an error.
+        if (not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT
+                or doc.get("version") != CACHE_VERSION
+                or doc.get("root") != os.path.abspath(self._root_str)
+                or not isinstance(doc.get("entries"), dict)):
+            return {}
+        return doc["entries"]
+
+    def _scan(self) -> dict[str, _Node]:
+        if self._nodes is not None:
+            return self._nodes
+        cached = self._load_cache()
+        ignore = self._ignore
+        nodes: dict[str, _Node] = {}
+        maybe_parents: dict[str, _Node] = {}  # excluded dirs walked for '!' re-inclusions
+        stack = [("", self._root_str)]
+        while stack:
+            rel_dir, abs_dir = stack.pop()
+            try:
+                with os.scandir(abs_dir) as it:
+                    dir_entries = list(it)
+            except OSError as e:
+                raise ContextError(f"cannot read directory {rel_dir or '.'!r} of the build "
+                                   f"context: {e.strerror}") from e
+            for de in dir_entries:
+                rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                except OSError as e:
+                    raise ContextError(f"cannot stat {rel!r} in the build context: "
+                                       f"{e.strerror}") from e
+                excluded = ignore is not None and ignore.matches(rel)
+                fmt = stat.S_IFMT(st.st_mode)
+                mode = stat.S_IMODE(st.st_mode)
+                if fmt == stat.S_IFDIR:
+                    if excluded and not ignore.may_match_inside(rel):
+                        self.stats["dirs_pruned"] += 1
+                        continue
+                    node = _Node(rel, "dir", mode, 0)
+                    (maybe_parents if excluded else nodes)[rel] = node
+                    stack.append((rel, de.path))
+                    continue
+                if excluded:
+                    continue
+                if fmt == stat.S_IFREG:
+                    node = _Node(rel, "file", mode, st.st_size, stat_key=_stat_key(st))
+                    hit = cached.get(rel)
+                    if (isinstance(hit, list) and len(hit) == 6
+                            and tuple(hit[:5]) == node.stat_key and isinstance(hit[5], str)
+                            and _HEX64.fullmatch(hit[5])):
+                        node.digest = _DIGEST_PREFIX + hit[5]
+                        node.from_cache = True
+                    nodes[rel] = node
+                elif fmt == stat.S_IFLNK:
+                    try:
+                        target = os.readlink(de.path)
+                    except OSError as e:
+                        raise ContextError(f"cannot read symlink {rel!r} in the build context: "
+                                           f"{e.strerror}") from e
+                    nodes[rel] = _Node(rel, "symlink", mode, len(_fs(target)), link_target=target)
+                else:
+                    self._specials[rel] = _SPECIAL_KINDS.get(fmt, "special file")
+        if maybe_parents:
+            # An excluded directory is kept only as the parent of something re-included.
+            for rel in list(nodes) + list(self._specials):
+                parent = rel.rpartition("/")[0]
+                while parent and parent not in nodes and parent in maybe_parents:
+                    nodes[parent] = maybe_parents[parent]
+                    parent = parent.rpartition("/")[0]
+        self._order = sorted(nodes, key=_fs)
+        self._order_keys = [_fs(p) for p in self._order]
+        self._nodes = nodes
+        self.stats["entries"] = len(nodes)
+        return nodes
+
+    # -- hashing -----------------------------------------------------------------------------
+
+    def _hash(self, node: _Node) -> None:
+        abs_path = os.path.join(self._root_str, node.path)
+        for _ in range(_HASH_ATTEMPTS):
+            try:
+                fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                raise ContextError(f"cannot read {node.path!r} in the build context: "
+                                   f"{e.strerror}") from e
+            with open(fd, "rb") as f:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    raise ContextError(f"{node.path!r} in the build context is no longer a "
+                                       "regular file")
+                try:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                except OSError as e:
+                    raise ContextError(f"cannot read {node.path!r} in the build context: "
+                                       f"{e.strerror}") from e
+                after = os.fstat(fd)
+            self.stats["files_hashed"] += 1
+            self.stats["bytes_hashed"] += after.st_size
+            if _stat_key(before) == _stat_key(after):
+                # The content hashed is the one this stat describes (maybe newer than the scan).
+                node.stat_key = _stat_key(after)
+                node.size = after.st_size
+                node.mode = stat.S_IMODE(after.st_mode)
+                node.digest = _DIGEST_PREFIX + digest
+                return
+        raise ContextError(f"{node.path!r} in the build context kept changing while it was read")
+
+    def _entry(self, node: _Node) -> ContextFile:
+        if node.entry is None:
+            if node.kind == "file":
+                if node.digest is None:
+                    self._hash(node)
+                elif node.from_cache:
+                    self.stats["cache_hits"] += 1
+            node.entry = ContextFile(node.path, node.kind, node.mode, node.size,
+                                     node.link_target, node.digest)
+        return node.entry
+
+    # -- public API --------------------------------------------------------------------------
+
+    def files(self) -> list[ContextFile]:
+        """Every included entry (files, directories, symlinks), sorted by path; hashes files."""
+        nodes = self._scan()
+        return [self._entry(nodes[p]) for p in self._order]
+
+    def _subtree(self, directory: str) -> list[str]:
+        lo_key = _fs(directory + "/")
+        hi_key = _fs(directory + "0")  # '0' sorts right after '/'
+        lo = bisect.bisect_left(self._order_keys, lo_key)
+        hi = bisect.bisect_left(self._order_keys, hi_key)
+        return self._order[lo:hi]
+
+    def _specials_under(self, rel: str) -> list[str]:
+        return [p for p in self._specials if not rel or p == rel or p.startswith(rel + "/")]
+
+    def _refuse_specials(self, source: str, paths: list[str]) -> None:
+        if paths:
+            first = sorted(paths, key=_fs)[0]
+            raise ContextError(f"COPY source {source!r}: cannot copy {first!r}, a "
+                               f"{self._specials[first]}")
+
+    def select(self, sources: list[str]) -> list[ContextFile]:
+        """The entries a COPY/ADD source list names, sorted, without duplicates.
+
+        A directory brings its whole subtree (and itself); globs use filepath.Match rules; a
+        glob that matches nothing selects nothing (as BuildKit), a plain path that is missing or
+        excluded is an error; so is a path that leaves the context.
+        """
+        nodes = self._scan()
+        chosen: set[str] = set()
+        for source in sources:
+            rel = _clean_source(source)
+            if rel == "":
+                self._refuse_specials(source, list(self._specials))
+                chosen.update(self._order)
+                continue
+            if has_glob(rel):
+                try:
+                    matcher = compile_glob(rel)
+                except IgnoreError as e:
+                    raise ContextError(f"COPY source {source!r}: {e}") from None
+                hits = [p for p in self._order if matcher(p)]
+                self._refuse_specials(source, [p for p in self._specials if matcher(p)])
+            elif rel in nodes:
+                hits = [rel]
+            elif rel in self._specials:
+                self._refuse_specials(source, [rel])
+            else:
+                raise ContextError(self._missing_reason(source, rel))
+            for p in hits:
+                chosen.add(p)
+                if nodes[p].kind == "dir":
+                    self._refuse_specials(source, self._specials_under(p))
+                    chosen.update(self._subtree(p))
+        return [self._entry(nodes[p]) for p in sorted(chosen, key=_fs)]
+
+    def _missing_reason(self, source: str, rel: str) -> str:
+        if (self._ignore is not None and self._ignore.matches(rel)
+                and os.path.lexists(os.path.join(self._root_str, rel))):
+            return (f"COPY source {source!r} is excluded by the ignore file "
+                    "(.containerignore/.dockerignore)")
+        parent = rel.rpartition("/")[0]
+        while parent:
+            if os.path.islink(os.path.join(self._root_str, parent)):
+                return (f"COPY source {source!r}: {parent!r} is a symlink, and paths through "
+                        "symlinks in the build context are not followed")
+            parent = parent.rpartition("/")[0]
+        return f"COPY source {source!r}: no such file or directory in the build context"
+
+    def digest_of(self, entries: list[ContextFile], *,
+                  dest_names: list[str] | None = None) -> str:
+        """One sha256 over the names, kinds, modes, symlink targets and content digests of
+        ``entries``, in the order given. Never mtimes or owners. ``dest_names``, when given,
+        replaces the context paths (a COPY result depends on where files land, not on where
+        they came from)."""
+        if dest_names is not None and len(dest_names) != len(entries):
+            raise ValueError("dest_names must name every entry")
+        h = hashlib.sha256(b"kiln-context-digest\0v1\0")
+        for i, e in enumerate(entries):
+            name = dest_names[i] if dest_names is not None else e.path
+            if "\0" in name:
+                raise ValueError(f"a file name cannot contain NUL: {name!r}")
+            # Five NUL-terminated fields per entry; no field can contain NUL, so no ambiguity.
+            h.update(b"\0".join([_fs(name), e.kind.encode(), b"%o" % e.mode,
+                                 _fs(e.link_target or ""), (e.digest or "").encode(), b""]))
+        return _DIGEST_PREFIX + h.hexdigest()
+
+    def _trusted_entries(self, cutoff_ns: int) -> dict[str, list]:
+        entries: dict[str, list] = {}
+        for path in self._order:
+            node = self._nodes[path]
+            if node.kind != "file" or node.digest is None or node.stat_key is None:
+                continue
+            if max(node.stat_key[1], node.stat_key[2]) >= cutoff_ns:
+                continue  # racy: it could change again without its stat changing
+            entries[path] = [*node.stat_key, node.digest[len(_DIGEST_PREFIX):]]
+            if len(entries) >= MAX_CACHE_ENTRIES:
+                break
+        return entries
+
+    def save_cache(self) -> None:
+        """Write the stat cache atomically (temp file + rename). Racy entries are left out."""
+        if self._cache_path is None or self._nodes is None:
+            return
+        target = self._cache_path
+        directory = target.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with open(fd, "wb") as f:
+                # The file system's own clock (the new file's mtime) and ours; trust the earlier.
+                now = min(os.fstat(fd).st_mtime_ns, time.time_ns())
+                doc = {"format": CACHE_FORMAT, "version": CACHE_VERSION,
+                       "root": os.path.abspath(self._root_str), "written_ns": now,
+                       "entries": self._trusted_entries(now - RACY_WINDOW_NS)}
+                # ASCII JSON: undecodable names travel as \udcXX escapes and come back intact.
+                f.write(json.dumps(doc, separators=(",", ":")).encode("ascii"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _clean_source(source: str) -> str:
+    """A COPY/ADD source -> a path relative to the context root ('' for the root itself)."""
+    if not source.strip():
+        raise ContextError("COPY source is empty")
+    cleaned = clean_path(source.lstrip("/") or ".")
+    if cleaned == ".." or cleaned.startswith("../"):
+        raise ContextError(f"COPY source {source!r} is outside the build context")
+    return "" if cleaned == "." else cleaned
