@@ -42,10 +42,11 @@ def cli(ctx: click.Context, root: str | None) -> None:
 
 
 def _register() -> None:
-    from kiln import container_commands, image_commands
+    from kiln import build_commands, container_commands, image_commands
 
     image_commands.register(cli)
     container_commands.register(cli)
+    build_commands.register(cli)
 
 
 def fail(message: str) -> None:

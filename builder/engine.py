@@ -1,0 +1,294 @@
+"""Containerfile -> image: stages, instruction semantics, the step cache, the executor.
+
+Each filesystem step (RUN, COPY, ADD) runs against the merged view of the
+stage's layers with a fresh upper dir, which then becomes the step's layer
+(tarred once, moved into layers/). Metadata steps only change the config.
+A step's cache key chains its parent's key with the expanded instruction,
+the build args it can see and, for COPY/ADD, the content of its sources.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from builder import cache
+from store.documents import OCI_CONFIG, OCI_MANIFEST, Descriptor, canonical_json
+from store.errors import KilnError
+from store.store import Store, host_platform
+
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+PROXY_ARGS = frozenset({"HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY",
+                        "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"})
+METADATA = {"ENV", "ARG", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME",
+            "SHELL", "STOPSIGNAL", "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
+
+
+class BuildError(KilnError):
+    pass
+
+
+@dataclass
+class BuildOptions:
+    context: Path
+    containerfile: Path | None = None
+    tags: list[str] = field(default_factory=list)
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    network: str = "host"
+    compression: str = "zstd"
+    epoch: int | None = None
+    quiet: bool = False
+    iidfile: str | None = None
+
+
+@dataclass
+class Layer:
+    digest: str
+    diff_id: str
+    media_type: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"digest": self.digest, "diff_id": self.diff_id, "mediaType": self.media_type,
+                "size": self.size}
+
+
+@dataclass
+class StageState:
+    name: str | None
+    index: int
+    config: dict  # the whole OCI image config, "rootfs" and "history" included
+    layers: list[Layer]
+    key: str
+    args: dict[str, str]  # ARG values in scope
+    workdir_made: bool = False
+
+    @property
+    def run_config(self) -> dict:
+        return self.config.setdefault("config", {})
+
+
+def _now(epoch: int | None) -> str:
+    from store.importer import rfc3339
+
+    return rfc3339(epoch if epoch is not None else time.time())
+
+
+class Builder:
+    def __init__(self, store: Store, opts: BuildOptions, out: TextIO | None = None):
+        self.store = store
+        self.opts = opts
+        self.out = out or sys.stderr
+        self.used_args: set[str] = set()
+        self.step_no = 0
+        self.total_steps = 0
+        self.context = None
+        self.escape = "\\"
+
+    def context_for(self, inst):
+        """The build context, scanned once (with its stat cache) when a COPY first needs it."""
+        if self.context is None:
+            from builder.context import Context
+            from builder.ignore import IgnoreMatcher, read_ignore_file
+
+            patterns = read_ignore_file(self.opts.context, self._containerfile())
+            cache_path = self.store.cache_dir / "context" / (
+                __import__("hashlib").sha256(os.fsencode(os.path.abspath(self.opts.context)))
+                .hexdigest() + ".json")
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self.context = Context(self.opts.context, ignore=IgnoreMatcher(patterns),
+                                   cache_path=str(cache_path))
+        return self.context
+
+    # -- output ---------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.out, flush=True)
+
+    # -- entry point ------------------------------------------------------------------
+    def build(self) -> Descriptor:
+        from builder.parser import parse_file
+        from builder.stages import plan_stages
+
+        started = time.monotonic()
+        path = self._containerfile()
+        df = parse_file(path)
+        self.escape = df.escape
+        plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target)
+        self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
+        results: dict[int, StageState] = {}
+        for stage in plan.needed:
+            results[stage.index] = self._build_stage(stage, plan, results)
+        final = results[plan.target.index]
+        if self.context is not None:
+            self.context.save_cache()
+        desc = self._write_image(final)
+        unused = set(self.opts.build_args) - self.used_args - PROXY_ARGS
+        for name in sorted(unused):
+            self.say(f"[Warning] one or more build args were not consumed: {name}")
+        for tag in self.opts.tags:
+            self.store.tag(tag, desc)
+        image_id = self.store.image_for(desc).config_descriptor().digest
+        if self.opts.iidfile:
+            Path(self.opts.iidfile).write_text(image_id)
+        tags = ", ".join(self.opts.tags) or "no tag"
+        self.say(f"--> {image_id[7:19]} ({tags}) in {time.monotonic() - started:.2f}s")
+        return desc
+
+    def _containerfile(self) -> Path:
+        if self.opts.containerfile:
+            return Path(self.opts.containerfile)
+        for name in ("Containerfile", "Dockerfile"):
+            p = Path(self.opts.context) / name
+            if p.is_file():
+                return p
+        raise BuildError(f"no Containerfile or Dockerfile in {self.opts.context}")
+
+    # -- stages ---------------------------------------------------------------------
+    def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
+        base = stage.base
+        if base == "scratch":
+            config = {**host_platform(), "config": {}, "rootfs": {"type": "layers",
+                                                                  "diff_ids": []},
+                      "history": []}
+            return StageState(stage.name, stage.index, config, [], cache.step_key("", "scratch"),
+                              dict(stage.args))
+        if stage.base_stage is not None:
+            parent = results[stage.base_stage]
+            return StageState(stage.name, stage.index, copy.deepcopy(parent.config),
+                              list(parent.layers), parent.key, dict(stage.args))
+        image = self.store.image(base)
+        layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
+        self.store.unpack_image(image)
+        config = copy.deepcopy(image.config())
+        config.setdefault("config", {})
+        config.setdefault("history", [])
+        return StageState(stage.name, stage.index, config, layers,
+                          cache.step_key("", "FROM " + image.digest), dict(stage.args))
+
+    def _build_stage(self, stage, plan, results) -> StageState:
+        self.step_no += 1
+        self.say(f"[{stage.label}] STEP {self.step_no}/{self.total_steps}: {stage.from_line}")
+        state = self._base_state(stage, results)
+        onbuild = state.run_config.pop("OnBuild", None) or []
+        if onbuild:
+            from builder.parser import parse
+
+            triggers = parse("\n".join(onbuild), path=f"{stage.base} (ONBUILD)").instructions
+            for inst in triggers:
+                self._step(state, inst, plan, results, trigger=True)
+        for inst in stage.instructions:
+            self.step_no += 1
+            self._step(state, inst, plan, results)
+        return state
+
+    # -- one step -----------------------------------------------------------------------
+    def _step(self, state: StageState, inst, plan, results, *, trigger: bool = False) -> None:
+        from builder import instructions
+
+        label = f"[{state.name or state.index}] STEP {self.step_no}/{self.total_steps}: "
+        self.say(label + inst.original.strip().replace("\n", " ")[:200])
+        t0 = time.monotonic()
+        handler = instructions.HANDLERS.get(inst.cmd)
+        if handler is None:
+            raise BuildError(f"{inst.path}:{inst.line}: {inst.cmd} is not supported by kiln yet")
+        handler(self, state, inst, plan, results)
+        self.say(f"    ({time.monotonic() - t0:.2f}s)") if inst.cmd not in METADATA else None
+
+    def history(self, state: StageState, created_by: str, *, empty: bool) -> None:
+        entry = {"created": _now(self.opts.epoch), "created_by": created_by}
+        if empty:
+            entry["empty_layer"] = True
+        state.config.setdefault("history", []).append(entry)
+
+    # -- filesystem steps -------------------------------------------------------------
+    def cached(self, state: StageState, key: str) -> bool:
+        if self.opts.no_cache:
+            return False
+        rec = cache.load(self.store, key)
+        if rec is None:
+            return False
+        state.config = rec["config"]
+        if rec["layer"] is not None:
+            la = rec["layer"]
+            state.layers.append(Layer(la["digest"], la["diff_id"], la["mediaType"], la["size"]))
+        state.key = key
+        self.say("--> CACHED")
+        return True
+
+    def commit(self, state: StageState, key: str, upper: str, created_by: str) -> None:
+        desc, diff_id = self.store.commit_layer(upper, compression=self.opts.compression,
+                                                epoch=self.opts.epoch)
+        layer = Layer(desc.digest, diff_id, desc.media_type, desc.size)
+        state.layers.append(layer)
+        state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        state.config["rootfs"]["diff_ids"] = [la.diff_id for la in state.layers]
+        self.history(state, created_by, empty=False)
+        state.key = key
+        cache.save(self.store, key, config=state.config, layer=layer.to_json())
+
+    def metadata_done(self, state: StageState, key: str, created_by: str) -> None:
+        """A config-only step: the same key gives the cached config (history times and all),
+        so a rebuild from an unchanged Containerfile is the same image, byte for byte."""
+        rec = None if self.opts.no_cache else cache.load(self.store, key)
+        if rec is not None:
+            state.config = rec["config"]
+            state.key = key
+            return
+        self.history(state, created_by, empty=True)
+        state.key = key
+        cache.save(self.store, key, config=state.config, layer=None)
+
+    def layer_dirs(self, state: StageState) -> list[str]:
+        dirs = []
+        for la in state.layers:
+            if not self.store.has_layer_dir(la.diff_id):
+                raise BuildError(f"layer {la.diff_id} is missing from the store")
+            dirs.append(str(self.store.layer_dir(la.diff_id)))
+        return dirs
+
+    def new_upper(self) -> tuple[str, str]:
+        work = self.store.mkdtemp("step-")
+        upper = os.path.join(work, "upper")
+        os.mkdir(upper, 0o755)
+        return work, upper
+
+    # -- the image ------------------------------------------------------------------------
+    def _write_image(self, state: StageState) -> Descriptor:
+        if not state.layers:
+            # an OCI manifest needs a layer (the image-spec schema says minItems 1): an empty one
+            work, upper = self.new_upper()
+            try:
+                desc, diff_id = self.store.commit_layer(upper, compression=self.opts.compression,
+                                                        epoch=self.opts.epoch or 0)
+            finally:
+                from store.fsutil import remove_tree
+
+                remove_tree(work)
+            state.layers.append(Layer(desc.digest, diff_id, desc.media_type, desc.size))
+        config = copy.deepcopy(state.config)
+        config["rootfs"] = {"type": "layers", "diff_ids": [la.diff_id for la in state.layers]}
+        # the last step's time: a rebuild served wholly from the cache is the same image
+        history = config.get("history") or []
+        config["created"] = history[-1]["created"] if history and self.opts.epoch is None \
+            else _now(self.opts.epoch)
+        config.pop("container_config", None)
+        config.pop("container", None)
+        config_desc = self.store.put_bytes(canonical_json(config), OCI_CONFIG)
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": config_desc.to_json(),
+                    "layers": [Descriptor(la.media_type, la.digest, la.size).to_json()
+                               for la in state.layers]}
+        return self.store.put_bytes(canonical_json(manifest), OCI_MANIFEST)
+
+
+def build(store: Store, opts: BuildOptions, out: TextIO | None = None) -> Descriptor:
+    with store.writing():
+        return Builder(store, opts, out).build()

@@ -1,0 +1,166 @@
+"""Stages of a Containerfile: names, bases, ARG scopes, dependencies, --target pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from builder.engine import BuildError
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str | None
+    base: str  # expanded FROM image, "scratch", or the name of an earlier stage
+    base_stage: int | None  # index of the stage FROM refers to, if any
+    from_inst: object
+    instructions: list = field(default_factory=list)
+    args: dict[str, str] = field(default_factory=dict)  # global ARGs this stage can re-declare
+    deps: set[int] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.index)
+
+    @property
+    def from_line(self) -> str:
+        return self.from_inst.original.strip()
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    target: Stage
+    needed: list[Stage]  # in build order
+    global_args: dict[str, str]
+
+    def lookup(self, ref: str) -> Stage | None:
+        for s in self.stages:
+            if s.name is not None and s.name == ref.lower():
+                return s
+        if ref.isdigit() and int(ref) < len(self.stages):
+            return self.stages[int(ref)]
+        return None
+
+
+def _where(inst) -> str:
+    return f"{inst.path}:{inst.line}"
+
+
+def _arg_pairs(inst) -> list[tuple[str, str | None]]:
+    out = []
+    for word in inst.args:
+        name, eq, value = word.partition("=")
+        out.append((name, value if eq else None))
+    return out
+
+
+def plan_stages(df, *, build_args: dict[str, str], target: str | None) -> Plan:
+    from builder.parser import parse_flags
+    from builder.shell import ExpansionError, expand_word
+
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    current: Stage | None = None
+    for inst in df.instructions:
+        if inst.cmd == "FROM":
+            words = list(inst.args)
+            parse_flags(inst, {"platform": str})
+            if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
+                raise BuildError(f"{_where(inst)}: FROM takes IMAGE [AS NAME]")
+            try:
+                base = expand_word(words[0], global_args, escape=df.escape)
+            except ExpansionError as e:
+                raise BuildError(f"{_where(inst)}: {e}") from None
+            if not base:
+                raise BuildError(f"{_where(inst)}: FROM names no image (an ARG expanded to "
+                                 "nothing?)")
+            name = words[2].lower() if len(words) == 3 else None
+            if name is not None and any(s.name == name for s in stages):
+                raise BuildError(f"{_where(inst)}: duplicate stage name {name!r}")
+            base_stage = None
+            for s in stages:
+                if s.name is not None and s.name == base.lower():
+                    base_stage = s.index
+            current = Stage(len(stages), name, base if base_stage is None else base.lower(),
+                            base_stage, inst, args=dict(global_args))
+            if base_stage is not None:
+                current.deps.add(base_stage)
+            stages.append(current)
+            continue
+        if current is None:
+            if inst.cmd != "ARG":
+                raise BuildError(f"{_where(inst)}: {inst.cmd} before the first FROM "
+                                 "(only ARG may come first)")
+            for name, default in _arg_pairs(inst):
+                if name in build_args:
+                    global_args[name] = build_args[name]
+                elif default is not None:
+                    global_args[name] = expand_word(default, global_args, escape=df.escape)
+            continue
+        current.instructions.append(inst)
+        for ref in _stage_refs(inst):
+            dep = _find(stages[:-1], ref)
+            if dep is None and ref.isdigit():
+                raise BuildError(f"{_where(inst)}: --from={ref}: there is no stage {ref} "
+                                 "before this one")
+            if dep is None and _find(stages, ref) is current:
+                raise BuildError(f"{_where(inst)}: --from={ref} refers to its own stage "
+                                 "(circular dependency)")
+            if dep is None and _later_stage_named(df, ref, current):
+                raise BuildError(f"{_where(inst)}: --from={ref} refers to a later stage "
+                                 "(circular dependency)")
+            if dep is not None:
+                current.deps.add(dep.index)
+    if not stages:
+        raise BuildError(f"{df.path}: no FROM instruction")
+    # stages' ARG defaults: the global values (re-declared with ARG inside a stage)
+    chosen = stages[-1]
+    if target is not None:
+        chosen = _find(stages, target)
+        if chosen is None:
+            names = ", ".join(s.name for s in stages if s.name) or "none named"
+            raise BuildError(f"target stage {target!r} not found (stages: {names})")
+    needed_ix: set[int] = set()
+    todo = [chosen.index]
+    while todo:
+        i = todo.pop()
+        if i in needed_ix:
+            continue
+        needed_ix.add(i)
+        todo.extend(stages[i].deps)
+    needed = [s for s in stages if s.index in needed_ix]
+    return Plan(stages, chosen, needed, global_args)
+
+
+def _find(stages: list[Stage], ref: str) -> Stage | None:
+    for s in stages:
+        if s.name is not None and s.name == ref.lower():
+            return s
+    if ref.isdigit() and int(ref) < len(stages):
+        return stages[int(ref)]
+    return None
+
+
+def _later_stage_named(df, ref: str, current: Stage) -> bool:
+    seen = False
+    for inst in df.instructions:
+        if inst is current.from_inst:
+            seen = True
+            continue
+        if seen and inst.cmd == "FROM" and len(inst.args) == 3 and \
+                inst.args[2].lower() == ref.lower():
+            return True
+    return False
+
+
+def _stage_refs(inst) -> list[str]:
+    refs = []
+    for flag in inst.flags:
+        if flag.startswith("--from="):
+            refs.append(flag[len("--from="):])
+        elif flag.startswith("--mount="):
+            for part in flag[len("--mount="):].split(","):
+                if part.startswith("from="):
+                    refs.append(part[5:])
+    return refs

@@ -1,0 +1,198 @@
+"""kiln build end to end: real Containerfiles, real sandboxes, the busybox base from kiln import."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KilnCLI
+
+
+@pytest.fixture(scope="module")
+def broot(tmp_path_factory, busybox_rootfs) -> Path:
+    root = tmp_path_factory.mktemp("buildstore") / "root"
+    KilnCLI(root)("import", str(busybox_rootfs), "busybox")
+    return root
+
+
+@pytest.fixture
+def kb(broot):
+    return KilnCLI(broot)
+
+
+def _ctx(tmp_path, containerfile: str, files: dict[str, str] | None = None) -> Path:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Containerfile").write_text(containerfile)
+    for name, content in (files or {}).items():
+        p = ctx / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(content)
+    return ctx
+
+
+def _inspect(kb, name):
+    return json.loads(kb("inspect", name).out)[0]
+
+
+MULTI = """\
+ARG BASE=busybox
+FROM ${BASE} AS build
+ENV GREETING="hi there" OTHER=x
+WORKDIR /app
+COPY src/ ./src/
+RUN echo "$GREETING" > out.txt && cat src/*.txt >> out.txt
+FROM busybox AS unused
+RUN exit 1
+FROM busybox
+LABEL org.example.name="demo" version=1
+COPY --from=build /app/out.txt /out.txt
+EXPOSE 8080 53/udp
+VOLUME /data
+STOPSIGNAL SIGTERM
+USER nobody
+WORKDIR /srv
+WORKDIR sub
+ENTRYPOINT ["cat"]
+CMD ["/out.txt"]
+"""
+
+
+def test_multi_stage_build_and_run(kb, tmp_path):
+    ctx = _ctx(tmp_path, MULTI, {"src/a.txt": "hello\n", "src/b.txt": "world\n"})
+    p = kb("build", "-t", "demo:1", str(ctx))
+    assert "STEP 1/" in p.err and "RUN exit 1" not in p.err  # the unused stage is skipped
+    assert kb("run", "--rm", "demo:1").out == "hi there\nhello\nworld\n"
+    cfg = _inspect(kb, "demo:1")["Config"]
+    assert cfg["Labels"] == {"org.example.name": "demo", "version": "1"}
+    assert cfg["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert cfg["Volumes"] == {"/data": {}}
+    assert cfg["StopSignal"] == "SIGTERM" and cfg["User"] == "nobody"
+    assert cfg["WorkingDir"] == "/srv/sub"
+    assert cfg["Entrypoint"] == ["cat"] and cfg["Cmd"] == ["/out.txt"]
+
+
+def test_noop_rebuild_is_cached_and_identical(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nCOPY . /ctx/\nRUN touch /ran\nCMD [\"ls\", \"/ctx\"]\n",
+               {f"f{i}.txt": str(i) for i in range(50)})
+    first = kb("build", "-q", "-t", "c:1", str(ctx)).out.strip()
+    p = kb("build", "-t", "c:1", str(ctx))
+    assert p.err.count("--> CACHED") >= 2, p.err
+    second = kb("build", "-q", "-t", "c:1", str(ctx)).out.strip()
+    assert first == second
+    os.utime(ctx / "f1.txt", (time.time() + 100, time.time() + 100))  # mtime only
+    assert kb("build", "-q", "-t", "c:1", str(ctx)).out.strip() == first
+    (ctx / "f1.txt").write_text("changed")
+    third = kb("build", "-q", "-t", "c:1", str(ctx)).out.strip()
+    assert third != first
+
+
+def test_noop_rebuild_hashes_no_file(broot, tmp_path):
+    from builder.engine import Builder, BuildOptions
+    from store.store import Store
+
+    ctx = _ctx(tmp_path, "FROM busybox\nCOPY . /ctx/\n", {f"d/f{i}": "x" * i for i in range(40)})
+    from builder.context import RACY_WINDOW_NS
+
+    time.sleep(RACY_WINDOW_NS / 1e9 + 0.1)  # files changed within the window are re-hashed
+    store = Store(broot)
+    Builder(store, BuildOptions(context=ctx, quiet=True)).build()
+    b = Builder(store, BuildOptions(context=ctx, quiet=True))
+    b.build()
+    assert b.context.stats["files_hashed"] == 0
+
+
+def test_source_date_epoch_makes_builds_reproducible(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nCOPY a /a\nRUN echo x > /b\n", {"a": "a"})
+    one = kb("build", "-q", "--no-cache", "--timestamp", "1700000000", str(ctx)).out.strip()
+    two = kb("build", "-q", "--no-cache", str(ctx), env={"SOURCE_DATE_EPOCH": "1700000000"}
+             ).out.strip()
+    assert one == two
+
+
+def test_failing_run_names_step_command_and_code(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN echo ok\nRUN sh -c 'exit 7'\n")
+    p = kb("build", str(ctx), check=False)
+    assert p.returncode == 125
+    assert "Containerfile:3" in p.err and "exited with code 7" in p.err
+    assert "STEP 3/3" in p.err
+
+
+def test_parse_errors_name_file_and_line(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nFROBNICATE x\n")
+    p = kb("build", str(ctx), check=False)
+    assert p.returncode == 125 and "Containerfile:2" in p.err
+
+
+def test_target_and_build_args(kb, tmp_path):
+    cf = ("ARG V=default\nFROM busybox AS one\nARG V\nRUN echo $V > /v\n"
+          "FROM busybox AS two\nRUN exit 1\n")
+    ctx = _ctx(tmp_path, cf)
+    p = kb("build", "--target", "one", "--build-arg", "V=given", "--build-arg", "UNUSED=1",
+           "-t", "t:1", str(ctx))
+    assert "UNUSED" in p.err  # the unused build arg is warned about
+    assert kb("run", "--rm", "t:1", "cat", "/v").out == "given\n"
+    p = kb("build", "--target", "nosuch", str(ctx), check=False)
+    assert p.returncode == 125 and "nosuch" in p.err
+
+
+def test_copy_chown_chmod_and_destination_symlinks_stay_inside(kb, tmp_path):
+    cf = ("FROM busybox\nRUN ln -s /etc /link && mkdir -p /home/app && "
+          "echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && "
+          "echo 'app:x:1000:' >> /etc/group\n"
+          "COPY --chown=app:app --chmod=0640 f /home/app/f\nCOPY f /link/kiln-copied\n")
+    ctx = _ctx(tmp_path, cf, {"f": "data"})
+    kb("build", "-t", "cc:1", str(ctx))
+    out = kb("run", "--rm", "cc:1", "sh", "-c",
+             "stat -c '%u %g %a' /home/app/f; cat /etc/kiln-copied").out
+    assert out == "1000 1000 640\ndata"
+    assert not os.path.exists("/etc/kiln-copied")
+
+
+def test_entrypoint_clears_inherited_cmd_and_onbuild_triggers(kb, tmp_path):
+    base = _ctx(tmp_path, "FROM busybox\nCMD [\"echo\", \"base\"]\nONBUILD RUN echo trig > /t\n")
+    kb("build", "-t", "ob:1", str(base))
+    assert _inspect(kb, "ob:1")["Config"]["OnBuild"] == ["RUN echo trig > /t"]
+    child = tmp_path / "child"
+    child.mkdir()
+    (child / "Containerfile").write_text("FROM ob:1\nENTRYPOINT [\"cat\", \"/t\"]\n")
+    kb("build", "-t", "ob:2", str(child))
+    cfg = _inspect(kb, "ob:2")["Config"]
+    assert "Cmd" not in cfg and "OnBuild" not in cfg
+    assert kb("run", "--rm", "ob:2").out == "trig\n"
+
+
+def test_scratch_image_with_only_metadata_is_valid(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM scratch\nLABEL a=b\n")
+    kb("build", "-t", "meta:1", str(ctx))
+    info = _inspect(kb, "meta:1")
+    assert info["Config"]["Labels"] == {"a": "b"} and len(info["Layers"]) == 1
+
+
+def test_dockerignore_excludes_from_copy(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nCOPY . /c/\n",
+               {"keep.txt": "k", "secret.key": "s", ".dockerignore": "*.key\n"})
+    kb("build", "-t", "ig:1", str(ctx))
+    out = kb("run", "--rm", "ig:1", "ls", "/c").out.split()
+    assert "keep.txt" in out and "secret.key" not in out
+
+
+def test_healthcheck_and_shell(kb, tmp_path):
+    ctx = _ctx(tmp_path, 'FROM busybox\nSHELL ["/bin/sh", "-ec"]\n'
+               "HEALTHCHECK --interval=5s --retries=2 CMD true\nRUN echo $0 > /shell\n")
+    kb("build", "-t", "hc:1", str(ctx))
+    cfg = _inspect(kb, "hc:1")["Config"]
+    assert cfg["Healthcheck"] == {"Test": ["CMD-SHELL", "true"], "Interval": 5_000_000_000,
+                                  "Retries": 2}
+    assert cfg["Shell"] == ["/bin/sh", "-ec"]
+
+
+
+def test_run_heredoc_script(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN <<EOF\necho one > /h\necho two >> /h\nEOF\n")
+    kb("build", "-t", "hd:1", str(ctx))
+    assert kb("run", "--rm", "hd:1", "cat", "/h").out == "one\ntwo\n"
