@@ -46,6 +46,9 @@ class BuildOptions:
     epoch: int | None = None
     quiet: bool = False
     iidfile: str | None = None
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> {src|env: ...}
+    outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
+    squash: bool = False
 
 
 @dataclass
@@ -129,12 +132,15 @@ class Builder:
         final = results[plan.target.index]
         if self.context is not None:
             self.context.save_cache()
+        if self.opts.squash:
+            self._squash(final)
         desc = self._write_image(final)
         unused = set(self.opts.build_args) - self.used_args - PROXY_ARGS
         for name in sorted(unused):
             self.say(f"[Warning] one or more build args were not consumed: {name}")
         for tag in self.opts.tags:
             self.store.tag(tag, desc)
+        self._outputs(desc)
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
             Path(self.opts.iidfile).write_text(image_id)
@@ -261,6 +267,50 @@ class Builder:
         return work, upper
 
     # -- the image ------------------------------------------------------------------------
+    def _squash(self, state: StageState) -> None:
+        """--squash: the whole merged filesystem as one layer (as buildah --squash)."""
+        from runtime.workspace import View, with_views
+        from store.image import BlobLayer
+        from store.layer_writer import write_layer
+
+        self.say("--> squashing the image's layers into one")
+        work = self.store.mkdtemp("squash-")
+        blob_path = os.path.join(work, "layer.blob")
+        compression, epoch = self.opts.compression, self.opts.epoch
+
+        def write(root: str):
+            with open(blob_path, "wb") as out:
+                blob = write_layer(root, out, compression=compression, source_date_epoch=epoch)
+                out.flush()
+                os.fsync(out.fileno())
+            return blob
+
+        try:
+            blob = with_views([View(self.layer_dirs(state), readonly=True)], write, work)
+            self.store.layout.install_file(blob_path, blob.digest)
+        finally:
+            from store.fsutil import remove_tree
+
+            remove_tree(work)
+        desc = Descriptor(blob.media_type, blob.digest, blob.size)
+        self.store.ensure_layer_dir(BlobLayer(desc, blob.diff_id, self.store.open_blob))
+        for entry in state.config.get("history", []):
+            entry["empty_layer"] = True
+        self.history(state, "kiln build --squash", empty=False)
+        state.layers = [Layer(desc.digest, blob.diff_id, desc.media_type, desc.size)]
+
+    def _outputs(self, desc: Descriptor) -> None:
+        from store.transfer import save_images
+
+        for out in self.opts.outputs:
+            dest = out["dest"]
+            fmt = out["type"]
+            if fmt == "oci" and dest.endswith(".tar"):
+                fmt = "oci-archive"
+            save_images(self.store, [(self.store.image_for(desc), list(self.opts.tags[:1]))],
+                        dest, fmt=fmt)
+            self.say(f"--> wrote {fmt} {dest}")
+
     def _write_image(self, state: StageState) -> Descriptor:
         if not state.layers:
             # an OCI manifest needs a layer (the image-spec schema says minItems 1): an empty one

@@ -22,10 +22,15 @@ import click
 @click.option("--timestamp", default=None, type=int,
               help="Created times and file mtimes (default: $SOURCE_DATE_EPOCH).")
 @click.option("--iidfile", default=None, type=click.Path(), help="Write the image ID here.")
+@click.option("--secret", "secrets", multiple=True,
+              help="id=ID,src=FILE or id=ID,env=VAR: for RUN --mount=type=secret; never stored.")
+@click.option("--output", "-o", "outputs", multiple=True,
+              help="type=oci,dest=DIR|FILE.tar or type=docker-archive,dest=FILE")
+@click.option("--squash", is_flag=True, help="One layer for the whole image.")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, network,
-              compression, timestamp, iidfile, quiet):
+              compression, timestamp, iidfile, secrets, outputs, squash, quiet):
     """Build an image from a Containerfile and a context directory."""
     from builder.engine import BuildOptions, build
     from store.importer import source_date_epoch
@@ -42,14 +47,37 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         parse_reference(t)  # a bad name fails before any step runs
     if not os.path.isdir(context):
         raise click.UsageError(f"build context {context} is not a directory")
-    opts = BuildOptions(context=os.path.abspath(context), containerfile=containerfile,
-                        tags=list(tags), build_args=args, target=target, no_cache=no_cache,
-                        network=network, compression=compression,
-                        epoch=timestamp if timestamp is not None else source_date_epoch(),
-                        quiet=quiet, iidfile=iidfile)
+    opts = BuildOptions(
+        context=os.path.abspath(context), containerfile=containerfile, tags=list(tags),
+        build_args=args, target=target, no_cache=no_cache, network=network,
+        compression=compression,
+        epoch=timestamp if timestamp is not None else source_date_epoch(),
+        quiet=quiet, iidfile=iidfile,
+        secrets=dict(_key_values(s, "--secret", ("id",)) for s in secrets),
+        outputs=[_key_values(o, "--output", ("type", "dest"))[1] for o in outputs],
+        squash=squash)
     desc = build(ctx.obj.store, opts)
     if quiet:
         click.echo(ctx.obj.store.image_for(desc).config_descriptor().digest)
+
+
+def _key_values(text: str, flag: str, required: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    values: dict[str, str] = {}
+    for part in text.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise click.UsageError(f"{flag} {text!r}: want key=value pairs separated by commas")
+        values[k.strip()] = v
+    for k in required:
+        if k not in values:
+            raise click.UsageError(f"{flag} {text!r}: {k}= is missing")
+    if flag == "--secret":
+        if ("src" in values) == ("env" in values):
+            raise click.UsageError(f"--secret {text!r}: give exactly one of src= or env=")
+        return values["id"], {k: values[k] for k in ("src", "env") if k in values}
+    if values["type"] not in ("oci", "docker-archive"):
+        raise click.UsageError(f"--output {text!r}: type must be oci or docker-archive")
+    return values["type"], values
 
 
 def register(group: click.Group) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from store.docker_archive import DockerArchive, DockerArchiveSink
 from store.errors import KilnError, ReferenceError_, StoreError
 from store.fsutil import current_umask, remove_tree
-from store.image import Progress, copy_image
+from store.image import Image, Progress, copy_image
 from store.layout import REF_NAME
 from store.oci_dir import LayoutSink, LayoutSource, unpack_oci_archive, write_oci_archive
 from store.reference import parse_reference
@@ -40,6 +40,17 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
         except ReferenceError_:
             tags = tags[:1]  # named by ID: keep one of its tags, if it has any
         images.append((store.image_for(desc), tags))
+    save_images(store, images, output, fmt=fmt, compression=compression, progress=progress)
+
+
+def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
+                output: str | os.PathLike, *, fmt: str = "oci", compression: str | None = None,
+                progress: Progress | None = None) -> None:
+    """``save`` for images already in hand (the builder's result, tagged or not)."""
+    output = Path(output)
+    if fmt == "docker-archive" and compression not in (None, "none"):
+        raise KilnError("docker-archive layers are always uncompressed (as docker save "
+                        "writes them); drop --compression-format")
     parent = output.parent
     if fmt == "docker-archive":
         sink = DockerArchiveSink(output)

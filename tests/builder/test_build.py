@@ -196,3 +196,26 @@ def test_run_heredoc_script(kb, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox\nRUN <<EOF\necho one > /h\necho two >> /h\nEOF\n")
     kb("build", "-t", "hd:1", str(ctx))
     assert kb("run", "--rm", "hd:1", "cat", "/h").out == "one\ntwo\n"
+
+
+def test_squash_and_outputs(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN echo a > /a\nRUN rm /bin/vi && echo b > /b\n")
+    kb("build", "--squash", "-t", "sq:1", "--output", f"type=oci,dest={tmp_path / 'o.tar'}",
+       "--output", f"type=docker-archive,dest={tmp_path / 'd.tar'}",
+       "--output", f"type=oci,dest={tmp_path / 'odir'}", str(ctx))
+    info = _inspect(kb, "sq:1")
+    assert len(info["Layers"]) == 1
+    assert sum(1 for h in info["History"] if not h.get("empty_layer")) == 1
+    out = kb("run", "--rm", "sq:1", "sh", "-c", "cat /a /b; ls /bin/vi 2>&1 || true").out
+    assert out.startswith("a\nb\n") and "No such file" in out
+    for path in ("o.tar", "d.tar", "odir"):
+        fresh = KilnCLI(tmp_path / f"load-{path}")
+        assert "docker.io/library/sq:1" in fresh("load", "-i", str(tmp_path / path)).out
+
+
+def test_bad_output_and_secret_flags(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\n")
+    p = kb("build", "--output", "type=tarball,dest=x", str(ctx), check=False)
+    assert p.returncode == 125 and "type must be oci or docker-archive" in p.err
+    p = kb("build", "--secret", "id=x", str(ctx), check=False)
+    assert p.returncode == 125 and "src= or env=" in p.err
