@@ -30,6 +30,7 @@ from pathlib import Path
 
 from builder.ignore import IgnoreError, IgnoreMatcher, clean_path, compile_glob, has_glob
 from store.errors import KilnError
+from store.fsutil import fsync_dir
 
 CACHE_FORMAT = "kiln-context-stat-cache"
 CACHE_VERSION = 1
@@ -369,13 +370,9 @@ class Context:
                 pass
             raise
         try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_dir(directory)
         except OSError:
             return
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _clean_source(source: str) -> str:

@@ -51,6 +51,18 @@ def _parse_id(text: str, what: str) -> int | None:
     return value
 
 
+def _group_id(name_or_id: str, groups: list[list[str]]) -> int:
+    parsed = _parse_id(name_or_id, "group ID")
+    if parsed is not None:
+        return parsed
+    for row in groups:
+        if len(row) >= 3 and row[0] == name_or_id:
+            gid = _parse_id(row[2], "group ID")
+            if gid is not None:
+                return gid
+    raise KilnError(f"unable to find group {name_or_id}: no matching entries in group file")
+
+
 def resolve_user(spec: str, *, passwd: str = "/etc/passwd", group: str = "/etc/group",
                  extra_groups: tuple[str, ...] = ()) -> ExecUser:
     user_part, _, group_part = (spec or "").partition(":")
@@ -78,16 +90,7 @@ def resolve_user(spec: str, *, passwd: str = "/etc/passwd", group: str = "/etc/g
         home = entry[5] if len(entry) > 5 and entry[5] else "/"
     groups = _read_db(group)
     if group_part:
-        parsed = _parse_id(group_part, "group ID")
-        if parsed is None:
-            for row in groups:
-                if len(row) >= 3 and row[0] == group_part:
-                    parsed = _parse_id(row[2], "group ID")
-                    break
-            else:
-                raise KilnError(
-                    f"unable to find group {group_part}: no matching entries in group file")
-        gid = parsed
+        gid = _group_id(group_part, groups)
     additional: list[int] = []
     if name is not None and not group_part:
         for row in groups:
@@ -96,14 +99,7 @@ def resolve_user(spec: str, *, passwd: str = "/etc/passwd", group: str = "/etc/g
                 if g is not None and g != gid and g not in additional:
                     additional.append(g)
     for g in extra_groups:
-        parsed = _parse_id(g, "group ID")
-        if parsed is None:
-            for row in groups:
-                if len(row) >= 3 and row[0] == g:
-                    parsed = _parse_id(row[2], "group ID")
-                    break
-            else:
-                raise KilnError(f"unable to find group {g}")
+        parsed = _group_id(g, groups)
         if parsed not in additional:
             additional.append(parsed)
     assert uid is not None

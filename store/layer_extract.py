@@ -35,6 +35,7 @@ from store.compression import (
 )
 from store.digest import validate_digest
 from store.errors import DigestError, LayerError
+from store.fsutil import current_umask
 
 # --------------------------------------------------------------------------- limits
 
@@ -375,17 +376,6 @@ _DROPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 _XATTR_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.E2BIG, errno.ERANGE)
 
 
-def _read_umask() -> int | None:
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 class _LayerTree:
     """fd-relative operations inside the layer dir; never follows a symlink."""
 
@@ -396,9 +386,8 @@ class _LayerTree:
         self.can_mknod = self.privileged
         self.uid = os.geteuid()
         self.gid = os.getegid()
-        umask = _read_umask()
-        # mode bits that open()/mkdir() may not apply by themselves (all, if umask unknown)
-        self.chmod_mask = 0o7777 if umask is None else 0o7000 | umask
+        # mode bits that open()/mkdir() may not apply by themselves
+        self.chmod_mask = 0o7000 | current_umask()
         self.deferred_dirs: dict[bytes, tuple[int, int]] = {}
         self.notes: list[str] = []
         self.opaque_xattr = b"trusted.overlay.opaque" if self.privileged else b"user.overlay.opaque"
