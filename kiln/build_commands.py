@@ -80,5 +80,4 @@ def _key_values(text: str, flag: str, required: tuple[str, ...]) -> tuple[str, d
     return values["type"], values
 
 
-def register(group: click.Group) -> None:
-    group.add_command(build_cmd)
+COMMANDS = {"build": build_cmd}

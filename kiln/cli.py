@@ -30,7 +30,31 @@ class Context:
         return self._store
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# command name -> module that defines it; a module is imported only when one of its
+# commands runs (or --help lists them), keeping `kiln run` and no-op builds quick to start
+COMMANDS = {
+    "import": "image_commands", "images": "image_commands", "tag": "image_commands",
+    "rmi": "image_commands", "inspect": "image_commands", "history": "image_commands",
+    "save": "image_commands", "load": "image_commands", "prune": "image_commands",
+    "run": "container_commands", "ps": "container_commands", "rm": "container_commands",
+    "build": "build_commands",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        import importlib
+
+        return importlib.import_module(f"kiln.{module}").COMMANDS[name]
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="kiln", message="%(prog)s %(version)s")
 @click.option("--root", envvar="KILN_ROOT", metavar="DIR",
               help="Store directory (default /var/lib/kiln as root, $XDG_DATA_HOME/kiln "
@@ -39,14 +63,6 @@ class Context:
 def cli(ctx: click.Context, root: str | None) -> None:
     """kiln: build, store, run and ship OCI images without a daemon."""
     ctx.obj = Context(root)
-
-
-def _register() -> None:
-    from kiln import build_commands, container_commands, image_commands
-
-    image_commands.register(cli)
-    container_commands.register(cli)
-    build_commands.register(cli)
 
 
 def fail(message: str) -> None:
@@ -72,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    _register()
     try:
         cli.main(args=argv, prog_name="kiln", standalone_mode=False)
     except click.exceptions.Exit as e:

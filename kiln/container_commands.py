@@ -112,6 +112,4 @@ def rm_cmd(ctx, containers, force):
         click.echo(c)
 
 
-def register(group: click.Group) -> None:
-    for cmd in (run_cmd, ps_cmd, rm_cmd):
-        group.add_command(cmd)
+COMMANDS = {c.name: c for c in (run_cmd, ps_cmd, rm_cmd)}

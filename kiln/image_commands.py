@@ -187,7 +187,5 @@ def prune_cmd(ctx):
                f"directories, {r.tmp} temporary entries")
 
 
-def register(group: click.Group) -> None:
-    for cmd in (import_cmd, images_cmd, tag_cmd, rmi_cmd, inspect_cmd, history_cmd, save_cmd,
-                load_cmd, prune_cmd):
-        group.add_command(cmd)
+COMMANDS = {c.name: c for c in (import_cmd, images_cmd, tag_cmd, rmi_cmd, inspect_cmd,
+                                history_cmd, save_cmd, load_cmd, prune_cmd)}
