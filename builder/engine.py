@@ -124,7 +124,8 @@ class Builder:
         path = self._containerfile()
         df = parse_file(path)
         self.escape = df.escape
-        plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target)
+        plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target,
+                           image_exists=self._image_exists)
         self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
         results: dict[int, StageState] = {}
         for stage in plan.needed:
@@ -147,6 +148,15 @@ class Builder:
         tags = ", ".join(self.opts.tags) or "no tag"
         self.say(f"--> {image_id[7:19]} ({tags}) in {time.monotonic() - started:.2f}s")
         return desc
+
+    def _image_exists(self, ref: str) -> bool:
+        from store.errors import NotFoundError, ReferenceError_
+
+        try:
+            self.store.resolve(ref)
+            return True
+        except (NotFoundError, ReferenceError_):
+            return False
 
     def _containerfile(self) -> Path:
         if self.opts.containerfile:

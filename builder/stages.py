@@ -43,6 +43,20 @@ class Plan:
         return None
 
 
+def platform_args() -> dict[str, str]:
+    """BuildKit's automatic platform ARGs (global scope; a stage re-declares them to use
+    them). kiln builds for the host, so target and build platform are the same."""
+    from store.store import host_platform
+
+    p = host_platform()
+    platform = f"{p['os']}/{p['architecture']}" + (f"/{p['variant']}" if "variant" in p else "")
+    values = {"OS": p["os"], "ARCH": p["architecture"], "VARIANT": p.get("variant", ""),
+              "PLATFORM": platform}
+    out = {f"TARGET{k}": v for k, v in values.items()}
+    out.update({f"BUILD{k}": v for k, v in values.items()})
+    return out
+
+
 def _where(inst) -> str:
     return f"{inst.path}:{inst.line}"
 
@@ -55,11 +69,14 @@ def _arg_pairs(inst) -> list[tuple[str, str | None]]:
     return out
 
 
-def plan_stages(df, *, build_args: dict[str, str], target: str | None) -> Plan:
+def plan_stages(df, *, build_args: dict[str, str], target: str | None,
+                image_exists=None) -> Plan:
+    """``image_exists(ref) -> bool`` lets a ``--from`` that is neither a stage nor a known
+    image fail here, with its file:line, before any step runs."""
     from builder.parser import parse_flags
     from builder.shell import ExpansionError, expand_word
 
-    global_args: dict[str, str] = {}
+    global_args: dict[str, str] = platform_args()
     stages: list[Stage] = []
     current: Stage | None = None
     for inst in df.instructions:
@@ -112,6 +129,9 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None) -> Plan:
                                  "(circular dependency)")
             if dep is not None:
                 current.deps.add(dep.index)
+            elif image_exists is not None and not image_exists(ref):
+                raise BuildError(f"{_where(inst)}: --from={ref}: no stage of that name before "
+                                 "this one, and no such image in the store")
     if not stages:
         raise BuildError(f"{df.path}: no FROM instruction")
     # stages' ARG defaults: the global values (re-declared with ARG inside a stage)

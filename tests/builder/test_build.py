@@ -219,3 +219,11 @@ def test_bad_output_and_secret_flags(kb, tmp_path):
     assert p.returncode == 125 and "type must be oci or docker-archive" in p.err
     p = kb("build", "--secret", "id=x", str(ctx), check=False)
     assert p.returncode == 125 and "src= or env=" in p.err
+
+
+def test_platform_args_reach_run_when_declared(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nARG TARGETARCH\nARG TARGETOS\n"
+               "RUN echo $TARGETOS/$TARGETARCH > /p\n")
+    kb("build", "-t", "pa:1", str(ctx))
+    out = kb("run", "--rm", "pa:1", "cat", "/p").out
+    assert out.startswith("linux/") and out.strip() != "linux/"
