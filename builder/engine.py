@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,9 +95,17 @@ class Builder:
         self.total_steps = 0
         self.context = None
         self.escape = "\\"
+        self._lock = threading.Lock()
 
     def context_for(self, inst):
-        """The build context, scanned once (with its stat cache) when a COPY first needs it."""
+        """The build context, scanned once (with its stat cache) when a COPY first needs it.
+
+        Stages build in threads; the scanner is not thread-safe, so callers get a view
+        whose every call holds the builder's lock."""
+        with self._lock:
+            return _Locked(self._context_locked(), self._lock)
+
+    def _context_locked(self):
         if self.context is None:
             from builder.context import Context
             from builder.ignore import IgnoreMatcher, read_ignore_file
@@ -127,9 +136,7 @@ class Builder:
         plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target,
                            image_exists=self._image_exists)
         self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
-        results: dict[int, StageState] = {}
-        for stage in plan.needed:
-            results[stage.index] = self._build_stage(stage, plan, results)
+        results = self._build_stages(plan)
         final = results[plan.target.index]
         if self.context is not None:
             self.context.save_cache()
@@ -189,8 +196,36 @@ class Builder:
         return StageState(stage.name, stage.index, config, layers,
                           cache.step_key("", "FROM " + image.digest), dict(stage.args))
 
+    def _build_stages(self, plan) -> dict[int, StageState]:
+        """Stages that do not depend on each other build at the same time, in threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        results: dict[int, StageState] = {}
+        if len(plan.needed) == 1:
+            stage = plan.needed[0]
+            results[stage.index] = self._build_stage(stage, plan, results)
+            return results
+        futures: dict = {}
+
+        def run(stage) -> StageState:
+            for dep in stage.deps:
+                results[dep] = futures[dep].result()
+            return self._build_stage(stage, plan, results)
+
+        with ThreadPoolExecutor(max_workers=len(plan.needed)) as pool:
+            for stage in plan.needed:  # dependencies always come earlier in the file
+                futures[stage.index] = pool.submit(run, stage)
+            for index, future in futures.items():
+                results[index] = future.result()
+        return results
+
+    def _next_step(self) -> int:
+        with self._lock:
+            self.step_no += 1
+            return self.step_no
+
     def _build_stage(self, stage, plan, results) -> StageState:
-        self.step_no += 1
+        self._next_step()
         self.say(f"[{stage.label}] STEP {self.step_no}/{self.total_steps}: {stage.from_line}")
         state = self._base_state(stage, results)
         onbuild = state.run_config.pop("OnBuild", None) or []
@@ -201,7 +236,7 @@ class Builder:
             for inst in triggers:
                 self._step(state, inst, plan, results, trigger=True)
         for inst in stage.instructions:
-            self.step_no += 1
+            self._next_step()
             self._step(state, inst, plan, results)
         return state
 
@@ -347,6 +382,22 @@ class Builder:
                     "layers": [Descriptor(la.media_type, la.digest, la.size).to_json()
                                for la in state.layers]}
         return self.store.put_bytes(canonical_json(manifest), OCI_MANIFEST)
+
+
+class _Locked:
+    def __init__(self, target, lock: threading.Lock):
+        self._target, self._lock = target, lock
+
+    def __getattr__(self, name):
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def build(store: Store, opts: BuildOptions, out: TextIO | None = None) -> Descriptor:

@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import termios
+import threading
 import time
 from dataclasses import dataclass
 
@@ -335,7 +336,10 @@ class Container:
             if sig in (signal.SIGINT, signal.SIGTERM) and not deadline:
                 deadline.append(time.monotonic() + stop_timeout)
 
-        old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        # Only the main thread may install handlers; a build running steps in worker threads
+        # relies on PR_SET_PDEATHSIG instead (kiln dies -> its containers die).
+        main = threading.current_thread() is threading.main_thread()
+        old = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main else {}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # those that came meanwhile, too
         try:
             if self._master is not None:
