@@ -201,8 +201,10 @@ class OCILayout:
         lock = self._index_lock or (self.root / ".index.lock")
         with file_lock(lock):
             manifests = self.read_index()
+            before = list(manifests)
             yield manifests
-            self._write_index(manifests)
+            if manifests != before:  # re-tagging an unchanged image writes (and fsyncs) nothing
+                self._write_index(manifests)
 
     def tags(self) -> list[tuple[str, Descriptor]]:
         return [(m.annotations[REF_NAME], m) for m in self.read_index()
@@ -214,6 +216,8 @@ class OCILayout:
         entry = Descriptor(desc.media_type, desc.digest, desc.size, annotations=annotations,
                            platform=desc.platform)
         with self.editing_index() as manifests:
+            if entry in manifests:
+                return
             manifests[:] = [m for m in manifests
                             if not (m.annotations and m.annotations.get(REF_NAME) == name)]
             manifests.append(entry)
