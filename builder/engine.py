@@ -10,6 +10,7 @@ the build args it can see and, for COPY/ADD, the content of its sources.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import sys
 import threading
@@ -111,9 +112,8 @@ class Builder:
             from builder.ignore import IgnoreMatcher, read_ignore_file
 
             patterns = read_ignore_file(self.opts.context, self._containerfile())
-            cache_path = self.store.cache_dir / "context" / (
-                __import__("hashlib").sha256(os.fsencode(os.path.abspath(self.opts.context)))
-                .hexdigest() + ".json")
+            context_id = hashlib.sha256(os.fsencode(os.path.abspath(self.opts.context)))
+            cache_path = self.store.cache_dir / "context" / (context_id.hexdigest() + ".json")
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             self.context = Context(self.opts.context, ignore=IgnoreMatcher(patterns),
                                    cache_path=str(cache_path))
@@ -225,8 +225,8 @@ class Builder:
             return self.step_no
 
     def _build_stage(self, stage, plan, results) -> StageState:
-        self._next_step()
-        self.say(f"[{stage.label}] STEP {self.step_no}/{self.total_steps}: {stage.from_line}")
+        number = self._next_step()
+        self.say(f"[{stage.label}] STEP {number}/{self.total_steps}: {stage.from_line}")
         state = self._base_state(stage, results)
         onbuild = state.run_config.pop("OnBuild", None) or []
         if onbuild:
@@ -234,24 +234,24 @@ class Builder:
 
             triggers = parse("\n".join(onbuild), path=f"{stage.base} (ONBUILD)").instructions
             for inst in triggers:
-                self._step(state, inst, plan, results, trigger=True)
+                self._step(state, inst, plan, results, number)
         for inst in stage.instructions:
-            self._next_step()
-            self._step(state, inst, plan, results)
+            self._step(state, inst, plan, results, self._next_step())
         return state
 
     # -- one step -----------------------------------------------------------------------
-    def _step(self, state: StageState, inst, plan, results, *, trigger: bool = False) -> None:
+    def _step(self, state: StageState, inst, plan, results, number: int) -> None:
         from builder import instructions
 
-        label = f"[{state.name or state.index}] STEP {self.step_no}/{self.total_steps}: "
+        label = f"[{state.name or state.index}] STEP {number}/{self.total_steps}: "
         self.say(label + inst.original.strip().replace("\n", " ")[:200])
         t0 = time.monotonic()
         handler = instructions.HANDLERS.get(inst.cmd)
         if handler is None:
             raise BuildError(f"{inst.path}:{inst.line}: {inst.cmd} is not supported by kiln yet")
         handler(self, state, inst, plan, results)
-        self.say(f"    ({time.monotonic() - t0:.2f}s)") if inst.cmd not in METADATA else None
+        if inst.cmd not in METADATA:
+            self.say(f"    ({time.monotonic() - t0:.2f}s)")
 
     def history(self, state: StageState, created_by: str, *, empty: bool) -> None:
         entry = {"created": _now(self.opts.epoch), "created_by": created_by}
