@@ -4,18 +4,31 @@
 its own; ``apply_copy`` runs inside the build workspace (a forked child with
 the image's merged filesystem mounted), resolving the destination's symlinks
 inside that root, never outside.
+
+ADD's local archives (tar, plain or gzip/bzip2/xz/zstd compressed) are extracted here too,
+with docker's semantics rather than a layer's: ``.wh.`` names are ordinary files, entries
+merge into what the image has, and every path stays inside the destination directory.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import fnmatch
+import io
+import lzma
 import os
 import posixpath
 import shutil
 import stat
-from dataclasses import dataclass
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
+from store.compression import IN_CHUNK, OUT_CHUNK, StreamError, decompressed_chunks
 from store.errors import KilnError
+from store.layer_extract import DEFAULT_LIMITS, ExtractLimits
 
 
 class CopyError(KilnError):
@@ -37,6 +50,7 @@ class CopyAction:
     kind: str
     mode: int
     link_target: str | None = None
+    unpack_to: str | None = None  # ADD: extract here instead if the file is a tar archive
 
 
 def _clean(path: str) -> str:
@@ -51,30 +65,45 @@ def _matches(pattern: str, path: str) -> bool:
 
 
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
-              chmod: int | None = None) -> list[CopyAction]:
+              chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
+              unpack: bool = False, force_dir: bool = False) -> list[CopyAction]:
     """Docker's COPY rules: directory sources copy their contents, a trailing '/' or several
-    sources make ``dest`` a directory, globs match within one path level each."""
+    sources (``force_dir``: counted by the caller across source kinds) make ``dest`` a
+    directory, globs match within one path level each.
+
+    ``parents`` (BuildKit's --parents) keeps each match's path below the context root, or
+    below a ``/./`` pivot in the source. ``exclude`` patterns (.dockerignore syntax) drop
+    entries, matched against the path below the source directory (with ``parents``: below the
+    pivot), and a glob's own matches against their path below the glob's fixed part.
+    ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
+    """
     if not dest.startswith("/"):
         dest = posixpath.join(workdir or "/", dest)
-    dest_is_dir = dest.endswith("/") or dest.endswith("/.")
+    dest_is_dir = dest.endswith("/") or dest.endswith("/.") or force_dir or parents
     dest = posixpath.normpath(dest)
     by_path = {e.path: e for e in entries}
-    children: dict[str, list[SourceEntry]] = {}
-    for e in entries:
-        children.setdefault(posixpath.dirname(e.path), []).append(e)
-    matched: list[tuple[str, SourceEntry | None]] = []
+    excluded = _exclusion(exclude)
+    matched: list[tuple[str, SourceEntry | None, str]] = []  # (path, entry, base it hangs from)
     for src in sources:
+        base = ""
+        if parents and "/./" in src:
+            pivot, _, rest = src.partition("/./")
+            base = _clean(pivot)
+            src = pivot + "/" + rest
         pattern = _clean(src)
         if pattern in ("", "."):
-            matched.append(("", None))  # the whole source root
+            matched.append(("", None, ""))  # the whole source root
             continue
         if any(c in pattern for c in "*?["):
             hits = [e for e in entries if _matches(pattern, e.path)]
-            if not hits:
+            glob_base = _fixed_part(pattern)
+            hits = [h for h in hits if not excluded(_below(h.path, base if parents else
+                                                            glob_base))]
+            if not hits and not exclude:
                 raise CopyError(f"no source files were specified: {src!r} matches nothing")
-            matched += [(h.path, h) for h in sorted(hits, key=lambda h: h.path)]
+            matched += [(h.path, h, base) for h in sorted(hits, key=lambda h: h.path)]
         elif pattern in by_path:
-            matched.append((pattern, by_path[pattern]))
+            matched.append((pattern, by_path[pattern], base))
         else:
             raise CopyError(f"{src}: no such file or directory in the build context")
     several = len(matched) > 1
@@ -82,24 +111,79 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
         raise CopyError("when using COPY with more than one source file, the destination "
                         f"must be a directory and end with a / (got {dest!r})")
     actions: list[CopyAction] = []
-    for path, entry in matched:
+    made: set[str] = set()
+    for path, entry, base in matched:
+        if parents:
+            actions += _parent_dirs(path, base, dest, by_path, made)
+            target = posixpath.join(dest, _below(path, base)) if path else dest
+        else:
+            target = dest
         if entry is None or entry.kind == "dir":
-            # the directory's contents, not the directory itself
+            # the directory's contents (with --parents: the directory itself, then them)
             if entry is not None:
-                actions.append(CopyAction(None, dest, "dir", chmod or entry.mode))
+                actions.append(CopyAction(None, target, "dir", chmod or entry.mode))
             prefix = path + "/" if path else ""
             for e in sorted(entries, key=lambda e: e.path):
                 if path and not e.path.startswith(prefix):
                     continue
                 rel = e.path[len(prefix):]
-                actions.append(CopyAction(e.path, posixpath.join(dest, rel), e.kind,
+                if excluded(_below(e.path, base) if parents else rel):
+                    continue
+                actions.append(CopyAction(e.path, posixpath.join(target, rel), e.kind,
                                           _mode(e, chmod), e.link_target))
         else:
-            target = posixpath.join(dest, posixpath.basename(path)) if (
-                dest_is_dir or several) else dest
+            if not parents and (dest_is_dir or several):
+                target = posixpath.join(dest, posixpath.basename(path))
+            unpack_to = dest if unpack and entry.kind == "file" and not parents else None
             actions.append(CopyAction(entry.path, target, entry.kind, _mode(entry, chmod),
-                                      entry.link_target))
+                                      entry.link_target, unpack_to))
     return actions
+
+
+def _exclusion(patterns: list[str] | None):
+    if not patterns:
+        return lambda _path: False
+    from builder.ignore import IgnoreError, IgnoreMatcher
+
+    try:
+        matcher = IgnoreMatcher(patterns)
+        matcher.matches("x")  # a bad pattern fails here, not halfway through a copy
+    except IgnoreError as e:
+        raise CopyError(f"--exclude: {e}") from None
+    return lambda path: bool(path) and matcher.matches(path)
+
+
+def _fixed_part(pattern: str) -> str:
+    """The leading path components of a glob without wildcards (BuildKit's splitWildcards)."""
+    fixed = []
+    for part in pattern.split("/"):
+        if any(c in part for c in "*?[\\"):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def _below(path: str, base: str) -> str:
+    if not base:
+        return path
+    return path[len(base) + 1:] if path.startswith(base + "/") else path
+
+
+def _parent_dirs(path: str, base: str, dest: str, by_path: dict[str, SourceEntry],
+                 made: set[str]) -> list[CopyAction]:
+    """--parents: the directories between ``base`` and ``path``, with their source modes."""
+    out = []
+    rel = _below(path, base)
+    parts = rel.split("/")[:-1]
+    for i in range(len(parts)):
+        sub = "/".join(parts[:i + 1])
+        target = posixpath.join(dest, sub)
+        if target in made:
+            continue
+        made.add(target)
+        src = by_path.get(posixpath.join(base, sub) if base else sub)
+        out.append(CopyAction(None, target, "dir", src.mode if src else 0o755))
+    return out
 
 
 def _mode(entry: SourceEntry, chmod: int | None) -> int:
@@ -115,16 +199,27 @@ def resolve_dest(root: str, path: str) -> str:
 
 
 def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: int = 0,
-               gid: int = 0, mtime: int | None = None) -> int:
+               gid: int = 0, mtime: int | None = None,
+               archive_owner: tuple[int, int] | None = None) -> int:
     """Write ``actions`` into ``root`` (the merged view); returns bytes copied.
 
-    Parent directories the image lacks are made 0755 root:root; every copied
-    entry gets ``uid:gid``. Destination symlinks resolve inside ``root``.
+    Parent directories the image lacks are made 0755 and, like every copied entry,
+    owned by ``uid:gid``. Destination symlinks resolve inside ``root``.
+    An action with ``unpack_to`` whose source is a tar archive (plain, gzip, bzip2, xz or
+    zstd) is extracted there instead, its entries owned as the archive says unless
+    ``archive_owner`` (ADD --chown) is given.
     """
     copied = 0
     for a in actions:
+        if a.unpack_to is not None and a.src is not None:
+            path = os.path.join(source_root, a.src)
+            kind = archive_kind(path)
+            if kind is not None:
+                copied += extract_archive(path, kind, root, a.unpack_to, owner=archive_owner,
+                                          name=a.src)
+                continue
         parent = resolve_dest(root, posixpath.dirname(a.dest) or "/")
-        _makedirs(root, parent)
+        _makedirs(root, parent, uid, gid)
         target = os.path.join(parent, posixpath.basename(a.dest)) if a.dest != "/" else root
         if a.kind == "dir":
             if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
@@ -156,7 +251,9 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     return copied
 
 
-def _makedirs(root: str, path: str) -> None:
+def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
+    """Make the missing directories of ``path`` (0755, owned by uid:gid as COPY --chown
+    wants for the directories it creates, as docker and buildah do)."""
     rel = os.path.relpath(path, root)
     current = root
     if rel == ".":
@@ -168,7 +265,7 @@ def _makedirs(root: str, path: str) -> None:
             continue
         if not os.path.exists(current):
             os.mkdir(current, 0o755)
-            os.chown(current, 0, 0)
+            os.chown(current, uid, gid)
         elif not os.path.isdir(current):
             raise CopyError(f"cannot copy: /{os.path.relpath(current, root)} in the image is "
                             "not a directory")
@@ -190,3 +287,333 @@ def source_entries_from_tree(root: str) -> list[SourceEntry]:
             elif stat.S_ISREG(st.st_mode):
                 out.append(SourceEntry(rel, "file", stat.S_IMODE(st.st_mode)))
     return out
+
+
+# -- ADD: local archives ----------------------------------------------------------------------
+_MAGICS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+           (b"\x28\xb5\x2f\xfd", "zstd"))
+_TAR_BLOCK = 512
+
+
+def archive_kind(path: str) -> str | None:
+    """The compression of ``path`` if it is a tar archive ADD extracts, else None.
+
+    As docker: a regular file whose (decompressed) start is a valid tar header; a lone .gz
+    that holds no tar, an empty file or an unreadable stream is copied as it is."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            head = f.read(8)
+            kind = next((k for magic, k in _MAGICS if head.startswith(magic)), "none")
+            f.seek(0)
+            with contextlib.closing(_decompressed(f, kind)) as reader:
+                block = reader.read(_TAR_BLOCK)
+    except (OSError, CopyError, EOFError, ValueError):
+        return None
+    return kind if _is_tar_header(block) else None
+
+
+def _is_tar_header(block: bytes) -> bool:
+    if len(block) < _TAR_BLOCK or not block.strip(b"\0"):
+        return False
+    field = block[148:156].replace(b"\0", b" ").strip()
+    try:
+        want = int(field, 8)
+    except ValueError:
+        return False
+    blanked = block[:148] + b" " * 8 + block[156:]
+    unsigned = sum(blanked)
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    return want in (unsigned, signed)
+
+
+class _ChunkFile(io.RawIOBase):
+    def __init__(self, chunks: Iterator[bytes], raw: BinaryIO):
+        self._chunks, self._raw = chunks, raw
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+            except (StreamError, OSError, EOFError, lzma.LZMAError) as e:
+                raise CopyError(f"corrupt archive: {e}") from None
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _stdlib_chunks(raw: BinaryIO, new: Callable[[], object], what: str) -> Iterator[bytes]:
+    """bz2/lzma output bounded per step; concatenated streams go on (NUL padding between
+    them is skipped); a stream cut short is an error."""
+    d = new()
+    data = b""
+    while True:
+        if d.eof:
+            data = (d.unused_data or raw.read(IN_CHUNK)).lstrip(b"\0")
+            while not data:
+                more = raw.read(IN_CHUNK)
+                if not more:
+                    return
+                data = more.lstrip(b"\0")
+            d = new()
+        elif not data and d.needs_input:
+            data = raw.read(IN_CHUNK)
+            if not data:
+                raise CopyError(f"{what} stream is truncated")
+        out = d.decompress(data, OUT_CHUNK)
+        data = b""
+        if out:
+            yield out
+
+
+def _decompressed(raw: BinaryIO, kind: str) -> BinaryIO:
+    if kind == "bzip2":
+        chunks = _stdlib_chunks(raw, bz2.BZ2Decompressor, "bzip2")
+    elif kind == "xz":
+        chunks = _stdlib_chunks(raw, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz")
+    else:
+        chunks = decompressed_chunks(raw, kind)
+    return io.BufferedReader(_ChunkFile(chunks, raw), OUT_CHUNK)
+
+
+def _clean_member(name: str) -> list[str]:
+    """A member name as components below the destination; '..' that climbs out is refused
+    (docker's breakout check), a leading '/' just means the destination."""
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise _Refused(f"{name!r} is outside of the destination")
+            parts.pop()
+        else:
+            parts.append(p)
+    return parts
+
+
+class _Refused(Exception):
+    pass
+
+
+@dataclass
+class _Extraction:
+    root_host: str  # the destination directory (host path inside the merged view)
+    owner: tuple[int, int] | None
+    entries: int = 0
+    written: int = 0
+    dirs: list[tuple[str, int]] = field(default_factory=list)  # (host path, mtime) to restamp
+
+    _fds: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def parent_fd(self, parts: list[str]) -> int:
+        """An O_DIRECTORY fd of the member's parent, symlinks resolved as if the destination
+        were '/' (docker extracts chrooted there), missing directories made 0755.
+
+        The fd is cached (the caller must not close it) until ``changed()``: only a removal or
+        a new symlink can make the same names lead elsewhere."""
+        key = tuple(parts)
+        fd = self._fds.get(key)
+        if fd is None:
+            if len(self._fds) >= _FD_CACHE:
+                self.changed()
+            fd = self._fds[key] = self._open_parent(parts)
+        return fd
+
+    def changed(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def reopen(self, parts: list[str]) -> int:
+        """After a removal or a new symlink: forget every cached parent, open this one anew."""
+        self.changed()
+        return self.parent_fd(parts)
+
+    def _open_parent(self, parts: list[str]) -> int:
+        from runtime.rootfs import RootfsError, resolve_in_root
+
+        try:
+            host = resolve_in_root(self.root_host, "/".join(parts))
+        except RootfsError as e:
+            raise _Refused(str(e)) from None
+        rel = os.path.relpath(host, self.root_host)
+        fd = os.open(self.root_host, _DIR_FLAGS)
+        try:
+            for comp in ([] if rel == "." else rel.split(os.sep)):
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    uid, gid = self.owner or (0, 0)
+                    os.chown(comp, uid, gid, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    raise _Refused(f"{'/'.join(parts)}: a parent is not a directory "
+                                   f"({e.strerror})") from None
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+_FD_CACHE = 256
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def extract_archive(path: str, kind: str, root: str, dest: str, *,
+                    owner: tuple[int, int] | None = None, name: str = "",
+                    limits: ExtractLimits = DEFAULT_LIMITS) -> int:
+    """Extract the tar at ``path`` into ``dest`` (an image path) of ``root``; returns bytes.
+
+    Docker's ADD semantics: entries merge into what is there (a directory over a directory
+    stays, anything else is replaced), names are confined to ``dest``, a symlink whose target
+    climbs out of ``dest`` or a '..' name is refused, symlinks on the way resolve inside
+    ``dest``. ``.wh.`` names are plain files here. Device nodes are skipped (a 0:0 one would
+    be a whiteout in the layer).
+    """
+    dest_host = resolve_dest(root, dest)
+    _makedirs(root, dest_host, *(owner or (0, 0)))
+    if owner is not None and not os.path.islink(dest_host):
+        os.chown(dest_host, *owner)
+    x = _Extraction(dest_host, owner)
+    shown = name or os.path.basename(path)
+    member_name = ""
+    try:
+        with open(path, "rb") as raw, contextlib.closing(_decompressed(raw, kind)) as reader, \
+                tarfile.open(fileobj=reader, mode="r|", encoding="utf-8",
+                             errors="surrogateescape") as tar:
+            for member in tar:
+                member_name = member.name
+                x.entries += 1
+                if x.entries > limits.max_entries:
+                    raise _Refused(f"more than {limits.max_entries} entries")
+                if len(os.fsencode(member.name)) > limits.max_path_bytes:
+                    raise _Refused("name too long")
+                _extract_member(tar, member, x, limits)
+        x.changed()
+        for host, mtime in reversed(x.dirs):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(host, (mtime, mtime), follow_symlinks=False)
+    except _Refused as e:
+        x.changed()
+        where = f" (entry {member_name!r})" if member_name else ""
+        raise CopyError(f"ADD {shown}: refusing to extract{where}: {e}") from None
+    except (tarfile.TarError, EOFError) as e:
+        x.changed()
+        raise CopyError(f"ADD {shown}: bad tar archive near {member_name!r}: {e}") from None
+    except OSError as e:
+        x.changed()
+        raise CopyError(f"ADD {shown}: extracting {member_name!r}: {e}") from None
+    return x.written
+
+
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
+                    limits: ExtractLimits) -> None:
+    parts = _clean_member(m.name)
+    if not parts:
+        return  # the destination itself: docker leaves it as it is
+    if m.ischr() or m.isblk():
+        return
+    pfd = x.parent_fd(parts[:-1])  # cached by x: not closed here
+    name = parts[-1]
+    try:
+        uid, gid = x.owner or (m.uid, m.gid)
+        mode = m.mode & 0o7777
+        try:
+            existing = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not (m.isdir() and stat.S_ISDIR(existing.st_mode)):
+            if stat.S_ISDIR(existing.st_mode):
+                shutil.rmtree(os.path.join(f"/proc/self/fd/{pfd}", name))
+            else:
+                os.unlink(name, dir_fd=pfd)
+            if not stat.S_ISREG(existing.st_mode):  # a path through it may now lead elsewhere
+                pfd = x.reopen(parts[:-1])
+        if m.isdir():
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            os.chmod(name, mode, dir_fd=pfd)
+            x.dirs.append((os.readlink(f"/proc/self/fd/{pfd}") + "/" + name, int(m.mtime)))
+        elif m.issym():
+            _check_link_target(parts, m.linkname)
+            os.symlink(m.linkname, name, dir_fd=pfd)
+            pfd = x.reopen(parts[:-1])
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        elif m.islnk():
+            target = _clean_member(m.linkname)
+            if not target:
+                raise _Refused(f"hard link to the destination itself ({m.linkname!r})")
+            sfd = x.parent_fd(target[:-1])
+            pfd = x.parent_fd(parts[:-1])  # the same fd cache: sfd may have evicted it
+            try:
+                os.link(target[-1], name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _Refused(f"hard link to {m.linkname!r}, which is not in the "
+                               "destination") from None
+            return
+        elif m.isfifo():
+            os.mkfifo(name, mode, dir_fd=pfd)
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        elif m.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+            try:
+                src = tar.extractfile(m)
+                while src is not None:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    x.written += len(chunk)
+                    if x.written > limits.max_total_bytes:
+                        raise _Refused(f"more than {limits.max_total_bytes} bytes")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        else:
+            return
+        _xattrs(pfd, name, m)
+        if not m.isdir():
+            os.utime(name, (m.mtime, m.mtime), dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError as e:
+        raise _Refused(f"cannot create it: {e.strerror}") from None
+
+
+def _check_link_target(parts: list[str], target: str) -> None:
+    """docker: a symlink may point anywhere inside the destination (absolute targets are read
+    inside it), not above it."""
+    if target.startswith("/"):
+        return
+    try:
+        _clean_member("/".join([*parts[:-1], target]))
+    except _Refused:
+        raise _Refused(f"symlink {'/'.join(parts)} -> {target} points outside of the "
+                       "destination") from None
+
+
+def _xattrs(pfd: int, name: str, m: tarfile.TarInfo) -> None:
+    for key, value in m.pax_headers.items():
+        if not key.startswith("SCHILY.xattr."):
+            continue
+        attr = key[len("SCHILY.xattr."):]
+        if attr.startswith("trusted."):
+            continue  # overlayfs' own attributes (whiteouts, opaque dirs) among them
+        with contextlib.suppress(OSError):  # best effort, as docker
+            os.setxattr(f"/proc/self/fd/{pfd}/{name}", attr,
+                        value.encode("utf-8", "surrogateescape"), follow_symlinks=False)

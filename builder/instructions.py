@@ -11,6 +11,7 @@ import posixpath
 
 from builder import cache
 from builder.engine import DEFAULT_SHELL, Builder, BuildError, StageState
+from store.errors import KilnError
 from store.fsutil import remove_tree
 
 
@@ -72,9 +73,8 @@ def arg(b: Builder, state: StageState, inst, plan, results) -> None:
         if name in b.opts.build_args:
             value = b.opts.build_args[name]
             b.used_args.add(name)
-        elif name in state.args and default is None:
-            value = state.args[name]  # re-declared global ARG: takes its value
-            b.used_args.add(name)
+        elif name in state.globals and default is None:
+            value = state.globals[name]  # re-declared global ARG: takes its value
         elif default is not None:
             value = _expand(b, state, default, inst)
         else:
@@ -136,11 +136,17 @@ def workdir(b: Builder, state: StageState, inst, plan, results) -> None:
             target = resolve_dest(root, new)
             if os.path.isdir(target):
                 return False
+            missing = []  # every directory WORKDIR creates belongs to USER (as buildah, BuildKit)
+            path = target
+            while not os.path.exists(path) and path != root:
+                missing.append(path)
+                path = os.path.dirname(path)
             os.makedirs(target, 0o755, exist_ok=True)
             if user:
                 u = resolve_user(user, passwd=os.path.join(root, "etc/passwd"),
                                  group=os.path.join(root, "etc/group"))
-                os.chown(target, u.uid, u.gid)
+                for d in missing:
+                    os.chown(d, u.uid, u.gid)
             return True
 
         made = with_views([View(b.layer_dirs(state), upper)], make, work)
@@ -273,13 +279,28 @@ def _duration_ns(text: str, inst) -> int:
 
 
 # -- filesystem steps ------------------------------------------------------------------------
+def _network(b: Builder, value: str | None, inst) -> str:
+    if value in (None, "", "default"):
+        return b.opts.network
+    if value not in ("none", "host"):
+        raise BuildError(f"{_where(inst)}: RUN --network={value}: kiln knows none, host and "
+                         "default")
+    return value
+
+
 def run(b: Builder, state: StageState, inst, plan, results) -> None:
+    from builder.mounts import MountError, check_secrets, parse_mount
     from builder.parser import parse_flags
 
     flags = parse_flags(inst, {"mount": list, "network": str, "security": str})
-    if flags.get("mount"):
-        raise BuildError(f"{_where(inst)}: RUN --mount is not supported by kiln yet")
-    network = flags.get("network") or b.opts.network
+    network = _network(b, flags.get("network"), inst)
+    workdir_ = state.run_config.get("WorkingDir") or "/"
+    try:
+        mounts = [parse_mount(text, lambda w: _expand(b, state, w, inst), workdir=workdir_)
+                  for text in flags["mount"]]
+        check_secrets(mounts, b.opts.secrets)
+    except MountError as e:
+        raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
     if inst.heredocs and not inst.json:
         words = " ".join(inst.args).split()
         if len(inst.heredocs) != 1 or len(words) != 1 or not words[0].startswith("<<"):
@@ -290,24 +311,102 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
     else:
         argv = _command(state, inst)
     visible = {k: v for k, v in state.args.items()}
+    # the predefined proxy args reach RUN without an ARG (and never the history or the key)
+    for name in _proxy():
+        if name in b.opts.build_args and name not in visible:
+            visible[name] = b.opts.build_args[name]
     b.used_args.update(visible)
     text = "RUN " + json.dumps(argv)
     history_text = "RUN " + (" ".join(inst.args) if not inst.json else json.dumps(argv))
+    sources = {i: _bind_source(b, m, plan, results, inst) for i, m in enumerate(mounts)
+               if m.type == "bind"}
+    extra: dict = {"network": network}
+    if mounts:
+        # a secret is in the key by its id only; a bind by what it shows
+        extra["mounts"] = [_mount_key(b, m, sources.get(i), plan, results, inst)
+                           for i, m in enumerate(mounts)]
     key = cache.step_key(state.key, text, args={k: v for k, v in visible.items()
-                                                 if k not in _proxy()},
-                         extra={"network": network})
+                                                 if k not in _proxy()}, extra=extra)
     if b.cached(state, key):
         return
     work, upper = b.new_upper()
     try:
-        _run_in_sandbox(b, state, argv, visible, upper, network, inst)
+        from builder.mounts import prepared_mounts
+
+        def seed(m, directory: str) -> None:
+            _seed_cache(b, m, directory, plan, results, inst, work)
+
+        with prepared_mounts(mounts, sources, work=work, store_root=str(b.store.root),
+                             context_root=str(b.opts.context), secrets=b.opts.secrets,
+                             seed=seed) as prepared:
+            _run_in_sandbox(b, state, argv, visible, upper, network, inst, prepared)
         b.commit(state, key, upper, history_text)
+    except MountError as e:
+        raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
     finally:
         remove_tree(work)
 
 
+def _bind_source(b: Builder, m, plan, results, inst):
+    """Where a bind mount's files come from: a stage's or image's layers, or the context
+    (its ignore file applied, the source's symlinks resolved inside it)."""
+    from builder.context import ContextError
+    from builder.mounts import BindSource
+    from runtime.rootfs import resolve_in_root
+
+    if m.from_:
+        return BindSource("layers", layers=tuple(_from_layers(b, m.from_, plan, results, inst)))
+    root = os.path.abspath(b.opts.context)
+    rel = os.path.relpath(resolve_in_root(root, m.source or "/"), root)
+    rel = "" if rel == "." else rel
+    try:
+        entries = b.context_for(inst).select([rel or "."])
+    except ContextError as e:
+        raise BuildError(f"{_where(inst)}: RUN --mount source={m.source or '.'}: {e}") from None
+    return BindSource("context", entries=entries, base=rel)
+
+
+def _mount_key(b: Builder, m, src, plan, results, inst) -> dict:
+    part = m.describe()
+    if src is not None and src.kind == "context":
+        prefix = src.base + "/" if src.base else ""
+        names = [e.path[len(prefix):] if e.path != src.base else "." for e in src.entries]
+        part["content"] = b.context_for(inst).digest_of(src.entries, dest_names=names)
+    elif src is not None:
+        part["layers"] = [os.path.relpath(p, b.store.root) for p in src.layers]
+    elif m.type == "cache" and m.from_:
+        part["layers"] = [os.path.relpath(p, b.store.root)
+                          for p in _from_layers(b, m.from_, plan, results, inst)]
+    return part
+
+
+def _seed_cache(b: Builder, m, directory: str, plan, results, inst, work: str) -> None:
+    """A new cache mount with from=: starts as a copy of that stage's (or image's) source."""
+    from builder.mounts import copy_tree
+    from runtime.rootfs import resolve_in_root
+    from runtime.workspace import View, with_views
+
+    layers = _from_layers(b, m.from_, plan, results, inst)
+
+    def copy_in(root: str) -> None:
+        src = resolve_in_root(root, m.source or "/")
+        if not os.path.isdir(src):
+            raise BuildError(f"{_where(inst)}: cache mount from={m.from_}: {m.source or '/'} "
+                             "is not a directory there")
+        copy_tree(src, directory)
+        if m.uid is not None or m.gid is not None:
+            os.chown(directory, m.uid or 0, m.gid or 0)
+        if m.mode is not None:
+            os.chmod(directory, m.mode)
+
+    scratch = os.path.join(work, "seed")
+    os.makedirs(scratch, exist_ok=True)
+    with_views([View(layers, readonly=True)], copy_in, scratch)
+
+
 def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[str, str],
-                    upper: str, network: str, inst) -> None:
+                    upper: str, network: str, inst, prepared=None) -> None:
+    from builder.mounts import drop_mount_stubs
     from runtime.capabilities import resolve
     from runtime.cgroups import Limits, create_cgroup
     from runtime.process import Container, ContainerStartError
@@ -320,6 +419,8 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
         k, _, v = e.partition("=")
         env[k] = v
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if prepared is not None:
+        env.update(prepared.env)  # secrets given as env=: for this process only
     os.makedirs(os.path.join(work, "work"), exist_ok=True)
     os.makedirs(os.path.join(work, "rootfs"), exist_ok=True)
     hosts = os.path.join(work, "hosts")
@@ -332,14 +433,17 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
     except OSError:
         open(resolv, "w").close()
     caps = resolve()
+    lowers = b.layer_dirs(state)
     spec = ContainerSpec(
-        id=os.path.basename(work), layers=b.layer_dirs(state), upper=upper,
+        id=os.path.basename(work), layers=lowers, upper=upper,
         work=os.path.join(work, "work"), rootfs=os.path.join(work, "rootfs"),
         process=ProcessSpec(args=argv, env=[f"{k}={v}" for k, v in env.items()],
                             cwd=state.run_config.get("WorkingDir") or "/",
                             user=state.run_config.get("User") or ""),
         hostname="kiln-build", etc_files={"/etc/hosts": hosts, "/etc/resolv.conf": resolv},
         network=network, capabilities=caps, seccomp=profile_for(None, set(caps)),
+        binds=list(prepared.binds) if prepared is not None else [],
+        tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
     cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}", Limits())
     try:
@@ -348,82 +452,198 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
             container.start()
         except ContainerStartError as e:
             raise BuildError(f"{_where(inst)}: RUN {' '.join(argv)}: {e}") from None
+        finally:
+            if prepared is not None:
+                prepared.forget_secrets()
         status = container.wait()
     finally:
         cgroup.remove()
-    _drop_mount_stubs(upper, b.layer_dirs(state))
+    # mount points the sandbox had to make are not the step's changes (BuildKit drops its
+    # mount stubs the same way)
+    drop_mount_stubs(upper, lowers, [*_STUBS, *(prepared.targets if prepared else [])])
     if status.code != 0:
         raise BuildError(f"{_where(inst)}: step {b.step_no}/{b.total_steps}: RUN "
                          f"{' '.join(inst.args)[:200]} exited with code {status.code}")
 
 
-_STUBS = ("etc/hosts", "etc/resolv.conf", "etc/hostname", "proc", "sys", "dev")
+_STUBS = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/proc", "/sys", "/dev")
 
 
-def _drop_mount_stubs(upper: str, lowers: list[str]) -> None:
-    """Mount points the sandbox had to create are not the step's changes."""
-    for rel in _STUBS:
-        path = os.path.join(upper, rel)
-        if not os.path.lexists(path) or any(os.path.lexists(os.path.join(d, rel))
-                                            for d in lowers):
+def _expand_heredoc(b: Builder, state: StageState, body: str, inst) -> str:
+    """A COPY/ADD heredoc body as BuildKit expands it: ``$VAR`` and ``${...}`` work, quotes are
+    kept as written, backslash escapes are processed (``\\$`` is a literal ``$``), and the
+    escape character is ``\\`` whatever the escape directive says."""
+    from builder.shell import ExpansionError, expand_with_matches
+
+    out = []
+    i, n = 0, len(body)
+    while i < n:
+        ch = body[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(body[i:i + 2])
+            i += 2
             continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            if not os.listdir(path):
-                os.rmdir(path)
-        elif os.path.isfile(path) and os.path.getsize(path) == 0:
-            os.unlink(path)
-    etc = os.path.join(upper, "etc")
-    if os.path.isdir(etc) and not os.listdir(etc) and not any(
-            os.path.lexists(os.path.join(d, "etc")) for d in lowers):
-        os.rmdir(etc)
+        out.append("\\" + ch if ch in "'\"" else ch)
+        i += 1
+    try:
+        value, names = expand_with_matches("".join(out), _env(state), escape="\\")
+    except ExpansionError as e:
+        raise BuildError(f"{_where(inst)}: heredoc: {e.reason}") from None
+    b.used_args.update(n for n in names if n in state.args)
+    return value
 
 
 def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = False) -> None:
-    from builder.copy import SourceEntry, apply_copy, plan_copy, source_entries_from_tree
-    from builder.parser import parse_flags
+    """COPY and ADD. ``--link`` is accepted and changes nothing: every kiln layer is already
+    the diff of its step alone, independent of the layers below, which is what --link asks
+    BuildKit for."""
+    import hashlib
+
+    from builder.copy import CopyError, SourceEntry, apply_copy, plan_copy
+    from builder.fetch import FetchError, fetch, is_git, is_url, parse_checksum, url_filename
+    from builder.parser import parse_flags, parse_heredoc_word
     from runtime.workspace import View, with_views
 
-    flags = parse_flags(inst, {"from": str, "chown": str, "chmod": str, "link": bool,
-                               "parents": bool, "exclude": list, "checksum": str,
-                               "keep-git-dir": bool})
-    if inst.heredocs:
-        raise BuildError(f"{_where(inst)}: COPY <<EOF is not supported by kiln yet")
-    words = [_expand(b, state, w, inst) for w in inst.args]
-    if len(words) < 2:
+    allowed: dict[str, type] = {"chown": str, "chmod": str, "link": bool, "exclude": list}
+    allowed.update({"checksum": str, "keep-git-dir": bool} if add else
+                   {"from": str, "parents": bool})
+    flags = parse_flags(inst, allowed)
+    if len(inst.args) < 2:
         raise BuildError(f"{_where(inst)}: {inst.cmd} needs at least one source and a destination")
-    sources, dest = words[:-1], words[-1]
+    docs_by_name = {h.name: h for h in inst.heredocs}
+    plain_words, docs = [], []
+    for word in inst.args[:-1]:
+        try:
+            doc = parse_heredoc_word(word) if not inst.json and "<<" in word else None
+        except ValueError as e:
+            raise BuildError(f"{_where(inst)}: bad heredoc {word!r}: {e}") from None
+        if doc is not None and doc.name in docs_by_name:
+            docs.append(docs_by_name[doc.name])
+        else:
+            plain_words.append(word)
+    try:
+        dest_doc = parse_heredoc_word(inst.args[-1]) if "<<" in inst.args[-1] else None
+    except ValueError:
+        dest_doc = None
+    if dest_doc is not None and not inst.json:
+        raise BuildError(f"{_where(inst)}: a heredoc cannot be the destination of {inst.cmd}")
+    sources = [_expand(b, state, w, inst) for w in plain_words]
+    dest = _expand(b, state, inst.args[-1], inst)
+    exclude = [_expand(b, state, w, inst) for w in flags["exclude"]]
+    parents = bool(flags.get("parents"))
+    urls = [s for s in sources if add and is_url(s)]
+    for s in sources:
+        if is_git(s) and (add or is_url(s)):
+            raise BuildError(f"{_where(inst)}: {inst.cmd} {s}: git sources are not supported "
+                             "by kiln yet")
+        if not add and is_url(s):
+            raise BuildError(f"{_where(inst)}: COPY {s}: source can't be a URL for COPY (use ADD)")
+    local = [s for s in sources if s not in urls]
+    checksum = _expand(b, state, flags["checksum"], inst) if flags.get("checksum") else None
+    if checksum is not None:
+        if len(sources) + len(docs) != 1 or not urls:
+            raise BuildError(f"{_where(inst)}: ADD --checksum needs exactly one source, an "
+                             "http(s) URL")
+        try:
+            parse_checksum(checksum)
+        except FetchError as e:
+            raise BuildError(f"{_where(inst)}: {e}") from None
+    total = len(sources) + len(docs)
+    if total > 1 and not parents and not dest.endswith(("/", "/.")):
+        raise BuildError(f"{_where(inst)}: when using {inst.cmd} with more than one source "
+                         f"file, the destination must be a directory and end with a / "
+                         f"(got {dest!r})")
+    for h in docs:
+        if "/" in h.name:
+            raise BuildError(f"{_where(inst)}: heredoc name {h.name!r} cannot be a file name")
     chmod = None
     if flags.get("chmod"):
         try:
-            chmod = int(flags["chmod"], 8)
+            chmod = int(_expand(b, state, flags["chmod"], inst), 8)
+            if chmod > 0o7777:
+                raise ValueError
         except ValueError:
             raise BuildError(f"{_where(inst)}: invalid --chmod {flags['chmod']!r} "
                              "(an octal mode such as 0755)") from None
     chown = _expand(b, state, flags["chown"], inst) if flags.get("chown") else None
     from_ref = flags.get("from")
     workdir_ = state.run_config.get("WorkingDir") or "/"
+    bodies = [(h.name, _expand_heredoc(b, state, h.content, inst) if h.expand else h.content)
+              for h in docs]
     work, upper = b.new_upper()
     try:
         views = [View(b.layer_dirs(state), upper)]
+        content_parts: list = []
+        context_actions = None
+        src_layers = None
         if from_ref is not None:
             src_layers = _from_layers(b, from_ref, plan, results, inst)
             views.append(View(src_layers, readonly=True))
-            content = cache.step_key("", "from", extra={"layers": src_layers,
-                                                        "sources": sources})
-            entries = None
-        else:
+            content_parts.append(["from", [os.path.relpath(p, b.store.root) for p in src_layers]])
+        elif local:
             ctx = b.context_for(inst)
-            selected = ctx.select(sources)
-            entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target) for f in selected]
-            content = ctx.digest_of(selected)
-        text = f"{inst.cmd} " + json.dumps({"src": sources, "dest": dest, "chown": chown,
-                                            "chmod": flags.get("chmod"), "from": from_ref})
+            try:
+                selected = ctx.select(local)
+                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target) for f in selected]
+                if parents:
+                    entries += _context_parent_dirs(str(b.opts.context), local, entries)
+                context_actions = plan_copy(local, dest, entries, workdir=workdir_, chmod=chmod,
+                                            parents=parents, exclude=exclude, unpack=add,
+                                            force_dir=total > 1)
+            except (CopyError, KilnError) as e:
+                raise BuildError(f"{_where(inst)}: {e}") from None
+            used = {a.src for a in context_actions if a.src}
+            content_parts.append(["context", ctx.digest_of(
+                [f for f in selected if f.path in used or f.kind == "dir"])])
+        fetched = {}
+        for url in urls:
+            if checksum is not None:
+                content_parts.append(["url", url_filename(url), checksum])
+                continue
+            try:
+                got = fetch(url, os.path.join(work, f"fetch{len(fetched)}"),
+                            cache_dir=str(b.store.cache_dir), tmp_dir=str(b.store.tmp),
+                            conditional=not b.opts.no_cache)
+            except FetchError as e:
+                raise BuildError(f"{_where(inst)}: {e}") from None
+            fetched[url] = got
+            content_parts.append(["url", got.filename, got.digest])
+        for name, body in bodies:
+            content_parts.append(["heredoc", name, hashlib.sha256(
+                body.encode("utf-8", "surrogateescape")).hexdigest()])
+        text = f"{inst.cmd} " + json.dumps({
+            "src": sources, "heredocs": [h.name for h in docs], "dest": dest, "chown": chown,
+            "chmod": flags.get("chmod"), "from": from_ref, "parents": parents or None,
+            "exclude": exclude or None, "checksum": checksum})
+        content = hashlib.sha256(json.dumps(content_parts).encode()).hexdigest()
         key = cache.step_key(state.key, text, content=content, extra={"workdir": workdir_})
         if b.cached(state, key):
             return
+        singles = []  # (source root, actions): downloads and heredoc files
+        for i, url in enumerate(urls):
+            got = fetched.get(url)
+            if got is None or got.path is None:
+                try:
+                    got = fetch(url, os.path.join(work, f"fetch{i}-get"), checksum=checksum,
+                                cache_dir=str(b.store.cache_dir), tmp_dir=str(b.store.tmp))
+                except FetchError as e:
+                    raise BuildError(f"{_where(inst)}: {e}") from None
+            singles.append((os.path.dirname(got.path), _plan_single(
+                plan_copy, got.filename, 0o600, dest, workdir_, chmod, total > 1)))
+        for i, (name, body) in enumerate(bodies):
+            directory = os.path.join(work, f"heredoc{i}")
+            os.mkdir(directory, 0o700)
+            with open(os.path.join(directory, name), "w", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                f.write(body)
+            if b.opts.epoch is not None:
+                os.utime(os.path.join(directory, name), (b.opts.epoch, b.opts.epoch))
+            singles.append((directory, _plan_single(plan_copy, name, 0o644, dest, workdir_,
+                                                    chmod, total > 1)))
         context_root = str(b.opts.context)
 
         def do_copy(root: str, src_root: str | None = None) -> int:
+            from builder.copy import source_entries_from_tree
             from runtime.users import resolve_user
 
             uid = gid = 0
@@ -431,21 +651,60 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                 u = resolve_user(chown, passwd=os.path.join(root, "etc/passwd"),
                                  group=os.path.join(root, "etc/group"))
                 uid, gid = u.uid, u.gid
-            source_root = src_root or context_root
-            src_entries = entries if entries is not None else _entries_under(
-                source_root, sources, source_entries_from_tree)
-            actions = plan_copy(sources, dest, src_entries, workdir=workdir_, chmod=chmod)
-            return apply_copy(root, source_root, actions, uid=uid, gid=gid)
+            copied = 0
+            if src_root is not None and local:
+                actions = plan_copy(local, dest, source_entries_from_tree(src_root),
+                                    workdir=workdir_, chmod=chmod, parents=parents,
+                                    exclude=exclude, force_dir=total > 1)
+                copied += apply_copy(root, src_root, actions, uid=uid, gid=gid)
+            if context_actions is not None:
+                copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
+                                     archive_owner=(uid, gid) if chown else None)
+            for source_root, actions in singles:
+                copied += apply_copy(root, source_root, actions, uid=uid, gid=gid)
+            return copied
 
-        with_views(views, do_copy, work)
+        try:
+            with_views(views, do_copy, work)
+        except CopyError as e:
+            raise BuildError(f"{_where(inst)}: {e}") from None
         created_by = f"{inst.cmd} " + " ".join(inst.args)
         b.commit(state, key, upper, created_by)
     finally:
         remove_tree(work)
 
 
-def _entries_under(root: str, sources: list[str], walker) -> list:
-    return walker(root)
+def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmod, force_dir):
+    from builder.copy import SourceEntry
+
+    return plan_copy([name], dest, [SourceEntry(name, "file", mode)], workdir=workdir_,
+                     chmod=chmod, force_dir=force_dir)
+
+
+def _context_parent_dirs(root: str, sources: list[str], entries: list) -> list:
+    """--parents: the context directories between the root (or a /./ pivot) and each source,
+    which a COPY recreates with their modes."""
+    import stat as stat_
+
+    from builder.copy import SourceEntry
+
+    have = {e.path for e in entries}
+    out = []
+    for src in sources:
+        path = posixpath.normpath("/" + src.replace("/./", "/")).lstrip("/")
+        parts = path.split("/")[:-1]
+        for i in range(len(parts)):
+            sub = "/".join(parts[:i + 1])
+            if sub in have or any(c in sub for c in "*?["):
+                continue
+            try:
+                st = os.lstat(os.path.join(root, sub))
+            except OSError:
+                continue
+            if stat_.S_ISDIR(st.st_mode):
+                have.add(sub)
+                out.append(SourceEntry(sub, "dir", stat_.S_IMODE(st.st_mode)))
+    return out
 
 
 def _from_layers(b: Builder, ref: str, plan, results, inst) -> list[str]:

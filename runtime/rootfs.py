@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from runtime import syscalls as sc
-from runtime.spec import ContainerSpec
+from runtime.spec import BindMount, ContainerSpec, TmpfsMount
 from store.errors import KilnError
 
 MAX_SYMLINKS = 40
@@ -275,23 +276,72 @@ def _copy_host_devices(dev: str, host: str = "/dev") -> None:
                 continue
 
 
+@dataclass(frozen=True)
+class LayeredBind(BindMount):
+    """A build's bind mount of a path inside stacked layer dirs (another stage, an image, a
+    copy of part of the build context), which exist nowhere as one host directory.
+
+    The layers are mounted as an overlay at ``scratch``/merged (outside the rootfs, so it
+    disappears with the old root at pivot_root); ``source`` is resolved inside that overlay
+    with symlinks confined to it, then bind-mounted at ``target``. Writes of a read-write
+    mount land in ``upper``, which the builder throws away after the step.
+    """
+
+    layers: tuple[str, ...] = ()
+    upper: str = ""
+    work: str = ""
+    scratch: str = ""
+
+
+def _depth(target: str) -> int:
+    return len([p for p in target.split("/") if p not in ("", ".")])
+
+
 def mount_user_volumes(spec: ContainerSpec, root: str) -> None:
-    for b in spec.binds:
-        if not os.path.exists(b.source):
-            raise RootfsError(f"bind mount source {b.source} does not exist")
-        make = "dir" if os.path.isdir(b.source) else "file"
-        fd = open_in_root(root, b.target, make=make)
-        try:
-            sc.mount(b.source, _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
-            mounted = os.readlink(_fd_path(fd))
-        finally:
-            os.close(fd)
-        _remount(mounted, (sc.MS_RDONLY if b.readonly else 0)
-                 | (0 if spec.privileged else sc.MS_NODEV))
-    for t in spec.tmpfs:
-        flags, data = _tmpfs_options(t.options)
-        flags |= 0 if spec.privileged else sc.MS_NODEV
-        _mount_at(root, t.target, "tmpfs", "tmpfs", flags, data)
+    """Binds and tmpfs mounts, parents before children (as docker sorts them), so a mount
+    whose target lies inside another one's is not hidden by it."""
+    mounts: list[BindMount | TmpfsMount] = [*spec.binds, *spec.tmpfs]
+    for m in sorted(mounts, key=lambda m: _depth(m.target)):
+        if isinstance(m, TmpfsMount):
+            flags, data = _tmpfs_options(m.options)
+            flags |= 0 if spec.privileged else sc.MS_NODEV
+            _mount_at(root, m.target, "tmpfs", "tmpfs", flags, data)
+        elif isinstance(m, LayeredBind):
+            _mount_layered_bind(spec, root, m)
+        else:
+            if not os.path.exists(m.source):
+                raise RootfsError(f"bind mount source {m.source} does not exist")
+            make = "dir" if os.path.isdir(m.source) else "file"
+            _bind_at(spec, root, m.source, m.target, make, m.readonly)
+
+
+def _bind_at(spec: ContainerSpec, root: str, source: str, target: str, make: str,
+             readonly: bool) -> None:
+    fd = open_in_root(root, target, make=make)
+    try:
+        sc.mount(source, _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
+        mounted = os.readlink(_fd_path(fd))
+    finally:
+        os.close(fd)
+    _remount(mounted, (sc.MS_RDONLY if readonly else 0)
+             | (0 if spec.privileged else sc.MS_NODEV))
+
+
+def _mount_layered_bind(spec: ContainerSpec, root: str, m: LayeredBind) -> None:
+    point = os.path.join(m.scratch, "merged")
+    for d in (m.scratch, point, m.upper, m.work):
+        os.makedirs(d, 0o755, exist_ok=True)
+    mount_overlay(list(m.layers), m.upper, m.work, point, m.scratch, nodev=not spec.privileged)
+    try:
+        src = open_in_root(point, m.source or "/")
+    except FileNotFoundError:
+        raise RootfsError(f"bind mount source {m.source} does not exist in its stage or "
+                          "image") from None
+    try:
+        make = "dir" if stat.S_ISDIR(os.fstat(src).st_mode) else "file"
+        _bind_at(spec, root, _fd_path(src), m.target, make, m.readonly)
+    finally:
+        os.close(src)
 
 
 def _tmpfs_options(options: str) -> tuple[int, str]:
