@@ -72,7 +72,8 @@ class StageState:
     config: dict  # the whole OCI image config, "rootfs" and "history" included
     layers: list[Layer]
     key: str
-    args: dict[str, str]  # ARG values in scope
+    args: dict[str, str]  # ARG values in scope (declared in this stage)
+    globals: dict[str, str] = field(default_factory=dict)  # ARGs before FROM: an ARG re-declares
     workdir_made: bool = False
 
     @property
@@ -136,6 +137,8 @@ class Builder:
         plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target,
                            image_exists=self._image_exists)
         self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
+        # a build arg that a global ARG declares is consumed (FROM may use it)
+        self.used_args.update(set(self.opts.build_args) & set(plan.declared_globals))
         results = self._build_stages(plan)
         final = results[plan.target.index]
         if self.context is not None:
@@ -182,11 +185,11 @@ class Builder:
                                                                   "diff_ids": []},
                       "history": []}
             return StageState(stage.name, stage.index, config, [], cache.step_key("", "scratch"),
-                              dict(stage.args))
+                              {}, dict(stage.args))
         if stage.base_stage is not None:
             parent = results[stage.base_stage]
             return StageState(stage.name, stage.index, copy.deepcopy(parent.config),
-                              list(parent.layers), parent.key, dict(stage.args))
+                              list(parent.layers), parent.key, {}, dict(stage.args))
         image = self.store.image(base)
         layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
         self.store.unpack_image(image)
@@ -194,7 +197,7 @@ class Builder:
         config.setdefault("config", {})
         config.setdefault("history", [])
         return StageState(stage.name, stage.index, config, layers,
-                          cache.step_key("", "FROM " + image.digest), dict(stage.args))
+                          cache.step_key("", "FROM " + image.digest), {}, dict(stage.args))
 
     def _build_stages(self, plan) -> dict[int, StageState]:
         """Stages that do not depend on each other build at the same time, in threads."""

@@ -33,6 +33,7 @@ class Plan:
     target: Stage
     needed: list[Stage]  # in build order
     global_args: dict[str, str]
+    declared_globals: set[str] = field(default_factory=set)
 
     def lookup(self, ref: str) -> Stage | None:
         for s in self.stages:
@@ -77,6 +78,7 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
     from builder.shell import ExpansionError, expand_word
 
     global_args: dict[str, str] = platform_args()
+    declared: set[str] = set()
     stages: list[Stage] = []
     current: Stage | None = None
     for inst in df.instructions:
@@ -110,6 +112,7 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
                 raise BuildError(f"{_where(inst)}: {inst.cmd} before the first FROM "
                                  "(only ARG may come first)")
             for name, default in _arg_pairs(inst):
+                declared.add(name)
                 if name in build_args:
                     global_args[name] = build_args[name]
                 elif default is not None:
@@ -150,7 +153,7 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
         needed_ix.add(i)
         todo.extend(stages[i].deps)
     needed = [s for s in stages if s.index in needed_ix]
-    return Plan(stages, chosen, needed, global_args)
+    return Plan(stages, chosen, needed, global_args, declared)
 
 
 def _find(stages: list[Stage], ref: str) -> Stage | None:

@@ -239,3 +239,18 @@ def test_independent_stages_build_at_the_same_time(kb, tmp_path):
     elapsed = time.monotonic() - start
     assert kb("run", "--rm", "par:1", "cat", "/a", "/b").out == "a\nb\n"
     assert elapsed < 2.9, elapsed  # two 1.5 s stages one after the other would take 3 s+
+
+
+def test_global_args_need_redeclaring_and_proxy_args_stay_out_of_history(kb, tmp_path):
+    cf = ("ARG G=global\nFROM busybox\nRUN echo \"[$G]\" > /g && echo \"$HTTP_PROXY\" > /p\n"
+          "ARG G\nRUN echo \"[$G]\" > /g2\n")
+    ctx = _ctx(tmp_path, cf)
+    kb("build", "-t", "ga:1", "--build-arg", "HTTP_PROXY=http://proxy.invalid:3128",
+       str(ctx))
+    out = kb("run", "--rm", "ga:1", "cat", "/g", "/p", "/g2").out
+    assert out == "[]\nhttp://proxy.invalid:3128\n[global]\n"
+    history = json.dumps(_inspect(kb, "ga:1")["History"])
+    assert "proxy.invalid" not in history
+    # a different proxy is not a different step: cached, same image
+    p = kb("build", "-t", "ga:1", "--build-arg", "HTTP_PROXY=http://other.invalid:1", str(ctx))
+    assert p.err.count("--> CACHED") == 2, p.err
