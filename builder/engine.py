@@ -51,6 +51,7 @@ class BuildOptions:
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> {src|env: ...}
     outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
     squash: bool = False
+    layers: bool = True  # False: each stage's new layers become one, on top of its base
 
 
 @dataclass
@@ -75,6 +76,7 @@ class StageState:
     args: dict[str, str]  # ARG values in scope (declared in this stage)
     globals: dict[str, str] = field(default_factory=dict)  # ARGs before FROM: an ARG re-declares
     workdir_made: bool = False
+    base_layer_count: int = 0
 
     @property
     def run_config(self) -> dict:
@@ -145,6 +147,8 @@ class Builder:
             self.context.save_cache()
         if self.opts.squash:
             self._squash(final)
+        elif not self.opts.layers:
+            self._merge_new_layers(final)
         desc = self._write_image(final)
         unused = set(self.opts.build_args) - self.used_args - PROXY_ARGS
         for name in sorted(unused):
@@ -189,7 +193,8 @@ class Builder:
         if stage.base_stage is not None:
             parent = results[stage.base_stage]
             return StageState(stage.name, stage.index, copy.deepcopy(parent.config),
-                              list(parent.layers), parent.key, {}, dict(stage.args))
+                              list(parent.layers), parent.key, {}, dict(stage.args),
+                              base_layer_count=len(parent.layers))
         image = self.store.image(base)
         layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
         self.store.unpack_image(image)
@@ -197,7 +202,8 @@ class Builder:
         config.setdefault("config", {})
         config.setdefault("history", [])
         return StageState(stage.name, stage.index, config, layers,
-                          cache.step_key("", "FROM " + image.digest), {}, dict(stage.args))
+                          cache.step_key("", "FROM " + image.digest), {}, dict(stage.args),
+                          base_layer_count=len(layers))
 
     def _build_stages(self, plan) -> dict[int, StageState]:
         """Stages that do not depend on each other build at the same time, in threads."""
@@ -346,6 +352,35 @@ class Builder:
             entry["empty_layer"] = True
         self.history(state, "kiln build --squash", empty=False)
         state.layers = [Layer(desc.digest, blob.diff_id, desc.media_type, desc.size)]
+
+    def _merge_new_layers(self, state: StageState) -> None:
+        """--layers=false: the layers this stage added are replayed into one."""
+        from builder.squash import replay_layer
+        from runtime.workspace import View, with_views
+        from store.fsutil import remove_tree
+
+        new = state.layers[state.base_layer_count:]
+        if len(new) <= 1:
+            return
+        base = state.layers[:state.base_layer_count]
+        new_dirs = [str(self.store.layer_dir(la.diff_id)) for la in new]
+        work, upper = self.new_upper()
+        try:
+            def replay(root: str) -> None:
+                for d in new_dirs:
+                    replay_layer(d, root)
+
+            with_views([View(self.layer_dirs(StageState(None, 0, {}, base, "", {})), upper)],
+                       replay, work)
+            desc, diff_id = self.store.commit_layer(upper, compression=self.opts.compression,
+                                                    epoch=self.opts.epoch)
+        finally:
+            remove_tree(work)
+        history = state.config.get("history", [])
+        non_empty = [h for h in history if not h.get("empty_layer")]
+        for h in non_empty[state.base_layer_count:-1]:
+            h["empty_layer"] = True  # the last one carries the merged layer
+        state.layers = base + [Layer(desc.digest, diff_id, desc.media_type, desc.size)]
 
     def _outputs(self, desc: Descriptor) -> None:
         from store.transfer import save_images

@@ -27,10 +27,12 @@ import click
 @click.option("--output", "-o", "outputs", multiple=True,
               help="type=oci,dest=DIR|FILE.tar or type=docker-archive,dest=FILE")
 @click.option("--squash", is_flag=True, help="One layer for the whole image.")
+@click.option("--layers/--no-layers", "layers", default=True, show_default=True,
+              help="One layer per RUN/COPY/ADD (cached), or one for all of a stage's steps.")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, network,
-              compression, timestamp, iidfile, secrets, outputs, squash, quiet):
+              compression, timestamp, iidfile, secrets, outputs, squash, layers, quiet):
     """Build an image from a Containerfile and a context directory."""
     from builder.engine import BuildOptions, build
     from store.importer import source_date_epoch
@@ -55,7 +57,7 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         quiet=quiet, iidfile=iidfile,
         secrets=dict(_key_values(s, "--secret", ("id",)) for s in secrets),
         outputs=[_key_values(o, "--output", ("type", "dest"))[1] for o in outputs],
-        squash=squash)
+        squash=squash, layers=layers)
     desc = build(ctx.obj.store, opts)
     if quiet:
         click.echo(ctx.obj.store.image_for(desc).config_descriptor().digest)

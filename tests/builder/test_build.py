@@ -254,3 +254,16 @@ def test_global_args_need_redeclaring_and_proxy_args_stay_out_of_history(kb, tmp
     # a different proxy is not a different step: cached, same image
     p = kb("build", "-t", "ga:1", "--build-arg", "HTTP_PROXY=http://other.invalid:1", str(ctx))
     assert p.err.count("--> CACHED") == 2, p.err
+
+
+def test_no_layers_merges_a_stages_steps_into_one_layer(kb, tmp_path):
+    cf = ("FROM busybox\nRUN echo a > /a && mkdir -p /d && echo x > /d/x\n"
+          "RUN rm /bin/vi /d/x && echo b > /b\nCOPY f /f\nRUN chmod 600 /f\n")
+    ctx = _ctx(tmp_path, cf, {"f": "file"})
+    kb("build", "--no-layers", "-t", "nl:1", str(ctx))
+    info = _inspect(kb, "nl:1")
+    assert len(info["Layers"]) == 2  # the base's, plus one for all four steps
+    assert sum(1 for h in info["History"] if not h.get("empty_layer")) == 2
+    out = kb("run", "--rm", "nl:1", "sh", "-c",
+             "cat /a /b /f; ls /d | wc -l; ls /bin/vi 2>&1; stat -c %a /f").out
+    assert out.startswith("a\nb\nfile0\n") and "No such file" in out and out.endswith("600\n")
