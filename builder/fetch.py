@@ -10,7 +10,6 @@ the server's validators (ETag, Last-Modified) are remembered under
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import os
@@ -103,6 +102,8 @@ def _mtime(headers) -> int | None:
     if not value:
         return None
     try:
+        import email.utils  # only when a server sent Last-Modified
+
         return int(email.utils.parsedate_to_datetime(value).timestamp())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from runtime import rootfs
-from runtime import syscalls as sc
 from store.errors import KilnError
 
 
@@ -40,6 +38,9 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     ``fn`` runs as root in a forked child (a private mount namespace), so it may
     chown and mknod; what it returns or raises is pickled back to the caller.
     """
+    from runtime import rootfs  # imported here: a cached build step never needs them
+    from runtime import syscalls as sc
+
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
