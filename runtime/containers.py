@@ -251,9 +251,11 @@ def run(store: Store, opts: RunOptions):
     try:
         cgroup = create_cgroup(f"kiln-{record.id[:12]}", limits)
         container = Container(spec, cgroup)
-        container.start()
-        record.status, record.pid = "running", container.pid
-        record.save(directory)
+        def running(pid: int) -> None:
+            record.status, record.pid = "running", pid
+            record.save(directory)
+
+        container.start(on_pid=running)
         status = container.wait(stop_timeout=opts.stop_timeout)
         record.status, record.exit_code, record.finished = "exited", status.code, time.time()
         record.pid = 0

@@ -245,17 +245,20 @@ class Container:
         self.pid = 0
         self._master: int | None = None
 
-    def start(self) -> None:
-        """Start the container; signals for it are held back until ``wait()`` forwards them."""
+    def start(self, on_pid=None) -> None:
+        """Start the container; signals for it are held back until ``wait()`` forwards them.
+
+        ``on_pid(pid)`` runs once PID 1 exists and before the image's program may run (so
+        state written there is never behind what the program does)."""
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
-            self._start()
+            self._start(on_pid)
         except BaseException:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             raise
 
-    def _start(self) -> None:
+    def _start(self, on_pid) -> None:
         go_read, go_write = os.pipe()
         err_read, err_write = os.pipe2(os.O_CLOEXEC)
         pid_read, pid_write = os.pipe()
@@ -288,6 +291,8 @@ class Container:
             try:
                 if self.cgroup is not None:
                     self.cgroup.add_process(self.pid)
+                if on_pid is not None:
+                    on_pid(self.pid)
                 os.write(go_write, b"g")
             except (OSError, KilnError):
                 # PID 1 may have failed its setup meanwhile: its own reason comes first
