@@ -26,7 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from store.compression import IN_CHUNK, OUT_CHUNK, StreamError, decompressed_chunks
+from store.compression import (
+    IN_CHUNK,
+    OUT_CHUNK,
+    ChunkReader,
+    StreamError,
+    decompressed_chunks,
+)
 from store.errors import KilnError
 from store.layer_extract import DEFAULT_LIMITS, ExtractLimits
 
@@ -328,28 +334,6 @@ def _is_tar_header(block: bytes) -> bool:
     return want in (unsigned, signed)
 
 
-class _ChunkFile(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes], raw: BinaryIO):
-        self._chunks, self._raw = chunks, raw
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while not self._pending:
-            try:
-                self._pending = memoryview(next(self._chunks))
-            except StopIteration:
-                return 0
-            except (StreamError, OSError, EOFError, lzma.LZMAError) as e:
-                raise CopyError(f"corrupt archive: {e}") from None
-        n = min(len(buf), len(self._pending))
-        buf[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
 def _stdlib_chunks(raw: BinaryIO, new: Callable[[], object], what: str) -> Iterator[bytes]:
     """bz2/lzma output bounded per step; concatenated streams go on (NUL padding between
     them is skipped); a stream cut short is an error."""
@@ -381,7 +365,9 @@ def _decompressed(raw: BinaryIO, kind: str) -> BinaryIO:
         chunks = _stdlib_chunks(raw, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz")
     else:
         chunks = decompressed_chunks(raw, kind)
-    return io.BufferedReader(_ChunkFile(chunks, raw), OUT_CHUNK)
+    return io.BufferedReader(
+        ChunkReader(chunks, error=CopyError, prefix="corrupt archive: ",
+                    catch=(StreamError, OSError, EOFError, lzma.LZMAError)), OUT_CHUNK)
 
 
 def _clean_member(name: str) -> list[str]:

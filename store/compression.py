@@ -307,10 +307,14 @@ def decompressed_chunks(blob: BinaryIO, compression: str, head: bytes = b"", *,
     return _plain_chunks(blob, head)
 
 
-class _ChunkReader(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes]):
+class ChunkReader(io.RawIOBase):
+    """A raw stream over ``decompressed_chunks``; failures in ``catch`` become ``error``."""
+
+    def __init__(self, chunks: Iterator[bytes], *, error: type[Exception] = LayerError,
+                 catch: tuple[type[BaseException], ...] = (StreamError,), prefix: str = ""):
         self._chunks = chunks
         self._pending = memoryview(b"")
+        self._error, self._catch, self._prefix = error, catch, prefix
 
     def readable(self) -> bool:
         return True
@@ -321,8 +325,8 @@ class _ChunkReader(io.RawIOBase):
                 self._pending = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
-            except StreamError as e:
-                raise LayerError(str(e)) from None
+            except self._catch as e:
+                raise self._error(f"{self._prefix}{e}") from None
         n = min(len(buf), len(self._pending))
         buf[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -334,4 +338,4 @@ def decompressing_reader(raw: BinaryIO, *, max_zstd_window_log: int = 27) -> Bin
     head = raw.read(4) or b""
     chunks = decompressed_chunks(raw, sniff_compression(head), head,
                                  max_window_log=max_zstd_window_log)
-    return io.BufferedReader(_ChunkReader(chunks), OUT_CHUNK)
+    return io.BufferedReader(ChunkReader(chunks), OUT_CHUNK)
