@@ -585,16 +585,18 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             try:
                 selected = ctx.select(local)
                 entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target) for f in selected]
-                if parents:
-                    entries += _context_parent_dirs(str(b.opts.context), local, entries)
-                context_actions = plan_copy(local, dest, entries, workdir=workdir_, chmod=chmod,
-                                            parents=parents, exclude=exclude, unpack=add,
-                                            force_dir=total > 1)
+                if parents or exclude:
+                    if parents:
+                        entries += _context_parent_dirs(str(b.opts.context), local, entries)
+                    context_actions = plan_copy(local, dest, entries, workdir=workdir_,
+                                                chmod=chmod, parents=parents, exclude=exclude,
+                                                unpack=add, force_dir=total > 1)
+                    used = {a.src for a in context_actions if a.src}
+                    selected = [f for f in selected if f.path in used or f.kind == "dir"]
+                # else everything selected is copied: the plan waits for a cache miss
             except (CopyError, KilnError) as e:
                 raise BuildError(f"{_where(inst)}: {e}") from None
-            used = {a.src for a in context_actions if a.src}
-            content_parts.append(["context", ctx.digest_of(
-                [f for f in selected if f.path in used or f.kind == "dir"])])
+            content_parts.append(["context", ctx.digest_of(selected)])
         fetched = {}
         for url in urls:
             if checksum is not None:
@@ -619,6 +621,12 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         key = cache.step_key(state.key, text, content=content, extra={"workdir": workdir_})
         if b.cached(state, key):
             return
+        if local and from_ref is None and context_actions is None:
+            try:
+                context_actions = plan_copy(local, dest, entries, workdir=workdir_, chmod=chmod,
+                                            unpack=add, force_dir=total > 1)
+            except (CopyError, KilnError) as e:
+                raise BuildError(f"{_where(inst)}: {e}") from None
         singles = []  # (source root, actions): downloads and heredoc files
         for i, url in enumerate(urls):
             got = fetched.get(url)
