@@ -216,6 +216,7 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     ``archive_owner`` (ADD --chown) is given.
     """
     copied = 0
+    parents: dict[str, str] = {}  # destination dir -> its resolved, existing host dir
     for a in actions:
         if a.unpack_to is not None and a.src is not None:
             path = os.path.join(source_root, a.src)
@@ -223,9 +224,14 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
             if kind is not None:
                 copied += extract_archive(path, kind, root, a.unpack_to, owner=archive_owner,
                                           name=a.src)
+                parents.clear()  # an archive may have put anything anywhere
                 continue
-        parent = resolve_dest(root, posixpath.dirname(a.dest) or "/")
-        _makedirs(root, parent, uid, gid)
+        dest_dir = posixpath.dirname(a.dest) or "/"
+        parent = parents.get(dest_dir)
+        if parent is None:
+            parent = resolve_dest(root, dest_dir)
+            _makedirs(root, parent, uid, gid)
+            parents[dest_dir] = parent
         target = os.path.join(parent, posixpath.basename(a.dest)) if a.dest != "/" else root
         if a.kind == "dir":
             if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
@@ -244,17 +250,38 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
         if a.kind == "symlink":
             os.symlink(a.link_target or "", target)
             os.chown(target, uid, gid, follow_symlinks=False)
+            stale = a.dest.rstrip("/")
+            for key in [k for k in parents if k == stale or k.startswith(stale + "/")]:
+                del parents[key]  # paths below a new symlink resolve anew
             continue
         assert src is not None
-        with open(src, "rb") as fin, open(target, "xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            copied += fout.tell()
-        os.chown(target, uid, gid)
-        os.chmod(target, stat.S_IMODE(a.mode))
-        st = os.stat(src)
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
-                 (mtime * 10**9, mtime * 10**9))
+        copied += _copy_file(src, target, stat.S_IMODE(a.mode), uid, gid, mtime)
     return copied
+
+
+def _copy_file(src: str, target: str, mode: int, uid: int, gid: int, mtime: int | None) -> int:
+    """One file, all by descriptors: content (sendfile), owner, mode, times."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fin)
+        fout = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+        try:
+            done = 0
+            while done < st.st_size:
+                n = os.sendfile(fout, fin, done, min(st.st_size - done, 1 << 30))
+                if n == 0:
+                    break  # the file shrank while being copied
+                done += n
+            os.fchown(fout, uid, gid)
+            os.fchmod(fout, mode)
+            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
+                     (mtime * 10**9, mtime * 10**9))
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+    return done
 
 
 def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
