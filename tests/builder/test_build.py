@@ -267,3 +267,13 @@ def test_no_layers_merges_a_stages_steps_into_one_layer(kb, tmp_path):
     out = kb("run", "--rm", "nl:1", "sh", "-c",
              "cat /a /b /f; ls /d | wc -l; ls /bin/vi 2>&1; stat -c %a /f").out
     assert out.startswith("a\nb\nfile0\n") and "No such file" in out and out.endswith("600\n")
+
+
+def test_maintainer_legacy_env_and_healthcheck_none(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nMAINTAINER Jane Doe <jane@example.com>\n"
+               "ENV LEGACY value with spaces\nHEALTHCHECK CMD true\nHEALTHCHECK NONE\n")
+    kb("build", "-t", "misc:1", str(ctx))
+    info = _inspect(kb, "misc:1")
+    assert info["Author"] == "Jane Doe <jane@example.com>"
+    assert "LEGACY=value with spaces" in info["Config"]["Env"]
+    assert info["Config"]["Healthcheck"] == {"Test": ["NONE"]}
