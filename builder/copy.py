@@ -24,7 +24,7 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from store.compression import (
     IN_CHUNK,
@@ -34,7 +34,9 @@ from store.compression import (
     decompressed_chunks,
 )
 from store.errors import KilnError
-from store.layer_extract import DEFAULT_LIMITS, ExtractLimits
+
+if TYPE_CHECKING:
+    from store.layer_extract import ExtractLimits
 
 
 class CopyError(KilnError):
@@ -486,7 +488,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def extract_archive(path: str, kind: str, root: str, dest: str, *,
                     owner: tuple[int, int] | None = None, name: str = "",
-                    limits: ExtractLimits = DEFAULT_LIMITS) -> int:
+                    limits: ExtractLimits | None = None) -> int:
     """Extract the tar at ``path`` into ``dest`` (an image path) of ``root``; returns bytes.
 
     Docker's ADD semantics: entries merge into what is there (a directory over a directory
@@ -495,6 +497,9 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
     ``dest``. ``.wh.`` names are plain files here. Device nodes are skipped (a 0:0 one would
     be a whiteout in the layer).
     """
+    from store.layer_extract import DEFAULT_LIMITS  # the extractor loads only for ADD archives
+
+    limits = limits or DEFAULT_LIMITS
     dest_host = resolve_dest(root, dest)
     _makedirs(root, dest_host, *(owner or (0, 0)))
     if owner is not None and not os.path.islink(dest_host):

@@ -207,13 +207,13 @@ class Builder:
 
     def _build_stages(self, plan) -> dict[int, StageState]:
         """Stages that do not depend on each other build at the same time, in threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
         results: dict[int, StageState] = {}
         if len(plan.needed) == 1:
             stage = plan.needed[0]
             results[stage.index] = self._build_stage(stage, plan, results)
             return results
+        from concurrent.futures import ThreadPoolExecutor
+
         futures: dict = {}
 
         def run(stage) -> StageState:

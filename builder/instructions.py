@@ -289,18 +289,21 @@ def _network(b: Builder, value: str | None, inst) -> str:
 
 
 def run(b: Builder, state: StageState, inst, plan, results) -> None:
-    from builder.mounts import MountError, check_secrets, parse_mount
     from builder.parser import parse_flags
 
     flags = parse_flags(inst, {"mount": list, "network": str, "security": str})
     network = _network(b, flags.get("network"), inst)
     workdir_ = state.run_config.get("WorkingDir") or "/"
-    try:
-        mounts = [parse_mount(text, lambda w: _expand(b, state, w, inst), workdir=workdir_)
-                  for text in flags["mount"]]
-        check_secrets(mounts, b.opts.secrets)
-    except MountError as e:
-        raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
+    mounts = []
+    if flags["mount"]:  # the mount code loads only for steps that use it
+        from builder.mounts import MountError, check_secrets, parse_mount
+
+        try:
+            mounts = [parse_mount(text, lambda w: _expand(b, state, w, inst), workdir=workdir_)
+                      for text in flags["mount"]]
+            check_secrets(mounts, b.opts.secrets)
+        except MountError as e:
+            raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
     if inst.heredocs and not inst.json:
         words = " ".join(inst.args).split()
         if len(inst.heredocs) != 1 or len(words) != 1 or not words[0].startswith("<<"):
@@ -330,9 +333,9 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
     if b.cached(state, key):
         return
     work, upper = b.new_upper()
-    try:
-        from builder.mounts import prepared_mounts
+    from builder.mounts import MountError, prepared_mounts
 
+    try:
         def seed(m, directory: str) -> None:
             _seed_cache(b, m, directory, plan, results, inst, work)
 

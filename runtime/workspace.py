@@ -9,7 +9,6 @@ process itself ever mounting anything.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -38,6 +37,8 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     ``fn`` runs as root in a forked child (a private mount namespace), so it may
     chown and mknod; what it returns or raises is pickled back to the caller.
     """
+    import pickle
+
     from runtime import rootfs  # imported here: a cached build step never needs them
     from runtime import syscalls as sc
 
