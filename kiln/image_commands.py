@@ -177,14 +177,17 @@ def load_cmd(ctx, path, quiet):
 
 
 @click.command("prune")
+@click.option("--build-cache", is_flag=True,
+              help="Also drop the build step cache and RUN --mount=type=cache directories.")
 @click.pass_context
-def prune_cmd(ctx):
+def prune_cmd(ctx, build_cache):
     """Remove blobs, layers and temporary files no image, container or cache needs."""
     from store.gc import prune
 
-    r = prune(_store(ctx))
+    r = prune(_store(ctx), build_cache=build_cache)
     click.echo(f"Removed {r.blobs} blobs ({_human_size(r.bytes)}), {r.layers} layer "
-               f"directories, {r.tmp} temporary entries")
+               f"directories, {r.tmp} temporary entries"
+               + (f", {r.cache} build cache entries" if build_cache else ""))
 
 
 COMMANDS = {c.name: c for c in (import_cmd, images_cmd, tag_cmd, rmi_cmd, inspect_cmd,

@@ -24,6 +24,7 @@ class PruneReport:
     layers: int = 0
     tmp: int = 0
     bytes: int = 0
+    cache: int = 0
 
 
 def _walk(store: Store, digest: str, blobs: set[str], diff_ids: set[str]) -> None:
@@ -92,10 +93,18 @@ def reachable(store: Store) -> tuple[set[str], set[str]]:
     return blobs, diff_ids
 
 
-def prune(store: Store) -> PruneReport:
+def prune(store: Store, *, build_cache: bool = False) -> PruneReport:
+    """Remove what nothing reachable refers to; ``build_cache`` drops the build step cache
+    (records, context stat caches, RUN --mount=type=cache dirs) first, as `builder prune`."""
     report = PruneReport()
     with store.collecting():
         report.tmp = store.clean_tmp()
+        if build_cache:
+            for path in (store.cache_dir, store.root / "cache-mounts"):
+                if path.is_dir():
+                    for entry in os.scandir(path):
+                        remove_tree(entry.path)
+                        report.cache += 1
         keep_blobs, keep_layers = reachable(store)
         for digest in list(store.layout.blob_digests()):
             if digest not in keep_blobs:

@@ -277,3 +277,19 @@ def test_maintainer_legacy_env_and_healthcheck_none(kb, tmp_path):
     assert info["Author"] == "Jane Doe <jane@example.com>"
     assert "LEGACY=value with spaces" in info["Config"]["Env"]
     assert info["Config"]["Healthcheck"] == {"Test": ["NONE"]}
+
+
+def test_prune_build_cache_frees_cached_layers(tmp_path, busybox_rootfs):
+    kb = KilnCLI(tmp_path / "root")
+    kb("import", str(busybox_rootfs), "busybox")
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN --mount=type=cache,target=/c echo x > /c/f\n"
+               "RUN echo big > /big\n")
+    kb("build", str(ctx))  # untagged: only the cache keeps its layers
+    kb("prune")
+    assert len(os.listdir(tmp_path / "root" / "layers")) == 3  # busybox + the two steps
+    assert "--> CACHED" in kb("build", str(ctx)).err
+    out = kb("prune", "--build-cache").out
+    assert "build cache entries" in out
+    assert len(os.listdir(tmp_path / "root" / "layers")) == 1  # busybox only
+    assert not os.listdir(tmp_path / "root" / "cache-mounts")
+    assert "--> CACHED" not in kb("build", str(ctx)).err
