@@ -496,25 +496,14 @@ def _lower_lstat(lowers: list[str], rel: str) -> os.stat_result | None:
 def resolve_in_layers(lowers: list[str], path: str) -> str:
     """``path`` with symlinks followed as the merged view of ``lowers`` would, relative to
     its root ('' for the root)."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        st = _lower_lstat(lowers, "/".join([*resolved, part]))
-        if st is not None and stat.S_ISLNK(st.st_mode) and links < 40:
-            links += 1
-            target = _lower_readlink(lowers, "/".join([*resolved, part]))
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return "/".join(resolved)
+    from runtime.rootfs import walk_path
+
+    def link_target(rel: str) -> str | None:
+        st = _lower_lstat(lowers, rel)
+        return _lower_readlink(lowers, rel) if st is not None and stat.S_ISLNK(st.st_mode) \
+            else None
+
+    return "/".join(walk_path(path, link_target))
 
 
 def _lower_readlink(lowers: list[str], rel: str) -> str:

@@ -89,11 +89,12 @@ def _mount_overlay_classic(lowers: list[str], upper: str, work: str, target: str
 
 
 # -- resolving paths inside the rootfs ---------------------------------------------
-def resolve_in_root(root: str, path: str) -> str:
-    """The host path of ``path`` inside ``root``, symlinks followed as if root were '/'.
+def walk_path(path: str, link_target, *, too_many=None) -> list[str]:
+    """The components of ``path`` with symlinks followed as if '/' were the root.
 
-    Missing components are allowed (the caller may create them); nothing ever
-    resolves outside ``root``.
+    ``link_target(rel)`` gives the target of the symlink at ``rel`` (components joined by
+    '/'), or None when ``rel`` is no symlink (or missing). After MAX_SYMLINKS links,
+    ``too_many`` is raised, or with None the walk stops following and takes names as they are.
     """
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
@@ -104,23 +105,36 @@ def resolve_in_root(root: str, path: str) -> str:
             if resolved:
                 resolved.pop()
             continue
-        candidate = os.path.join(root, *resolved, part)
-        try:
-            st = os.lstat(candidate)
-        except FileNotFoundError:
-            resolved.append(part)
-            continue
-        if stat.S_ISLNK(st.st_mode):
+        target = link_target("/".join([*resolved, part])) if links < MAX_SYMLINKS or \
+            too_many is not None else None
+        if target is not None:
             links += 1
             if links > MAX_SYMLINKS:
-                raise RootfsError(f"too many levels of symbolic links resolving {path}")
-            target = os.readlink(candidate)
+                raise too_many
             if target.startswith("/"):
                 resolved = []
             parts = [p for p in target.split("/") if p not in ("", ".")] + parts
             continue
         resolved.append(part)
-    return os.path.join(root, *resolved)
+    return resolved
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """The host path of ``path`` inside ``root``, symlinks followed as if root were '/'.
+
+    Missing components are allowed (the caller may create them); nothing ever
+    resolves outside ``root``.
+    """
+    def link_target(rel: str) -> str | None:
+        candidate = os.path.join(root, rel)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        return os.readlink(candidate) if stat.S_ISLNK(st.st_mode) else None
+
+    too_many = RootfsError(f"too many levels of symbolic links resolving {path}")
+    return os.path.join(root, *walk_path(path, link_target, too_many=too_many))
 
 
 def open_in_root(root: str, path: str, *, make: str | None = None) -> int:
