@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
@@ -165,10 +166,14 @@ class ManifestImage:
 
 
 class _ProgressReader:
-    def __init__(self, raw: BinaryIO, desc: Descriptor, progress: Progress | None):
+    def __init__(self, raw: BinaryIO, desc: Descriptor, progress: Progress | None,
+                 abort: threading.Event | None = None):
         self._raw, self._desc, self._progress, self._done = raw, desc, progress, 0
+        self._abort = abort
 
     def read(self, n: int = -1) -> bytes:
+        if self._abort is not None and self._abort.is_set():
+            raise _Aborted()
         data = self._raw.read(n)
         self._done += len(data)
         if self._progress and data:
@@ -177,6 +182,10 @@ class _ProgressReader:
 
     def close(self) -> None:
         self._raw.close()
+
+
+class _Aborted(Exception):
+    """Another transfer of the same copy failed; this one stops at its next read."""
 
 
 def recompress_layer(layer: Layer, compression: str, tmp_dir: str | None = None
@@ -206,32 +215,63 @@ def recompress_layer(layer: Layer, compression: str, tmp_dir: str | None = None
 
 def copy_image(src: Image, dst: ImageSink, *, tags: Sequence[str] = (),
                compression: str | None = None, progress: Progress | None = None,
-               tmp_dir: str | None = None) -> Descriptor:
+               tmp_dir: str | None = None, concurrency: int = 1) -> Descriptor:
     """Copy ``src`` into ``dst``; returns the descriptor of the manifest written there.
 
     ``compression`` (zstd/gzip/none) picks how layers leave; layers already in
     that form are moved as they are, so their digests and the manifest stay.
+    ``concurrency`` layers move at once where the sink allows it (``dst.concurrency``).
     """
     want = compression or dst.required_compression
-    new_layers: list[Descriptor] = []
-    changed = False
-    for layer in src.layers():
+    abort = threading.Event()
+
+    def move(layer: Layer) -> tuple[Descriptor, bool]:
         desc = Descriptor(layer.media_type, layer.digest, layer.size)
         if want is not None and compression_of(layer.media_type) != want:
             new_desc, path = recompress_layer(layer, want, tmp_dir)
             try:
                 if not dst.has_blob(new_desc.digest):
                     with open(path, "rb") as f:
-                        dst.put_blob(_ProgressReader(f, new_desc, progress), new_desc)
+                        dst.put_blob(_ProgressReader(f, new_desc, progress, abort), new_desc)
             finally:
                 os.unlink(path)
-            new_layers.append(new_desc)
-            changed = True
-            continue
+            return new_desc, True
         if not dst.has_blob(desc.digest):
             with layer.open_compressed() as stream:
-                dst.put_blob(_ProgressReader(stream, desc, progress), desc)
-        new_layers.append(desc)
+                reader = _ProgressReader(stream, desc, progress, abort)
+                put_layer = getattr(dst, "put_layer", None)
+                if put_layer is not None:
+                    put_layer(reader, desc, layer.diff_id)
+                else:
+                    dst.put_blob(reader, desc)
+        return desc, False
+
+    all_layers = src.layers()
+    layers = list({layer.digest: layer for layer in all_layers}.values())  # each blob once
+    workers = max(1, min(concurrency, getattr(dst, "concurrency", 1), len(layers)))
+    if workers == 1:
+        results = [move(layer) for layer in layers]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="kiln-copy") as pool:
+            futures = [pool.submit(move, layer) for layer in layers]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException as first:
+                abort.set()
+                for f in futures:
+                    f.cancel()
+                # the first real failure, not a sibling's _Aborted
+                for f in futures:
+                    if f.done() and not f.cancelled():
+                        e = f.exception()
+                        if e is not None and not isinstance(e, _Aborted):
+                            raise e from None
+                raise first
+    moved = {layer.digest: result for layer, result in zip(layers, results, strict=True)}
+    new_layers = [moved[layer.digest][0] for layer in all_layers]
+    changed = any(c for _, c in results)
 
     manifest = src.manifest()
     config_desc = Descriptor.from_json(manifest["config"], where="manifest config")
@@ -241,13 +281,13 @@ def copy_image(src: Image, dst: ImageSink, *, tags: Sequence[str] = (),
     raw = src.raw_manifest()
     media_type = src.media_type
     if changed:
-        raw, media_type = _rewrite_manifest(manifest, config_desc, new_layers)
+        raw, media_type = rewrite_manifest(manifest, config_desc, new_layers)
     desc = Descriptor(media_type, sha256_digest(raw), len(raw))
     dst.put_manifest(src, raw, desc, tags)
     return desc
 
 
-def _rewrite_manifest(manifest: dict, config_desc: Descriptor, layers: list[Descriptor]
+def rewrite_manifest(manifest: dict, config_desc: Descriptor, layers: list[Descriptor]
                       ) -> tuple[bytes, str]:
     """An OCI manifest naming the re-compressed layers (Docker schema2 has no zstd type)."""
     cfg = config_desc

@@ -34,7 +34,7 @@ from store.compression import (
     read_some,
 )
 from store.digest import validate_digest
-from store.errors import DigestError, LayerError
+from store.errors import DigestError, KilnError, LayerError
 from store.fsutil import current_umask
 
 # --------------------------------------------------------------------------- limits
@@ -1071,6 +1071,8 @@ def extract_layer(
             raise LayerError(f"{e}{cleanup}", layer=layer, entry=entry) from None
         if isinstance(e, OSError):
             raise LayerError(f"extraction failed: {e}{cleanup}", layer=layer, entry=entry) from e
+        if isinstance(e, KilnError) and not isinstance(e, LayerError):
+            raise  # the source's own failure (a registry timing out, a digest mismatch)
         if isinstance(e, Exception) and not isinstance(e, LayerError):
             raise LayerError(f"extraction failed: {e!r}{cleanup}", layer=layer, entry=entry) from e
         raise

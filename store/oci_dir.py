@@ -58,6 +58,7 @@ class LayoutSink:
     """copy_image destination writing an OCI layout directory."""
 
     required_compression = None
+    concurrency = 8  # blobs land through mkstemp + rename: safe from several threads
 
     def __init__(self, path: str | os.PathLike, *, index_lock: Path | None = None):
         self.layout = OCILayout(path, index_lock=index_lock)

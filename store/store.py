@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import platform
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,6 +180,9 @@ class Store:
                 raise StoreError(f"image ID prefix {name!r} is ambiguous")
         ref = parse_reference(name)
         if ref.digest:
+            for t in tags:  # a pull by digest of an index is kept under the digest asked for
+                if t.name == str(ref):
+                    return t.descriptor
             for t in tags:
                 if t.descriptor.digest == ref.digest:
                     return t.descriptor
@@ -314,6 +319,7 @@ class StoreSink:
     """
 
     required_compression = None
+    concurrency = 8  # put_blob/put_layer may run in several threads at once
 
     def __init__(self, store: Store, *, unpack: bool = True):
         self.store = store
@@ -322,6 +328,8 @@ class StoreSink:
         self._stage = Path(store.mkdtemp("stage-"))
         self._staged = OCILayout(self._stage, tmp=self._stage)
         self._staged.blobs.mkdir(parents=True)
+        self._unpacked: dict[str, Path] = {}  # diff_id -> staged dir, from put_layer
+        self._lock = threading.Lock()
 
     def __enter__(self) -> StoreSink:
         return self
@@ -334,6 +342,27 @@ class StoreSink:
 
     def put_blob(self, stream: BinaryIO, desc: Descriptor) -> None:
         self._staged.put_blob(stream, desc.media_type, digest=desc.digest, size=desc.size)
+
+    def put_layer(self, stream: BinaryIO, desc: Descriptor, diff_id: str) -> None:
+        """Stage a layer blob and unpack it in the same pass over the bytes (a pull that
+        leaves the image ready to run). Thread-safe for distinct layers."""
+        from store.layer_extract import extract_layer
+
+        validate_digest(diff_id)
+        if not self.unpack or self.store.has_layer_dir(diff_id):
+            self.put_blob(stream, desc)
+            return
+        dest = self._stage / "layers" / digest_hex(diff_id) / "diff"
+        dest.parent.mkdir(parents=True)
+        tee = _BlobTee(stream, desc, self._stage)
+        try:
+            extract_layer(tee, desc.media_type, dest, expected_diff_id=diff_id,
+                          layer_digest=desc.digest)
+            self._staged.install_file(tee.finish(), desc.digest)
+        finally:
+            tee.close()
+        with self._lock:
+            self._unpacked[diff_id] = dest
 
     def _read(self, digest: str, size: int | None = None) -> bytes:
         source = self._staged if self._staged.has_blob(digest) else self.store.layout
@@ -355,7 +384,9 @@ class StoreSink:
                 raise StoreError(f"layer {layer.digest} of image {desc.digest} was not copied")
             if self.unpack and not self.store.has_layer_dir(layer.diff_id):
                 dest = self._stage / "layers" / digest_hex(layer.diff_id) / "diff"
-                if not dest.exists():
+                if layer.diff_id in self._unpacked:
+                    unpacked.append((dest, layer.diff_id))
+                elif not dest.exists():
                     dest.parent.mkdir(parents=True)
                     with layer.open_compressed() as blob:
                         extract_layer(blob, layer.media_type, dest,
@@ -370,6 +401,53 @@ class StoreSink:
         for t in tags:
             self.store.tag(t, desc)
         self.written.append(desc)
+
+
+class _BlobTee:
+    """Reads through to the extractor while writing and hashing the compressed bytes."""
+
+    def __init__(self, stream: BinaryIO, desc: Descriptor, tmp_dir: Path):
+        self._stream = stream
+        self._desc = desc
+        fd, self._path = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self._seen = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if data:
+            self._seen += len(data)
+            if self._seen > self._desc.size:
+                raise DigestError(f"blob {self._desc.digest} is longer than its declared size "
+                                  f"{self._desc.size}")
+            self._hash.update(data)
+            self._file.write(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def finish(self) -> str:
+        """Drain what the extractor left (compression trailers), verify, return the file."""
+        while self.read(1 << 20):
+            pass
+        got = "sha256:" + self._hash.hexdigest()
+        if self._seen != self._desc.size:
+            raise DigestError(f"blob {self._desc.digest} has {self._seen} bytes, declared size "
+                              f"{self._desc.size}")
+        if got != self._desc.digest:
+            raise DigestError(f"blob {self._desc.digest} does not match its content ({got})")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._path
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 def pick_platform(index: dict, want: dict, *, where: str) -> Descriptor:

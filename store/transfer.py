@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from store.docker_archive import DockerArchive, DockerArchiveSink
+from store.documents import Descriptor
 from store.errors import KilnError, ReferenceError_, StoreError
 from store.fsutil import current_umask, remove_tree
 from store.image import Image, Progress, copy_image
@@ -45,8 +46,9 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
 
 def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                 output: str | os.PathLike, *, fmt: str = "oci", compression: str | None = None,
-                progress: Progress | None = None) -> None:
-    """``save`` for images already in hand (the builder's result, tagged or not)."""
+                progress: Progress | None = None) -> list[Descriptor]:
+    """``save`` for images already in hand (the builder's result, tagged or not); returns
+    the descriptors of the manifests written."""
     output = Path(output)
     if fmt == "docker-archive" and compression not in (None, "none"):
         raise KilnError("docker-archive layers are always uncompressed (as docker save "
@@ -55,13 +57,13 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
     if fmt == "docker-archive":
         sink = DockerArchiveSink(output)
         try:
-            for image, tags in images:
-                copy_image(image, sink, tags=tags, progress=progress, tmp_dir=str(store.tmp))
+            written = [copy_image(image, sink, tags=tags, progress=progress,
+                                  tmp_dir=str(store.tmp)) for image, tags in images]
         except BaseException:
             sink.abort()
             raise
         sink.close()
-        return
+        return written
     into_existing = fmt == "oci" and output.exists()
     if into_existing and not (output / "oci-layout").exists() and any(output.iterdir()):
         raise KilnError(f"{output} exists and is not an OCI layout; refusing to write into it")
@@ -74,9 +76,9 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                           .hexdigest()[:16] + ".lock")
     try:
         sink = LayoutSink(output if into_existing else work, index_lock=lock)
-        for image, tags in images:
-            copy_image(image, sink, tags=tags, compression=compression, progress=progress,
-                       tmp_dir=str(store.tmp))
+        written = [copy_image(image, sink, tags=tags, compression=compression,
+                              progress=progress, tmp_dir=str(store.tmp))
+                   for image, tags in images]
         if fmt == "oci-archive":
             write_oci_archive(work, output)
         elif work is not None:
@@ -85,6 +87,7 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
     finally:
         if work is not None:
             remove_tree(work)
+    return written
 
 
 def detect_format(path: Path) -> str:
