@@ -156,6 +156,10 @@ class RegistryTransport:
         self._session.headers["User-Agent"] = USER_AGENT
         # A no-op auth hook: requests would otherwise add ~/.netrc credentials on its own.
         self._session.auth = lambda r: r
+        if self.options.tls_verify is False:  # asked for: no warning on every request
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         cert_dirs = [self.options.cert_dir] if self.options.cert_dir else [
             os.path.join(self.options.certs_d, self.endpoint)]
         ctx = _tls_context([d for d in cert_dirs if os.path.isdir(d)])

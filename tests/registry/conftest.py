@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.conftest import container_tools, interop_dir  # noqa: F401 - shared fixtures
 from tests.registry.faults import FaultProxy
 from tests.registry.servers import REGISTRY_BIN, RegistryServer, start_registry
 
