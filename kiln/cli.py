@@ -2,14 +2,18 @@
 
 Command modules import their heavy dependencies inside the command bodies,
 so ``kiln --help`` and the hot paths start quickly.
+
+``kiln run`` goes further: click costs it more than starting the container does, so
+when its arguments are of the plain kinds ``parse_run_args`` knows (the options as
+written out by ``kiln run --help``, with their values), it runs without click. Any
+other command line (``--help``, a mistake, anything unusual) goes to click, which
+parses, runs or reports it as for every other command.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
-import click
 
 from kiln import __version__
 
@@ -38,35 +42,62 @@ COMMANDS = {
     "save": "image_commands", "load": "image_commands", "prune": "image_commands",
     "run": "container_commands", "ps": "container_commands", "rm": "container_commands",
     "build": "build_commands",
+    "pull": "registry_commands", "push": "registry_commands", "copy": "registry_commands",
+    "login": "registry_commands", "logout": "registry_commands",
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        module = COMMANDS.get(name)
-        if module is None:
-            return None
-        import importlib
-
-        return importlib.import_module(f"kiln.{module}").COMMANDS[name]
+def __getattr__(name: str):
+    """``cli`` (the click group) and ``LazyGroup``: defined, and click imported, on first use."""
+    if name in ("cli", "LazyGroup"):
+        _define_click_group()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="kiln", message="%(prog)s %(version)s")
-@click.option("--root", envvar="KILN_ROOT", metavar="DIR",
-              help="Store directory (default /var/lib/kiln as root, $XDG_DATA_HOME/kiln "
-                   "otherwise; env KILN_ROOT).")
-@click.pass_context
-def cli(ctx: click.Context, root: str | None) -> None:
-    """kiln: build, store, run and ship OCI images without a daemon."""
-    ctx.obj = Context(root)
+def _define_click_group() -> None:
+    import click
+
+    class LazyGroup(click.Group):
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return sorted(COMMANDS)
+
+        def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+            module = COMMANDS.get(name)
+            if module is None:
+                return None
+            import importlib
+
+            return importlib.import_module(f"kiln.{module}").COMMANDS[name]
+
+    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, "--version", prog_name="kiln",
+                          message="%(prog)s %(version)s")
+    @click.option("--root", envvar="KILN_ROOT", metavar="DIR",
+                  help="Store directory (default /var/lib/kiln as root, $XDG_DATA_HOME/kiln "
+                       "otherwise; env KILN_ROOT).")
+    @click.pass_context
+    def cli(ctx: click.Context, root: str | None) -> None:
+        """kiln: build, store, run and ship OCI images without a daemon."""
+        ctx.obj = Context(root)
+
+    globals().update(LazyGroup=LazyGroup, cli=cli)
+
+
+def echo_error(message: str) -> None:
+    """click.echo(message, err=True) without importing click unless the text needs it (click
+    strips ANSI escapes when stderr is no terminal)."""
+    if "\x1b" in message:
+        import click
+
+        click.echo(message, err=True)
+        return
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def fail(message: str) -> None:
-    click.echo(f"kiln: error: {message}", err=True)
+    echo_error(f"kiln: error: {message}")
     sys.exit(EXIT_KILN_ERROR)
 
 
@@ -76,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
-            click.echo(e.code, err=True)
+            echo_error(e.code)
     # Every file kiln writes is closed (and fsynced where it matters) by now; skipping
     # the interpreter's teardown saves tens of milliseconds on each kiln run.
     try:
@@ -88,17 +119,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="kiln", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.Abort:
-        fail("aborted")
-    except click.ClickException as e:
-        hint = ""
-        if isinstance(e, click.UsageError) and e.ctx is not None:
-            hint = f" (see '{e.ctx.command_path} --help')"
-        fail(e.format_message() + hint)
+        fast = parse_run_args(args)
+        if fast is not None:
+            root, params = fast
+            run_and_exit(root, params)
+        _click_main(args)
     except KeyboardInterrupt:
         fail("interrupted")
     except BrokenPipeError:
@@ -113,3 +140,200 @@ def _main(argv: list[str] | None) -> None:
             fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
         raise
     sys.exit(0)
+
+
+def _click_main(args: list[str]) -> None:
+    import click
+
+    if "cli" not in globals():
+        _define_click_group()
+    try:
+        globals()["cli"].main(args=args, prog_name="kiln", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        fail("aborted")
+    except click.ClickException as e:
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see '{e.ctx.command_path} --help')"
+        fail(e.format_message() + hint)
+
+
+# -- kiln run without click ---------------------------------------------------------------
+# option -> (parameter, kind): kind "flag", "value" (the last one given counts) or "multiple";
+# the same options as the click command in container_commands (a test holds them equal)
+RUN_OPTIONS = {
+    "--rm": ("remove", "flag"),
+    "-i": ("interactive", "flag"), "--interactive": ("interactive", "flag"),
+    "-t": ("tty", "flag"), "--tty": ("tty", "flag"),
+    "-e": ("env", "multiple"), "--env": ("env", "multiple"),
+    "--env-file": ("env_file", "multiple"),
+    "--entrypoint": ("entrypoint", "value"),
+    "-w": ("workdir", "value"), "--workdir": ("workdir", "value"),
+    "-u": ("user", "value"), "--user": ("user", "value"),
+    "-h": ("hostname", "value"), "--hostname": ("hostname", "value"),
+    "--name": ("name", "value"),
+    "--read-only": ("read_only", "flag"),
+    "-v": ("volumes", "multiple"), "--volume": ("volumes", "multiple"),
+    "--tmpfs": ("tmpfs", "multiple"),
+    "--network": ("network", "value"), "--net": ("network", "value"),
+    "--cap-add": ("cap_add", "multiple"), "--cap-drop": ("cap_drop", "multiple"),
+    "--privileged": ("privileged", "flag"),
+    "--security-opt": ("security_opt", "multiple"),
+    "--init": ("init", "flag"),
+    "-m": ("memory", "value"), "--memory": ("memory", "value"),
+    "--memory-swap": ("memory_swap", "value"),
+    "--cpus": ("cpus", "value"),
+    "-c": ("cpu_shares", "value"), "--cpu-shares": ("cpu_shares", "value"),
+    "--pids-limit": ("pids_limit", "value"),
+    "--stop-timeout": ("stop_timeout", "value"),
+}
+RUN_DEFAULTS = {"network": "none", "stop_timeout": 10.0}
+NETWORKS = ("none", "host")
+
+
+def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
+    """``[--root DIR] run [OPTIONS] IMAGE [COMMAND]...`` as click would parse it, as
+    (root or None, run_cmd's parameters); None for anything else, which click then handles."""
+    root = None
+    i = 0
+    while i < len(args) and args[i] != "run":
+        arg = args[i]
+        if arg == "--root" and i + 1 < len(args):
+            root = args[i + 1]
+            i += 2
+        elif arg.startswith("--root="):
+            root = arg[len("--root="):]
+            i += 1
+        else:
+            return None
+    if i == len(args):
+        return None
+    params: dict = {dest: () if kind == "multiple" else (False if kind == "flag" else None)
+                    for dest, kind in RUN_OPTIONS.values()}
+    params.update(RUN_DEFAULTS)
+    i += 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg[:1] != "-" or len(arg) == 1:
+            break  # IMAGE: options end here (run takes no interspersed options)
+        if arg.startswith("--"):
+            name, eq, attached = arg.partition("=")
+            if name not in RUN_OPTIONS:
+                return None
+            dest, kind = RUN_OPTIONS[name]
+            if kind == "flag":
+                if eq:
+                    return None
+                params[dest] = True
+            else:
+                if not eq:
+                    i += 1
+                    if i == len(args):
+                        return None
+                    attached = args[i]
+                _set_run_param(params, dest, kind, attached)
+        else:
+            for j in range(1, len(arg)):
+                if "-" + arg[j] not in RUN_OPTIONS:
+                    return None
+                dest, kind = RUN_OPTIONS["-" + arg[j]]
+                if kind == "flag":
+                    params[dest] = True
+                    continue
+                value = arg[j + 1:]
+                if not value:
+                    i += 1
+                    if i == len(args):
+                        return None
+                    value = args[i]
+                _set_run_param(params, dest, kind, value)
+                break
+        i += 1
+    if i == len(args):
+        return None  # no IMAGE: click says so
+    params["image"], params["command"] = args[i], tuple(args[i + 1:])
+    if params["network"] not in NETWORKS:
+        return None
+    try:
+        params["stop_timeout"] = float(params["stop_timeout"])
+    except ValueError:
+        return None
+    if any(os.path.exists(f) and not os.access(f, os.R_OK) for f in params["env_file"]):
+        return None  # click.Path(readable=True) refuses it
+    if root is None and os.environ.get("KILN_ROOT"):
+        root = os.environ["KILN_ROOT"]  # --root's envvar, as click reads it
+    return root, params
+
+
+def _set_run_param(params: dict, dest: str, kind: str, value: str) -> None:
+    if kind == "multiple":
+        params[dest] += (value,)
+    else:
+        params[dest] = value
+
+
+def _pulled_missing_image(store, name: str) -> bool:
+    """``kiln run`` of an image the store lacks pulls it first, as podman does."""
+    from store.errors import NotFoundError
+    from store.store import Store
+
+    store = store if isinstance(store, Store) else Store(store)
+    try:
+        store.resolve(name)
+        return False  # the image is there: the failure was about something else
+    except NotFoundError:
+        pass
+    from registry_client.pull import pull
+    from store.errors import KilnError
+    from store.reference import parse_reference
+
+    echo_error(f"pulling {name}")
+    try:
+        pull(store, name)
+    except KilnError as e:
+        raise KilnError(f"image {parse_reference(name)} is not in the store, and pulling it "
+                        f"failed: {e}") from None
+    return True
+
+
+def run_and_exit(store, params: dict) -> None:
+    """Run a container with run_cmd's parameters; exit with its code (or kiln's error).
+
+    ``store`` is a Store or a root directory (None: the default one)."""
+    from runtime.cgroups import warm_up_migration
+
+    warm_up_migration()  # as early as can be: it overlaps a kernel wait with our imports
+    from runtime.containers import RunOptions, run
+    from runtime.process import ContainerStartError
+    from store.errors import KilnError
+
+    p = params
+    opts = RunOptions(
+        image=p["image"], command=list(p["command"]), entrypoint=p["entrypoint"],
+        env=list(p["env"]), env_files=list(p["env_file"]), workdir=p["workdir"],
+        user=p["user"], hostname=p["hostname"], name=p["name"], remove=p["remove"],
+        tty=p["tty"], interactive=p["interactive"], read_only=p["read_only"],
+        volumes=list(p["volumes"]), tmpfs=list(p["tmpfs"]), network=p["network"],
+        cap_add=list(p["cap_add"]), cap_drop=list(p["cap_drop"]), privileged=p["privileged"],
+        security_opts=list(p["security_opt"]), init=p["init"], memory=p["memory"],
+        memory_swap=p["memory_swap"], cpus=p["cpus"], cpu_shares=p["cpu_shares"],
+        pids_limit=p["pids_limit"], stop_timeout=p["stop_timeout"])
+    try:
+        try:
+            status = run(store, opts, warm_up=False)
+        except KilnError:
+            if not _pulled_missing_image(store, p["image"]):
+                raise
+            status = run(store, opts, warm_up=False)
+    except ContainerStartError as e:
+        echo_error(f"kiln: error: {e}")
+        sys.exit(e.exit_code)
+    if status.oom_killed:
+        echo_error(f"kiln: container was killed: out of memory (--memory {p['memory']})")
+        sys.exit(137)
+    sys.exit(status.code)

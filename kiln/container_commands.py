@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -46,26 +45,9 @@ def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entryp
             privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
             stop_timeout):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
-    from runtime.containers import RunOptions, run
-    from runtime.process import ContainerStartError
+    from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 
-    opts = RunOptions(
-        image=image, command=list(command), entrypoint=entrypoint, env=list(env),
-        env_files=list(env_file), workdir=workdir, user=user, hostname=hostname, name=name,
-        remove=remove, tty=tty, interactive=interactive, read_only=read_only,
-        volumes=list(volumes), tmpfs=list(tmpfs), network=network, cap_add=list(cap_add),
-        cap_drop=list(cap_drop), privileged=privileged, security_opts=list(security_opt),
-        init=init, memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
-        pids_limit=pids_limit, stop_timeout=stop_timeout)
-    try:
-        status = run(ctx.obj.store, opts)
-    except ContainerStartError as e:
-        click.echo(f"kiln: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    if status.oom_killed:
-        click.echo(f"kiln: container was killed: out of memory (--memory {memory})", err=True)
-        sys.exit(137)
-    sys.exit(status.code)
+    run_and_exit(ctx.obj.store, dict(ctx.params))
 
 
 def _status(rec) -> str:

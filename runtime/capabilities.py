@@ -24,12 +24,17 @@ DOCKER_DEFAULT = frozenset({
 })
 
 
+_last_cap: list[int] = []  # read once per process: the kernel's answer cannot change
+
+
 def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return len(CAPABILITIES) - 1
+    if not _last_cap:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+                _last_cap.append(int(f.read()))
+        except (OSError, ValueError):
+            _last_cap.append(len(CAPABILITIES) - 1)
+    return _last_cap[0]
 
 
 def normalize(name: str) -> str:
@@ -46,7 +51,8 @@ def normalize(name: str) -> str:
 def resolve(cap_add: list[str] = (), cap_drop: list[str] = (), *,
             privileged: bool = False) -> frozenset[str]:
     """Docker's rule: start from the default set; drops apply, then adds (ALL allowed in both)."""
-    known = [c for c in CAPABILITIES if CAP_NUMBER[c] <= last_cap()]
+    top = last_cap()
+    known = [c for c in CAPABILITIES if CAP_NUMBER[c] <= top]
     if privileged:
         return frozenset(known)
     adds = {normalize(c) for c in cap_add}
@@ -56,7 +62,7 @@ def resolve(cap_add: list[str] = (), cap_drop: list[str] = (), *,
         caps = set()
     caps -= drops
     caps |= set(known) if "ALL" in adds else adds - {"ALL"}
-    return frozenset(c for c in caps if CAP_NUMBER[c] <= last_cap())
+    return frozenset(c for c in caps if CAP_NUMBER[c] <= top)
 
 
 def mask(caps: frozenset[str] | set[str]) -> int:

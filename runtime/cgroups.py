@@ -28,11 +28,15 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from fractions import Fraction
-from typing import Protocol
 
+from runtime.spec import FrozenRecord
 from store.errors import KilnError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # typing costs kiln run's start-up more than the whole cgroup setup
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 KILN_PARENT = "kiln"
@@ -40,7 +44,7 @@ CPU_PERIOD_US = 100_000
 MIN_MEMORY = 6 * 1024 * 1024  # docker's linuxMinMemory ("6MB")
 MIN_CPU_SHARES = 2
 MAX_CPU_SHARES = 262_144
-MIN_CPUS = Fraction(1, 100)  # a cfs quota under 1 ms is refused by the kernel
+MIN_CPUS = "0.01"  # a cfs quota under 1 ms is refused by the kernel
 REMOVE_TIMEOUT = 5.0
 MAKE_ATTEMPTS = 10
 
@@ -62,15 +66,23 @@ class _Vanished(CgroupError):
 # limits from the command line
 
 
-@dataclass(frozen=True)
-class Limits:
-    memory: int | None = None  # bytes
-    memory_swap: int | None = None  # memory+swap in bytes, as docker means it; -1 = unlimited
-    cpus: float | None = None  # -> cfs quota / period (period CPU_PERIOD_US)
-    cpu_shares: int | None = None  # v1 cpu.shares; v2 cpu.weight via runc's conversion
-    pids_limit: int | None = None  # <= 0 or None = unlimited
+class Limits(FrozenRecord):
+    memory: int | None  # bytes
+    memory_swap: int | None  # memory+swap in bytes, as docker means it; -1 = unlimited
+    cpus: float | None  # -> cfs quota / period (period CPU_PERIOD_US)
+    cpu_shares: int | None  # v1 cpu.shares; v2 cpu.weight via runc's conversion
+    pids_limit: int | None  # <= 0 or None = unlimited
     # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...]
+
+    def __init__(self, memory: int | None = None, memory_swap: int | None = None,
+                 cpus: float | None = None, cpu_shares: int | None = None,
+                 pids_limit: int | None = None, warnings: tuple[str, ...] = ()):
+        self._set(memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
+                  pids_limit=pids_limit, warnings=warnings)
+
+    def _compared(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "warnings"}
 
     def controllers(self) -> set[str]:
         """The controllers these limits need."""
@@ -84,7 +96,7 @@ class Limits:
         return needed
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?(?:([kmgtp])(i)?)?(b)?", re.IGNORECASE)
+_SIZE = r"(\d+(?:\.\d+)?) ?(?:([kmgtp])(i)?)?(b)?"  # compiled on first use (re caches it)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
@@ -93,7 +105,9 @@ def parse_size(text: str) -> int:
 
     Units are binary (k = 1024) as in docker's RAMInBytes; a fraction of a byte is dropped.
     """
-    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    from fractions import Fraction  # with decimal: only when a size is given
+
+    match = re.fullmatch(_SIZE, text, re.IGNORECASE) if isinstance(text, str) else None
     if not match:
         raise CgroupError(f"invalid size: {text!r} (expected a number with an optional "
                           "unit b, k, m, g, t or p, such as 512m or 1g)")
@@ -175,6 +189,8 @@ def _parse_int(flag: str, text: str | int) -> int:
 
 
 def _parse_cpus(text: str) -> float | None:
+    from fractions import Fraction
+
     try:
         value = Fraction(text.strip())
     except (ValueError, ZeroDivisionError):
@@ -184,7 +200,7 @@ def _parse_cpus(text: str) -> float | None:
     if (value * 10**9).denominator != 1:
         raise CgroupError(f"--cpus {text}: value is too precise (at most 9 decimals)")
     available = _cpu_count()
-    if value < MIN_CPUS or value > available:
+    if value < Fraction(MIN_CPUS) or value > available:
         raise CgroupError(f"--cpus {text}: range of CPUs is from 0.01 to {available}.00, as "
                           f"there are only {available} CPUs available")
     return float(value)
@@ -240,6 +256,59 @@ def create_cgroup(name: str, limits: Limits, *, driver: str | None = None) -> Cg
     if driver == "v1":
         return V1Cgroup.create(name, limits)
     raise CgroupError(f"unknown cgroup driver {driver!r} (expected v1 or v2)")
+
+
+def warm_up_migration(*, driver: str | None = None) -> None:
+    """Start, in a background thread, what makes the container's move into its cgroup slow.
+
+    Moving a process between cgroups takes the kernel's global cgroup threadgroup lock for
+    writing, and the first writer after a quiet spell waits for an RCU grace period (on the
+    test host 5 to 15 ms, the largest single cost of ``kiln run``); writers that follow
+    within about a grace period do not wait. So while kiln prepares the container, a thread
+    moves kiln into the cgroup it already is in (a move the kernel skips: nothing changes)
+    to pay that wait early, and the container's real move moments later is quick. Returns
+    once the thread is in its write. Errors are ignored: the real move does not depend on it.
+    """
+    try:
+        own = _own_cgroup_dir(driver or detect_driver())
+        fd = os.open(os.path.join(own, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) \
+            if own else -1
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    import _thread  # threading's import costs more than this whole warm-up saves
+
+    writing = _thread.allocate_lock()
+    writing.acquire()
+
+    def move_self() -> None:
+        try:
+            writing.release()
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    try:
+        _thread.start_new_thread(move_self, ())
+    except RuntimeError:
+        os.close(fd)
+        return
+    writing.acquire(timeout=1.0)  # hands the GIL over: the thread starts at once
+
+
+def _own_cgroup_dir(driver: str) -> str | None:
+    """kiln's own cgroup: in the v1 hierarchy a container would be tracked in, or in v2."""
+    if driver == "v1":
+        hierarchies = v1_hierarchies()
+        return next((hierarchies[c] for c in V1Cgroup.TRACKING if c in hierarchies), None)
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return os.path.join(CGROUP_ROOT, line[3:].strip().lstrip("/"))
+    return None
 
 
 # ---------------------------------------------------------------------------------------

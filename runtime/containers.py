@@ -5,67 +5,162 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, ProcessSpec, TmpfsMount
+from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, ProcessSpec, Record, TmpfsMount
 from store.errors import KilnError
-from store.fsutil import atomic_write, remove_tree
-from store.store import Store
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from store.store import Store
+
+# ``kiln run`` imports this module on its start-up path: the store's modules (and pathlib,
+# shutil, dataclasses ...) are imported only when a lookup is not in the cache of
+# runtime.image_lookup, or by the functions that need them.
 
 
-@dataclass
-class RunOptions:
-    image: str
-    command: list[str] = field(default_factory=list)
-    entrypoint: str | None = None  # None: the image's; "": none
-    env: list[str] = field(default_factory=list)
-    env_files: list[str] = field(default_factory=list)
-    workdir: str | None = None
-    user: str | None = None
-    hostname: str | None = None
-    name: str | None = None
-    remove: bool = False
-    tty: bool = False
-    interactive: bool = False
-    read_only: bool = False
-    volumes: list[str] = field(default_factory=list)
-    tmpfs: list[str] = field(default_factory=list)
-    network: str = "none"
-    cap_add: list[str] = field(default_factory=list)
-    cap_drop: list[str] = field(default_factory=list)
-    privileged: bool = False
-    security_opts: list[str] = field(default_factory=list)
-    init: bool = False
-    memory: str | None = None
-    memory_swap: str | None = None
-    cpus: str | None = None
-    cpu_shares: str | None = None
-    pids_limit: str | None = None
-    stop_timeout: float = 10.0
+class RunOptions(Record):
+    def __init__(
+        self, image: str, command: list[str] | None = None, entrypoint: str | None = None,
+        env: list[str] | None = None, env_files: list[str] | None = None,
+        workdir: str | None = None, user: str | None = None, hostname: str | None = None,
+        name: str | None = None, remove: bool = False, tty: bool = False,
+        interactive: bool = False, read_only: bool = False, volumes: list[str] | None = None,
+        tmpfs: list[str] | None = None, network: str = "none",
+        cap_add: list[str] | None = None, cap_drop: list[str] | None = None,
+        privileged: bool = False, security_opts: list[str] | None = None, init: bool = False,
+        memory: str | None = None, memory_swap: str | None = None, cpus: str | None = None,
+        cpu_shares: str | None = None, pids_limit: str | None = None,
+        stop_timeout: float = 10.0,
+    ):
+        self.image = image
+        self.command = [] if command is None else command
+        self.entrypoint = entrypoint  # None: the image's; "": none
+        self.env = [] if env is None else env
+        self.env_files = [] if env_files is None else env_files
+        self.workdir = workdir
+        self.user = user
+        self.hostname = hostname
+        self.name = name
+        self.remove = remove
+        self.tty = tty
+        self.interactive = interactive
+        self.read_only = read_only
+        self.volumes = [] if volumes is None else volumes
+        self.tmpfs = [] if tmpfs is None else tmpfs
+        self.network = network
+        self.cap_add = [] if cap_add is None else cap_add
+        self.cap_drop = [] if cap_drop is None else cap_drop
+        self.privileged = privileged
+        self.security_opts = [] if security_opts is None else security_opts
+        self.init = init
+        self.memory = memory
+        self.memory_swap = memory_swap
+        self.cpus = cpus
+        self.cpu_shares = cpu_shares
+        self.pids_limit = pids_limit
+        self.stop_timeout = stop_timeout
 
 
-@dataclass
-class ContainerRecord:
-    id: str
-    name: str
-    image: str  # manifest digest: keeps the image alive for prune and rmi
-    image_name: str
-    command: list[str]
-    created: float
-    status: str = "created"
-    pid: int = 0
-    exit_code: int | None = None
-    finished: float | None = None
+class ContainerRecord(Record):
+    FIELDS = ("id", "name", "image", "image_name", "command", "created", "status", "pid",
+              "exit_code", "finished")
 
-    def save(self, directory: Path) -> None:
-        atomic_write(directory / "state.json", json.dumps(self.__dict__).encode(), durable=False)
+    def __init__(self, id: str, name: str, image: str, image_name: str, command: list[str],
+                 created: float, status: str = "created", pid: int = 0,
+                 exit_code: int | None = None, finished: float | None = None):
+        self.id = id
+        self.name = name
+        self.image = image  # manifest digest: keeps the image alive for prune and rmi
+        self.image_name = image_name
+        self.command = command
+        self.created = created
+        self.status = status
+        self.pid = pid
+        self.exit_code = exit_code
+        self.finished = finished
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Replace state.json at once; not flushed to disk: it means nothing after a reboot
+        that ``kiln ps`` could not tell anyway (a pid, a status)."""
+        path = os.path.join(directory, "state.json")
+        tmp = os.path.join(directory, f".tmp-state.json-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask, as before
+            view = memoryview(json.dumps(self.__dict__).encode())
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
 
     @classmethod
-    def load(cls, directory: Path) -> ContainerRecord:
-        with open(directory / "state.json", "rb") as f:
+    def load(cls, directory: str | os.PathLike) -> ContainerRecord:
+        with open(os.path.join(directory, "state.json"), "rb") as f:
             data = json.loads(f.read(1 << 20))
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(**{k: data.get(k) for k in cls.FIELDS})
+
+
+def default_root() -> str:
+    """store.store.default_root's rule (a test holds them equal), without importing the store."""
+    env = os.environ.get("KILN_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/kiln"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                             "share")
+    return os.path.join(data, "kiln")
+
+
+class StoreHandle:
+    """A store's paths at once, its Store object (and the imports that takes) on demand.
+
+    ``store`` is a Store, or the root directory (None: the default root).
+    """
+
+    def __init__(self, store: Store | str | os.PathLike | None):
+        if store is None or isinstance(store, (str, os.PathLike)):
+            self._store = None
+            self.root = os.path.abspath(default_root() if store is None else store)
+        else:
+            self._store = store
+            self.root = str(store.root)
+        self.containers_dir = os.path.join(self.root, "containers")
+        self.cache_dir = os.path.join(self.containers_dir, ".cache")
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from store.store import Store
+
+            self._store = Store(self.root)
+        return self._store
+
+    def exists(self) -> bool:
+        return self._store is not None or os.path.isfile(os.path.join(self.root, "oci-layout"))
+
+
+class _SharedStoreLock:
+    """The store lock held shared, as Store.writing() holds it, without importing the store."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "locks", "store.lock")
+        self.fd = -1
+
+    def __enter__(self) -> _SharedStoreLock:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing drops the flock
 
 
 def command_for(config: dict, opts: RunOptions) -> list[str]:
@@ -152,9 +247,8 @@ def _parse_tmpfs(text: str) -> TmpfsMount:
     return TmpfsMount(path, options or "rw,nosuid,nodev,noexec,size=65536k")
 
 
-def _security(opts: RunOptions, caps: frozenset[str]) -> tuple[bytes | None, bool]:
-    from runtime.seccomp import profile_for
-
+def _security(opts: RunOptions, caps: frozenset[str],
+              cache_dir: str | None) -> tuple[bytes | None, bool]:
     seccomp_opt = None
     nnp = False
     for s in opts.security_opts:
@@ -171,54 +265,89 @@ def _security(opts: RunOptions, caps: frozenset[str]) -> tuple[bytes | None, boo
             raise KilnError(f"unknown --security-opt {s!r}")
     if opts.privileged and seccomp_opt is None:
         seccomp_opt = "unconfined"
+    if seccomp_opt is None:  # Docker's default profile: compiled once per host, then cached
+        from runtime.seccomp_cache import default_filter
+
+        return default_filter(caps, cache_dir), nnp
+    from runtime.seccomp import profile_for
+
     return profile_for(seccomp_opt, set(caps)), nnp
 
 
-def _etc_files(directory: Path, hostname: str, network: str) -> dict[str, str]:
-    hosts = directory / "hosts"
-    hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                     f"127.0.1.1\t{hostname}\n")
-    (directory / "hostname").write_text(hostname + "\n")
-    resolv = directory / "resolv.conf"
+def _etc_files(directory: str, hostname: str, network: str) -> dict[str, str]:
+    resolv = b""
     try:
         with open("/etc/resolv.conf", "rb") as f:
-            resolv.write_bytes(f.read(1 << 16))
+            resolv = f.read(1 << 16)
     except OSError:
-        resolv.write_text("")
-    files = {"/etc/hosts": str(hosts), "/etc/resolv.conf": str(resolv)}
-    files["/etc/hostname"] = str(directory / "hostname")
+        pass
+    contents = {
+        "/etc/hosts": ("hosts", ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost "
+                                 f"ip6-loopback\n127.0.1.1\t{hostname}\n").encode()),
+        "/etc/resolv.conf": ("resolv.conf", resolv),
+        "/etc/hostname": ("hostname", f"{hostname}\n".encode()),
+    }
+    files = {}
+    for target, (name, data) in contents.items():
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        files[target] = path
     return files
 
 
-def create(store: Store, opts: RunOptions) -> tuple[ContainerRecord, ContainerSpec, Path]:
+def _resolve_image(handle: StoreHandle, name: str):
+    """(manifest digest, the config's "config" object, layer dirs); call with the store
+    lock held. From runtime.image_lookup when it knows the name, else the full way."""
+    from runtime import image_lookup
+
+    if handle.exists():
+        known = image_lookup.lookup(handle.root, handle.cache_dir, name)
+        if known is not None:
+            return known.digest, known.config, known.layers
+    store = handle.store
+    identity = image_lookup.index_identity(handle.root)
+    desc = store.resolve(name)
+    image = store.image_for(desc)
+    config = image.config().get("config") or {}
+    layer_dirs = [str(d) for d in store.unpack_image(image)]
+    if (identity == image_lookup.index_identity(handle.root)
+            and any(t.descriptor == desc for t in store.tags())):
+        image_lookup.remember(handle.cache_dir, identity, name,
+                              image_lookup.Answer(desc.digest, config, layer_dirs))
+    return desc.digest, config, layer_dirs
+
+
+def create(store: Store | StoreHandle | str | None,
+           opts: RunOptions) -> tuple[ContainerRecord, ContainerSpec, str]:
     from runtime.capabilities import resolve as resolve_caps
 
+    handle = store if isinstance(store, StoreHandle) else StoreHandle(store)
     if opts.network not in ("none", "host"):
         raise KilnError(f"unsupported --network {opts.network!r} (use none or host)")
     caps = resolve_caps(opts.cap_add, opts.cap_drop, privileged=opts.privileged)
-    seccomp, nnp = _security(opts, caps)
+    seccomp, nnp = _security(opts, caps, handle.cache_dir if handle.exists() else None)
     binds = [_parse_volume(v) for v in opts.volumes]
     tmpfs = [_parse_tmpfs(t) for t in opts.tmpfs]
-    with store.writing():
-        desc = store.resolve(opts.image)
-        image = store.image_for(desc)
-        config = image.config().get("config") or {}
-        layer_dirs = [str(d) for d in store.unpack_image(image)]
-        if opts.name and any(c.name == opts.name for c in list_containers(store)):
+    if not handle.exists():
+        handle.store  # noqa: B018 - makes the store (and its lock file) as Store() does
+    with _SharedStoreLock(handle.root):
+        digest, config, layer_dirs = _resolve_image(handle, opts.image)
+        if opts.name and any(c.name == opts.name for c in list_containers(handle)):
             raise KilnError(f"the container name {opts.name!r} is already in use")
         cid = os.urandom(32).hex()
         hostname = opts.hostname or cid[:12]
         argv = command_for(config, opts)
-        directory = store.containers_dir / cid
-        directory.mkdir(mode=0o700)
+        directory = os.path.join(handle.containers_dir, cid)
+        os.mkdir(directory, 0o700)
         try:
             for sub in ("upper", "work", "rootfs"):
-                (directory / sub).mkdir(mode=0o755)
-            record = ContainerRecord(cid, opts.name or f"kiln-{cid[:12]}", desc.digest,
+                os.mkdir(os.path.join(directory, sub), 0o755)
+            record = ContainerRecord(cid, opts.name or f"kiln-{cid[:12]}", digest,
                                      opts.image, argv, time.time())
             record.save(directory)
         except BaseException:
-            remove_tree(directory)
+            remove_container_dir(directory)
             raise
     process = ProcessSpec(
         args=argv,
@@ -229,9 +358,9 @@ def create(store: Store, opts: RunOptions) -> tuple[ContainerRecord, ContainerSp
         stdin=opts.interactive,
     )
     spec = ContainerSpec(
-        id=cid, layers=layer_dirs, upper=str(directory / "upper"),
-        work=str(directory / "work"), rootfs=str(directory / "rootfs"), process=process,
-        hostname=hostname, binds=binds, tmpfs=tmpfs,
+        id=cid, layers=layer_dirs, upper=os.path.join(directory, "upper"),
+        work=os.path.join(directory, "work"), rootfs=os.path.join(directory, "rootfs"),
+        process=process, hostname=hostname, binds=binds, tmpfs=tmpfs,
         etc_files=_etc_files(directory, hostname, opts.network),
         readonly_rootfs=opts.read_only, network=opts.network, capabilities=caps,
         seccomp=seccomp, no_new_privileges=nnp, privileged=opts.privileged, init=opts.init,
@@ -239,18 +368,24 @@ def create(store: Store, opts: RunOptions) -> tuple[ContainerRecord, ContainerSp
     return record, spec, directory
 
 
-def run(store: Store, opts: RunOptions):
-    """Create, start and wait for a container; returns its process.ExitStatus."""
-    from runtime.cgroups import create_cgroup, parse_limits
+def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: bool = True):
+    """Create, start and wait for a container; returns its process.ExitStatus.
+
+    ``store`` is a Store or a store's root directory (None: the default root).
+    ``warm_up=False``: the caller has called cgroups.warm_up_migration itself, earlier."""
+    from runtime.cgroups import create_cgroup, parse_limits, warm_up_migration
     from runtime.process import Container
 
     limits = parse_limits(memory=opts.memory, memory_swap=opts.memory_swap, cpus=opts.cpus,
                           cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit)
-    record, spec, directory = create(store, opts)
+    if warm_up:
+        warm_up_migration()  # the kernel's wait for the cgroup move, overlapped with create()
+    record, spec, directory = create(StoreHandle(store), opts)
     cgroup = None
     try:
         cgroup = create_cgroup(f"kiln-{record.id[:12]}", limits)
         container = Container(spec, cgroup)
+
         def running(pid: int) -> None:
             record.status, record.pid = "running", pid
             record.save(directory)
@@ -271,17 +406,55 @@ def run(store: Store, opts: RunOptions):
         if cgroup is not None:
             cgroup.remove()
         if opts.remove:
-            remove_tree(directory)
+            remove_container_dir(directory)
 
 
-def list_containers(store: Store) -> list[ContainerRecord]:
+def remove_container_dir(path: str | os.PathLike) -> None:
+    """rm -rf of a container's directory, by file descriptors (no symlink is followed).
+
+    What the container wrote into its upper dir may resist (a directory without write
+    permission): store.fsutil.remove_tree, which knows to fix that up, takes over then.
+    """
+    try:
+        _remove_tree_at(None, os.fspath(path))
+    except FileNotFoundError:
+        pass
+    except OSError:
+        from store.fsutil import remove_tree
+
+        remove_tree(path)
+
+
+def _remove_tree_at(dir_fd: int | None, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in entries:
+            if is_dir:
+                _remove_tree_at(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def list_containers(store: Store | StoreHandle | str | None) -> list[ContainerRecord]:
+    handle = store if isinstance(store, StoreHandle) else StoreHandle(store)
     out = []
-    if store.containers_dir.is_dir():
-        for entry in sorted(os.scandir(store.containers_dir), key=lambda e: e.name):
-            try:
-                out.append(ContainerRecord.load(Path(entry.path)))
-            except (OSError, ValueError, TypeError):
-                continue
+    try:
+        entries = sorted(os.scandir(handle.containers_dir), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for entry in entries:
+        if entry.name.startswith("."):  # .cache
+            continue
+        try:
+            out.append(ContainerRecord.load(entry.path))
+        except (OSError, ValueError, TypeError):
+            continue
     for rec in out:
         if rec.status == "running" and not _alive(rec.pid):
             rec.status = "exited"
@@ -300,7 +473,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def find(store: Store, name_or_id: str) -> ContainerRecord:
+def find(store: Store | StoreHandle | str | None, name_or_id: str) -> ContainerRecord:
     matches = [c for c in list_containers(store)
                if c.name == name_or_id or c.id.startswith(name_or_id)]
     if len(matches) == 1:
@@ -310,8 +483,9 @@ def find(store: Store, name_or_id: str) -> ContainerRecord:
     raise KilnError(f"container ID prefix {name_or_id!r} is ambiguous")
 
 
-def remove(store: Store, name_or_id: str, *, force: bool = False) -> str:
-    rec = find(store, name_or_id)
+def remove(store: Store | str | None, name_or_id: str, *, force: bool = False) -> str:
+    handle = StoreHandle(store)
+    rec = find(handle, name_or_id)
     if rec.status == "running":
         if not force:
             raise KilnError(f"container {rec.name} is running; stop it first or use -f")
@@ -321,7 +495,5 @@ def remove(store: Store, name_or_id: str, *, force: bool = False) -> str:
             os.kill(rec.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    remove_tree(store.containers_dir / rec.id)
+    remove_container_dir(os.path.join(handle.containers_dir, rec.id))
     return rec.id
-
-

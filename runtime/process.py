@@ -15,26 +15,28 @@ the program), so nothing of the host's Python is reachable from inside.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
 import select
 import signal
-import socket
 import struct
-import termios
-import threading
 import time
-from dataclasses import dataclass
 
 from runtime import rootfs
 from runtime import syscalls as sc
 from runtime.capabilities import last_cap, mask
-from runtime.spec import DEFAULT_PATH, ContainerSpec
-from runtime.users import resolve_user
+from runtime.spec import DEFAULT_PATH, ContainerSpec, Record
+from runtime.users import ExecUser, resolve_user
 from store.errors import KilnError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    import socket
+
+# socket and termios are imported only for a terminal (-t), by the parent before it forks:
+# the container's PID 1 then finds them loaded, after pivot_root has hidden the host's files.
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
@@ -48,26 +50,32 @@ class ContainerStartError(KilnError):
         self.exit_code = exit_code
 
 
-@dataclass
-class ExitStatus:
-    code: int  # as docker reports it: the exit code, or 128+N for signal N
-    signal: int | None = None
-    oom_killed: bool = False
+class ExitStatus(Record):
+    def __init__(self, code: int, signal: int | None = None, oom_killed: bool = False):
+        self.code = code  # as docker reports it: the exit code, or 128+N for signal N
+        self.signal = signal
+        self.oom_killed = oom_killed
 
 
 # ----------------------------------------------------------------- inside the container
 def _fail_child(errpipe: int, message: str, code: int) -> None:
-    with contextlib.suppress(OSError):
+    try:
         os.write(errpipe, json.dumps({"error": message, "code": code}).encode())
+    except OSError:
+        pass
     os._exit(code)
 
 
 def _set_loopback_up() -> None:
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    AF_INET, SOCK_DGRAM = 2, 2
+    fd = sc.socket(AF_INET, SOCK_DGRAM)
+    try:
         req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        flags = struct.unpack("16sH14x", fcntl.ioctl(fd, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        os.close(fd)
 
 
 def _find_executable(name: str, env: list[str]) -> str:
@@ -84,18 +92,25 @@ def _find_executable(name: str, env: list[str]) -> str:
     raise ContainerStartError(f"{name}: executable file not found in $PATH", EXIT_NOT_FOUND)
 
 
-def _apply_identity_and_privileges(spec: ContainerSpec) -> None:
-    """User, capabilities, no_new_privs and seccomp, in the only order that works.
+def _drop_bounding_set(spec: ContainerSpec) -> int:
+    """Drop from the bounding set what the container may not have; return the mask it keeps.
 
-    Seccomp is loaded while CAP_SYS_ADMIN is still effective (so no_new_privs
-    is not forced on), then the final capability sets are installed.
-    """
-    user = resolve_user(spec.process.user)
+    Done before kiln says go: the effective set, and with it the CAP_SYS_ADMIN that the
+    cgroup namespace needs, is untouched by it."""
     keep = mask(spec.capabilities) & sc.capget()[1]  # nothing kiln does not hold itself
     sc.prctl(sc.PR_SET_KEEPCAPS, 1)
     for cap in range(last_cap() + 1):
         if not keep & (1 << cap):
             sc.prctl(sc.PR_CAPBSET_DROP, cap)
+    return keep
+
+
+def _apply_identity_and_privileges(spec: ContainerSpec, user: ExecUser, keep: int) -> None:
+    """User, capabilities, no_new_privs and seccomp, in the only order that works.
+
+    Seccomp is loaded while CAP_SYS_ADMIN is still effective (so no_new_privs
+    is not forced on), then the final capability sets are installed.
+    """
     os.setgroups(list(user.additional_gids))
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
@@ -135,6 +150,8 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         cwd = spec.process.cwd or "/"
         if not os.path.isdir(cwd):
             os.makedirs(cwd, 0o755, exist_ok=True)
+        user = resolve_user(spec.process.user)  # the image's /etc/passwd, read while we wait
+        keep = _drop_bounding_set(spec)
         if os.read(go_read, 1) != b"g":  # kiln died or gave up before we were ready
             os._exit(EXIT_NOT_FOUND)
         os.close(go_read)
@@ -144,6 +161,9 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         # if kiln dies from here on, so does the container.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if spec.process.terminal:
+            import socket  # loaded by the parent before the fork: no file is read here
+            import termios
+
             master, slave = os.openpty()
             socket.send_fds(tty_sock, [b"t"], [master])
             os.close(master)
@@ -156,7 +176,7 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
                 os.close(slave)
         elif tty_sock is not None:
             tty_sock.close()
-        _apply_identity_and_privileges(spec)
+        _apply_identity_and_privileges(spec, user, keep)
         os.chdir(cwd)
         if not os.getcwd().startswith("/"):
             raise ContainerStartError(f"working directory {cwd} is outside the container")
@@ -205,8 +225,10 @@ def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
     for sig in range(1, signal.NSIG):
         if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
             continue
-        with contextlib.suppress(OSError, ValueError):
+        try:
             signal.signal(sig, lambda s, _f: os.kill(child, s))
+        except (OSError, ValueError):
+            pass
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
@@ -264,6 +286,9 @@ class Container:
         pid_read, pid_write = os.pipe()
         tty_parent = tty_child = None
         if self.spec.process.terminal:
+            import socket
+            import termios  # noqa: F401 - for the container's PID 1, see the imports above
+
             tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stage1 = os.fork()
         if stage1 == 0:
@@ -283,9 +308,9 @@ class Container:
         if tty_child is not None:
             tty_child.close()
         try:
-            data = _read_all(pid_read)
-            os.waitpid(stage1, 0)
+            data = os.read(pid_read, 64)  # stage 1's one small write; EOF when it failed
             if not data:
+                stage1 = _reap(stage1)
                 self._raise_start_error(err_read)
             self.pid = int(data)
             try:
@@ -293,6 +318,9 @@ class Container:
                     self.cgroup.add_process(self.pid)
                 if on_pid is not None:
                     on_pid(self.pid)
+                # Stage 1 exits by itself meanwhile. Once it is gone PID 1 is kiln's child,
+                # as it must be before go: PR_SET_PDEATHSIG then watches kiln, not stage 1.
+                stage1 = _reap(stage1)
                 os.write(go_write, b"g")
             except (OSError, KilnError):
                 # PID 1 may have failed its setup meanwhile: its own reason comes first
@@ -311,11 +339,15 @@ class Container:
             self._raise_start_error(err_read)  # EOF without data: exec succeeded
         except BaseException:
             if self.pid:
-                with contextlib.suppress(OSError):
+                try:
                     os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
+                except OSError:
+                    pass
+                stage1 = _reap(stage1)  # then PID 1 is our child, to be reaped here
+                _reap(self.pid)
             raise
         finally:
+            _reap(stage1)
             if go_write >= 0:
                 os.close(go_write)
             os.close(pid_read)
@@ -328,23 +360,31 @@ class Container:
         if data:
             info = json.loads(data)
             if self.pid:
-                with contextlib.suppress(ChildProcessError):
+                try:
                     os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    pass
             raise ContainerStartError(info["error"], info.get("code", 125))
 
     def wait(self, *, stop_timeout: float = 10.0) -> ExitStatus:
         deadline: list[float] = []
 
         def forward(sig, _frame):
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
             if sig in (signal.SIGINT, signal.SIGTERM) and not deadline:
                 deadline.append(time.monotonic() + stop_timeout)
 
         # Only the main thread may install handlers; a build running steps in worker threads
         # relies on PR_SET_PDEATHSIG instead (kiln dies -> its containers die).
-        main = threading.current_thread() is threading.main_thread()
-        old = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main else {}
+        old = {}
+        try:
+            for sig in FORWARDED:
+                old[sig] = signal.signal(sig, forward)
+        except ValueError:  # "signal only works in main thread": nothing was installed
+            pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # those that came meanwhile, too
         try:
             if self._master is not None:
@@ -373,10 +413,13 @@ class Container:
 
     def _kill_after(self, deadline: list[float]) -> None:
         if deadline and time.monotonic() > deadline[0]:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _relay_terminal(self, deadline: list[float]) -> int:
+        import termios
         import tty
 
         master = self._master
@@ -430,6 +473,16 @@ class Container:
         return ExitStatus(os.waitstatus_to_exitcode(status), None, oom)
 
 
+def _reap(pid: int) -> int:
+    """Wait for child ``pid`` (0: already reaped); returns 0."""
+    if pid:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return 0
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     while True:
@@ -447,15 +500,21 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _copy_window_size(master: int) -> None:
+    import termios
+
     for fd in (0, 1, 2):
         if os.isatty(fd):
-            with contextlib.suppress(OSError):
+            try:
                 fcntl.ioctl(master, termios.TIOCSWINSZ,
                             fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+            except OSError:
+                pass
             return
 
 
 def _receive_master(sock: socket.socket) -> int:
+    import socket
+
     _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
     if not fds:
         raise ContainerStartError("the container did not hand over its terminal")

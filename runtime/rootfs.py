@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 
 from runtime import syscalls as sc
 from runtime.spec import BindMount, ContainerSpec, TmpfsMount
@@ -290,7 +289,6 @@ def _copy_host_devices(dev: str, host: str = "/dev") -> None:
                 continue
 
 
-@dataclass(frozen=True)
 class LayeredBind(BindMount):
     """A build's bind mount of a path inside stacked layer dirs (another stage, an image, a
     copy of part of the build context), which exist nowhere as one host directory.
@@ -301,10 +299,16 @@ class LayeredBind(BindMount):
     mount land in ``upper``, which the builder throws away after the step.
     """
 
-    layers: tuple[str, ...] = ()
-    upper: str = ""
-    work: str = ""
-    scratch: str = ""
+    layers: tuple[str, ...]
+    upper: str
+    work: str
+    scratch: str
+
+    def __init__(self, source: str, target: str, readonly: bool = False,
+                 layers: tuple[str, ...] = (), upper: str = "", work: str = "",
+                 scratch: str = ""):
+        super().__init__(source, target, readonly)
+        self._set(layers=layers, upper=upper, work=work, scratch=scratch)
 
 
 def _depth(target: str) -> int:

@@ -7,7 +7,6 @@ and the names involved, like the os module does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 
@@ -15,7 +14,9 @@ def _load_libc() -> ctypes.CDLL:
     try:  # find_library runs ldconfig, a fork+exec on kiln run's hot path: try the soname first
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library  # imports subprocess: only where needed
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()
@@ -144,6 +145,11 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def socket(family: int, kind: int, protocol: int = 0) -> int:
+    """A socket as a bare fd (for an ioctl), without the socket module's import cost."""
+    return _check(_libc.socket(family, kind | os.O_CLOEXEC, protocol), "socket")
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:

@@ -6,20 +6,22 @@ image's and cannot point anywhere else; reads are bounded all the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from runtime.spec import FrozenRecord
 from store.errors import KilnError
 
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel: never a real id
 MAX_FILE = 4 << 20
 
 
-@dataclass(frozen=True)
-class ExecUser:
+class ExecUser(FrozenRecord):
     uid: int
     gid: int
-    additional_gids: tuple[int, ...] = field(default=())
-    home: str = "/"
+    additional_gids: tuple[int, ...]
+    home: str
+
+    def __init__(self, uid: int, gid: int, additional_gids: tuple[int, ...] = (),
+                 home: str = "/"):
+        self._set(uid=uid, gid=gid, additional_gids=additional_gids, home=home)
 
 
 def _read_db(path: str) -> list[list[str]]:
