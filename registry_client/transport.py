@@ -381,7 +381,7 @@ class RegistryTransport:
                 resp = self._follow(method, url, headers, body, auth_origin)
             except requests.RequestException as e:
                 delay = _backoff(attempt)
-                if isinstance(e, requests.exceptions.SSLError) or attempt >= (
+                if isinstance(e, requests.exceptions.SSLError) or _unknown_host(e) or attempt >= (
                         self.options.retries) or waited + delay > self.options.retry_budget:
                     raise RegistryError(f"{what}: {_describe(e)} (after {attempt + 1} "
                                         f"attempts)", url=url) from e
@@ -463,6 +463,17 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _unknown_host(e: BaseException | None) -> bool:
+    """DNS said no such host: asking again will not change that."""
+    while e is not None:
+        if isinstance(e, OSError) and "Name or service not known" in str(e):
+            return True
+        if type(e).__name__ == "NameResolutionError":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _certificate_refused(e: BaseException | None) -> bool:

@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
@@ -134,9 +135,13 @@ def oversize_manifest(size: int, *, media_type: str = OCI_MANIFEST,
 
 
 def slow_drip(interval: float, chunk: int = 1, *, method: str | None = "GET", path: str = "",
-              times: int | None = 1) -> Fault:
-    """Forward the response headers at once, then `chunk` body bytes every `interval` s."""
-    return Fault("slow_drip", method, path, times, {"interval": interval, "chunk": chunk})
+              times: int | None = 1, give_up_after: float | None = 30.0) -> Fault:
+    """Forward the response headers at once, then `chunk` body bytes every `interval` s.
+    After `give_up_after` s of dripping the proxy cuts the connection, so that a client
+    whose per-read timeout never fires (bytes do keep coming) fails its test instead of
+    hanging the suite."""
+    return Fault("slow_drip", method, path, times,
+                 {"interval": interval, "chunk": chunk, "give_up_after": give_up_after})
 
 
 def _pieces(total: int, size: int = CHUNK) -> Iterator[int]:
@@ -406,7 +411,8 @@ class _ProxyHandler(_Handler):
                 offset = int(length) // 2 if length else 0
             chunks = _flip_byte(chunks, offset)
         elif kind == "slow_drip":
-            chunks = self._drip(chunks, fault.params["interval"], fault.params["chunk"])
+            chunks = self._drip(chunks, fault.params["interval"], fault.params["chunk"],
+                                fault.params["give_up_after"])
         limit = fault.params["nbytes"] if kind == "drop_after" else None
         sent = 0
         for data in chunks:
@@ -432,14 +438,18 @@ class _ProxyHandler(_Handler):
             return
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
 
-    def _drip(self, chunks: Iterable[bytes], interval: float, size: int) -> Iterator[bytes]:
+    def _drip(self, chunks: Iterable[bytes], interval: float, size: int,
+              give_up_after: float | None) -> Iterator[bytes]:
         stop: threading.Event = self.server_owner._stop
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         for data in chunks:
             for i in range(0, len(data), size):
                 yield data[i:i + size]
                 self.wfile.flush()
                 if stop.wait(interval):
                     raise ConnectionError("proxy closing")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ConnectionError("slow_drip gave up")
 
 
 def _flip_byte(chunks: Iterable[bytes], offset: int) -> Iterator[bytes]:

@@ -491,6 +491,14 @@ def test_slow_drip_trips_a_read_timeout_and_close_is_prompt(registry, pushed, la
     assert time.monotonic() - closing < 2
 
 
+def test_slow_drip_cuts_a_client_that_never_gives_up(fault_proxy, pushed, layout, http):
+    fault_proxy.add(slow_drip(interval=0.05, chunk=100, path="/blobs/", give_up_after=0.5))
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        http.get(blob_url(fault_proxy.url, pushed, layout), timeout=5)  # each read succeeds
+    assert 0.5 <= time.monotonic() - started < 3
+
+
 def test_proxy_in_front_of_tls_registry(tls_registry, layout, http, tmp_path):
     push(layout, tls_registry.host, "tls/proxied", tmp_path, "--dest-cert-dir",
          str(tls_registry.certs_d / tls_registry.host))

@@ -158,3 +158,13 @@ def test_build_pulls_a_missing_base_image(kiln_with_busybox, registry, tmp_path)
     never = KilnCLI(tmp_path / "never")
     p = never("build", "--pull", "never", "-t", "x", str(ctx), check=False)
     assert p.returncode == 125 and "not in the store" in p.err
+
+
+def test_run_pulls_a_missing_image(kiln_with_busybox, registry, tmp_path):
+    ref = f"{registry.host}/interop/run-me:1"
+    kiln_with_busybox("push", "-q", "busybox:latest", ref)
+    fresh = KilnCLI(tmp_path / "fresh")
+    p = fresh("run", "--rm", ref, "echo", "pulled")
+    assert p.out == "pulled\n" and f"pulling {ref}" in p.err
+    p = fresh("run", "--rm", f"{registry.host}/interop/absent:1", "true", check=False)
+    assert p.returncode == 125 and "manifest" in p.err
