@@ -139,4 +139,5 @@ def _copy_to(image: Image, dst: Location, store: Store, options: RegistryOptions
     else:
         tags = [dst.name] if dst.name else []
     return save_images(store, [(image, tags)], dst.path, fmt=dst.transport,
-                       compression=compression, progress=progress)[0]
+                       compression=compression, progress=progress,
+                       concurrency=options.concurrency)[0]

@@ -176,8 +176,8 @@ class RemoteRepository:
             location = resp.headers.get("Location")
         if not mounted and location:  # an upload session we do not need: cancel it
             try:
-                self.transport.request("DELETE", self._abs(location), scopes=scopes,
-                                       expect=(200, 204, 404), what="upload cancel").close()
+                _finish(self.transport.request("DELETE", self._abs(location), scopes=scopes,
+                                       expect=(200, 204, 404), what="upload cancel"))
             except RegistryError:
                 pass
         return mounted
@@ -196,11 +196,11 @@ class RemoteRepository:
             location = self._location(resp)
         if desc.size <= self.options.chunk_size:
             data = _read_exactly(stream, desc)
-            self.transport.request(
+            _finish(self.transport.request(
                 "PUT", _with_query(location, {"digest": desc.digest}), scopes=scopes,
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Length": str(len(data))},
-                body=data, expect=(201,), what="blob upload", digest=desc.digest).close()
+                body=data, expect=(201,), what="blob upload", digest=desc.digest))
             return
         offset = 0
         while offset < desc.size:
@@ -218,10 +218,10 @@ class RemoteRepository:
             offset += len(chunk)
         if stream.read(1):  # EOF: the source checks its digest here
             raise DigestError(f"blob {desc.digest} is longer than {desc.size} bytes")
-        self.transport.request(
+        _finish(self.transport.request(
             "PUT", _with_query(location, {"digest": desc.digest}), scopes=scopes,
             headers={"Content-Length": "0"}, body=b"", expect=(201,), what="blob upload finish",
-            digest=desc.digest).close()
+            digest=desc.digest))
 
     def put_manifest(self, raw: bytes, media_type: str, reference: str) -> str:
         """PUT a manifest under a tag or its digest; returns its digest."""
@@ -246,6 +246,16 @@ class RemoteRepository:
         if not location:
             raise RegistryError("upload answer has no Location", url=resp.url)
         return self._abs(location)
+
+
+def _finish(resp: requests.Response) -> None:
+    """Read the (empty or tiny) body so the connection goes back to the pool: closing an
+    unread response drops the socket, which costs a TLS handshake per request."""
+    try:
+        resp.raw.read1(65536)
+    except Exception:  # noqa: BLE001 - only the reuse of this connection is at stake
+        pass
+    resp.close()
 
 
 def _read_up_to(stream: BinaryIO, n: int) -> bytes:

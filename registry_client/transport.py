@@ -57,7 +57,9 @@ class RegistryOptions:
     idle_timeout: float = 60.0          # no byte for this long: the connection is dead
     overall_timeout: float | None = None  # one request incl. its body; None: from the size
     concurrency: int = 3                # layers moved at once
-    chunk_size: int = 32 * 1024 * 1024  # uploads larger than this go in PATCH chunks
+    # uploads larger than this go in PATCH chunks; each in-flight chunk is held in memory
+    # (so a retry resends the same bytes): jobs x chunk bounds push memory
+    chunk_size: int = 8 * 1024 * 1024
     certs_d: str = CERTS_D
     registries_conf: str = REGISTRIES_CONF
     env: Mapping[str, str] | None = None

@@ -46,7 +46,7 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
 
 def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                 output: str | os.PathLike, *, fmt: str = "oci", compression: str | None = None,
-                progress: Progress | None = None) -> list[Descriptor]:
+                progress: Progress | None = None, concurrency: int = 1) -> list[Descriptor]:
     """``save`` for images already in hand (the builder's result, tagged or not); returns
     the descriptors of the manifests written."""
     output = Path(output)
@@ -77,7 +77,8 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
     try:
         sink = LayoutSink(output if into_existing else work, index_lock=lock)
         written = [copy_image(image, sink, tags=tags, compression=compression,
-                              progress=progress, tmp_dir=str(store.tmp))
+                              progress=progress, tmp_dir=str(store.tmp),
+                              concurrency=concurrency)
                    for image, tags in images]
         if fmt == "oci-archive":
             write_oci_archive(work, output)
