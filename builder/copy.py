@@ -243,31 +243,50 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
             os.chmod(target, stat.S_IMODE(a.mode))
             os.chown(target, uid, gid, follow_symlinks=False)
             continue
-        if os.path.isdir(target) and not os.path.islink(target):
-            # an existing directory at the destination: the file goes into it
-            target = os.path.join(target, posixpath.basename(a.src or a.dest))
-        if os.path.lexists(target) and not os.path.isdir(target):
-            os.unlink(target)
-        src = os.path.join(source_root, a.src) if a.src else None
         if a.kind == "symlink":
+            target = _make_room(target, a)
             os.symlink(a.link_target or "", target)
             os.chown(target, uid, gid, follow_symlinks=False)
             stale = a.dest.rstrip("/")
             for key in [k for k in parents if k == stale or k.startswith(stale + "/")]:
                 del parents[key]  # paths below a new symlink resolve anew
             continue
-        assert src is not None
-        copied += _copy_file(src, target, stat.S_IMODE(a.mode), uid, gid, mtime)
+        assert a.src is not None
+        # most destinations are new: _make_room's checks run only when one is not
+        copied += _copy_file(os.path.join(source_root, a.src), target, stat.S_IMODE(a.mode),
+                             uid, gid, mtime, make_room=lambda t=target, a=a: _make_room(t, a))
     return copied
 
 
-def _copy_file(src: str, target: str, mode: int, uid: int, gid: int, mtime: int | None) -> int:
-    """One file, all by descriptors: content (sendfile), owner, mode, times."""
+def _make_room(target: str, a: CopyAction) -> str:
+    """Where a file or symlink goes when something is at ``target`` already: into an
+    existing directory, or in place of anything else (which is removed)."""
+    if os.path.isdir(target) and not os.path.islink(target):
+        # an existing directory at the destination: the file goes into it
+        target = os.path.join(target, posixpath.basename(a.src or a.dest))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        os.unlink(target)
+    return target
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_file(src: str, target: str, mode: int, uid: int, gid: int, mtime: int | None,
+               make_room: Callable[[], str] | None = None) -> int:
+    """One file, all by descriptors: content (sendfile), owner, mode, times.
+
+    If ``target`` exists, ``make_room()`` says where the file goes instead (or clears the
+    way) and the file is created there."""
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fin)
-        fout = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o600)
+        try:
+            fout = os.open(target, _CREATE, 0o600)
+        except FileExistsError:
+            if make_room is None:
+                raise
+            fout = os.open(make_room(), _CREATE, 0o600)
         try:
             done = 0
             while done < st.st_size:

@@ -2,7 +2,8 @@
 
 Each filesystem step (RUN, COPY, ADD) runs against the merged view of the
 stage's layers with a fresh upper dir, which then becomes the step's layer
-(tarred once, moved into layers/). Metadata steps only change the config.
+(tarred once, by a thread while the next steps run, then moved into layers/).
+Metadata steps only change the config.
 A step's cache key chains its parent's key with the expanded instruction,
 the build args it can see and, for COPY/ADD, the content of its sources.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -52,6 +54,9 @@ class BuildOptions:
     outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
     squash: bool = False
     layers: bool = True  # False: each stage's new layers become one, on top of its base
+    # Called with a base image's name when the store lacks it (the CLI pulls it from its
+    # registry); the builder itself never talks HTTP.
+    fetch_image: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -77,10 +82,74 @@ class StageState:
     globals: dict[str, str] = field(default_factory=dict)  # ARGs before FROM: an ARG re-declares
     workdir_made: bool = False
     base_layer_count: int = 0
+    pending: list[_PendingCommit] = field(default_factory=list, repr=False)  # oldest first
 
     @property
     def run_config(self) -> dict:
         return self.config.setdefault("config", {})
+
+
+# Signals that kiln forwards to a RUN step's container (runtime.process.FORWARDED): a commit
+# thread blocks them, so that they reach the thread that forwards them.
+_COMMIT_THREAD_BLOCKS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+# Layers of a stage being committed at once; one more commit waits for them first.
+_MAX_PENDING = 2
+
+
+@dataclass
+class _PendingCommit:
+    """A step's layer being tarred, hashed and compressed in a thread while the next steps
+    run (a RUN's container mostly waits on its process, so two cores stay busy).
+
+    The step's upper dir waits in ``path`` (moved out of the step's work dir) and serves as
+    the layer's dir for the steps meanwhile; ``Builder._finish_commits`` moves it into
+    layers/ once it has its diff_id and no overlay uses it any more, then writes the cache
+    records of the step and of the metadata steps after it (``records``: key, config as
+    the step left it, how many layers the config's rootfs lists)."""
+
+    layer: Layer  # digest, diff_id, media type and size filled in when finished
+    path: str
+    stage_dir: str  # the store tmp dir holding ``path``
+    records: list[tuple[str, dict, int]]
+    thread: threading.Thread | None = None
+    result: tuple[Descriptor, str] | None = None
+    error: BaseException | None = None
+
+    def run(self, store: Store, compression: str, epoch: int | None) -> None:
+        # The build forks (RUN containers, COPY workspaces) while this thread runs: it
+        # imports nothing (a module lock held across a fork would stay held in the child).
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK,
+                               [getattr(signal, name) for name in _COMMIT_THREAD_BLOCKS])
+        try:
+            self.result = _write_layer_blob(store, self.path, compression, epoch)
+        except BaseException as e:  # noqa: BLE001 - raised again by _finish_commits
+            self.error = e
+
+
+def _write_layer_blob(store: Store, diff_dir: str, compression: str,
+                      epoch: int | None) -> tuple[Descriptor, str]:
+    """Store.commit_layer without its last move (the dir may still be a lower dir)."""
+    import contextlib
+    import tempfile
+
+    from store.layer_writer import write_layer
+
+    fd, blob_path = tempfile.mkstemp(dir=store.tmp, prefix="commit-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            blob = write_layer(diff_dir, out, compression=compression, source_date_epoch=epoch)
+            out.flush()
+            os.fsync(out.fileno())
+        store.layout.install_file(blob_path, blob.digest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(blob_path)
+        raise
+    return Descriptor(blob.media_type, blob.digest, blob.size), blob.diff_id
 
 
 def _now(epoch: int | None) -> str:
@@ -100,6 +169,7 @@ class Builder:
         self.context = None
         self.escape = "\\"
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
 
     def context_for(self, inst):
         """The build context, scanned once (with its stat cache) when a COPY first needs it.
@@ -169,8 +239,34 @@ class Builder:
         try:
             self.store.resolve(ref)
             return True
-        except (NotFoundError, ReferenceError_):
+        except ReferenceError_:
             return False
+        except NotFoundError:
+            if self.opts.fetch_image is None:
+                return False
+        self._fetch(ref)
+        return True
+
+    def _fetch(self, ref: str) -> None:
+        from store.errors import NotFoundError
+
+        with self._fetch_lock:
+            try:
+                self.store.resolve(ref)
+            except NotFoundError:
+                self.say(f"pulling {ref}")
+                self.opts.fetch_image(ref)
+
+    def _store_image(self, name: str):
+        from store.errors import NotFoundError
+
+        try:
+            return self.store.image(name)
+        except NotFoundError:
+            if self.opts.fetch_image is None:
+                raise
+        self._fetch(name)
+        return self.store.image(name)
 
     def _containerfile(self) -> Path:
         if self.opts.containerfile:
@@ -195,7 +291,7 @@ class Builder:
             return StageState(stage.name, stage.index, copy.deepcopy(parent.config),
                               list(parent.layers), parent.key, {}, dict(stage.args),
                               base_layer_count=len(parent.layers))
-        image = self.store.image(base)
+        image = self._store_image(base)
         layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
         self.store.unpack_image(image)
         config = copy.deepcopy(image.config())
@@ -238,14 +334,20 @@ class Builder:
         self.say(f"[{stage.label}] STEP {number}/{self.total_steps}: {stage.from_line}")
         state = self._base_state(stage, results)
         onbuild = state.run_config.pop("OnBuild", None) or []
-        if onbuild:
-            from builder.parser import parse
+        try:
+            if onbuild:
+                from builder.parser import parse
 
-            triggers = parse("\n".join(onbuild), path=f"{stage.base} (ONBUILD)").instructions
-            for inst in triggers:
-                self._step(state, inst, plan, results, number)
-        for inst in stage.instructions:
-            self._step(state, inst, plan, results, self._next_step())
+                triggers = parse("\n".join(onbuild),
+                                 path=f"{stage.base} (ONBUILD)").instructions
+                for inst in triggers:
+                    self._step(state, inst, plan, results, number)
+            for inst in stage.instructions:
+                self._step(state, inst, plan, results, self._next_step())
+        except BaseException:
+            self._finish_commits(state, quiet=True)  # the step's own error is the one to show
+            raise
+        self._finish_commits(state)
         return state
 
     # -- one step -----------------------------------------------------------------------
@@ -275,6 +377,7 @@ class Builder:
         rec = cache.load(self.store, key)
         if rec is None:
             return False
+        self._finish_commits(state)
         state.config = rec["config"]
         if rec["layer"] is not None:
             la = rec["layer"]
@@ -284,19 +387,83 @@ class Builder:
         return True
 
     def commit(self, state: StageState, key: str, upper: str, created_by: str) -> None:
-        desc, diff_id = self.store.commit_layer(upper, compression=self.opts.compression,
-                                                epoch=self.opts.epoch)
-        layer = Layer(desc.digest, diff_id, desc.media_type, desc.size)
+        """``upper`` becomes the step's layer. Its blob is written by a thread meanwhile the
+        next steps run (see _PendingCommit); a cache hit, the end of the stage or a third
+        commit waits for it."""
+        # what the thread uses is loaded here, not there: see _PendingCommit.run
+        import contextlib  # noqa: F401
+        import signal  # noqa: F401
+        import tempfile  # noqa: F401
+
+        from store import layer_writer  # noqa: F401
+        from store.fsutil import remove_tree
+
+        if len(state.pending) >= _MAX_PENDING:
+            self._finish_commits(state)
+        stage_dir = self.store.mkdtemp("pending-layer-")
+        path = os.path.join(stage_dir, "diff")
+        try:
+            os.rename(upper, path)
+        except BaseException:
+            remove_tree(stage_dir)
+            raise
+        layer = Layer("", "", "", 0)
         state.layers.append(layer)
         state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-        state.config["rootfs"]["diff_ids"] = [la.diff_id for la in state.layers]
         self.history(state, created_by, empty=False)
         state.key = key
-        cache.save(self.store, key, config=state.config, layer=layer.to_json())
+        pending = _PendingCommit(layer, path, stage_dir,
+                                 [(key, copy.deepcopy(state.config), len(state.layers))])
+        pending.thread = threading.Thread(
+            target=pending.run, args=(self.store, self.opts.compression, self.opts.epoch),
+            name="kiln-commit")
+        try:
+            pending.thread.start()
+        except BaseException:
+            remove_tree(stage_dir)
+            raise
+        state.pending.append(pending)
+
+    def _finish_commits(self, state: StageState, *, quiet: bool = False) -> None:
+        """Wait for the stage's pending commits; their layers go into layers/ and their steps
+        into the cache. ``quiet``: a failure only cleans up (another error is on its way)."""
+        if not state.pending:
+            return
+        from store.fsutil import remove_tree
+
+        pending, state.pending = state.pending, []
+        failed = None
+        try:
+            for p in pending:
+                p.thread.join()
+                failed = failed or p.error
+            for p in pending:
+                if failed is None:
+                    desc, diff_id = p.result
+                    self.store.adopt_layer_dir(p.path, diff_id)
+                    p.layer.digest, p.layer.diff_id = desc.digest, diff_id
+                    p.layer.media_type, p.layer.size = desc.media_type, desc.size
+        finally:
+            for p in pending:
+                remove_tree(p.stage_dir)
+        if failed is not None:
+            if quiet:
+                return
+            raise failed
+        diff_ids = [la.diff_id for la in state.layers]
+        state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        state.config["rootfs"]["diff_ids"] = diff_ids
+        for p in pending:
+            for i, (key, config, count) in enumerate(p.records):
+                config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+                config["rootfs"]["diff_ids"] = diff_ids[:count]
+                cache.save(self.store, key, config=config,
+                           layer=p.layer.to_json() if i == 0 else None)
 
     def metadata_done(self, state: StageState, key: str, created_by: str) -> None:
         """A config-only step: the same key gives the cached config (history times and all),
-        so a rebuild from an unchanged Containerfile is the same image, byte for byte."""
+        so a rebuild from an unchanged Containerfile is the same image, byte for byte.
+        After a layer still being committed, the record waits for its diff_id."""
         rec = None if self.opts.no_cache else cache.load(self.store, key)
         if rec is not None:
             state.config = rec["config"]
@@ -304,11 +471,22 @@ class Builder:
             return
         self.history(state, created_by, empty=True)
         state.key = key
-        cache.save(self.store, key, config=state.config, layer=None)
+        if state.pending:
+            state.pending[-1].records.append((key, copy.deepcopy(state.config),
+                                              len(state.layers)))
+        else:
+            cache.save(self.store, key, config=state.config, layer=None)
 
     def layer_dirs(self, state: StageState) -> list[str]:
+        """The dirs of the stage's layers, bottom first. A layer still being committed is
+        where it waits: valid for the current step (commits finish only at a cache hit, at
+        a commit, after the step's work, or at the end of the stage)."""
         dirs = []
+        staged = {id(p.layer): p.path for p in state.pending}
         for la in state.layers:
+            if id(la) in staged:
+                dirs.append(staged[id(la)])
+                continue
             if not self.store.has_layer_dir(la.diff_id):
                 raise BuildError(f"layer {la.diff_id} is missing from the store")
             dirs.append(str(self.store.layer_dir(la.diff_id)))

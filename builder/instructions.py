@@ -725,7 +725,7 @@ def _from_layers(b: Builder, ref: str, plan, results, inst) -> list[str]:
         if done is None:
             raise BuildError(f"{_where(inst)}: stage {ref!r} is not built before this step")
         return b.layer_dirs(done)
-    image = b.store.image(ref)
+    image = b._store_image(ref)
     return [str(p) for p in b.store.unpack_image(image)]
 
 

@@ -6,6 +6,8 @@ import os
 
 import click
 
+from kiln.registry_commands import make_options, registry_options
+
 
 @click.command("build")
 @click.argument("context", default=".", type=click.Path())
@@ -30,9 +32,13 @@ import click
 @click.option("--layers/--no-layers", "layers", default=True, show_default=True,
               help="One layer per RUN/COPY/ADD (cached), or one for all of a stage's steps.")
 @click.option("-q", "--quiet", is_flag=True)
+@click.option("--pull", "pull_policy", type=click.Choice(["missing", "never"]), default="missing",
+              show_default=True, help="Pull FROM and COPY --from images the store lacks.")
+@registry_options
 @click.pass_context
 def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, network,
-              compression, timestamp, iidfile, secrets, outputs, squash, layers, quiet):
+              compression, timestamp, iidfile, secrets, outputs, squash, layers, quiet,
+              pull_policy, **reg):
     """Build an image from a Containerfile and a context directory."""
     from builder.engine import BuildOptions, build
     from store.importer import source_date_epoch
@@ -58,6 +64,15 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         secrets=dict(_key_values(s, "--secret", ("id",)) for s in secrets),
         outputs=[_key_values(o, "--output", ("type", "dest"))[1] for o in outputs],
         squash=squash, layers=layers)
+    if pull_policy == "missing":
+        options = make_options(**reg)
+
+        def fetch(name: str) -> None:
+            from registry_client.pull import pull
+
+            pull(ctx.obj.store, name, options)
+
+        opts.fetch_image = fetch
     desc = build(ctx.obj.store, opts)
     if quiet:
         click.echo(ctx.obj.store.image_for(desc).config_descriptor().digest)
