@@ -75,6 +75,12 @@ class VerifyingReader(io.RawIOBase):
         buf[: len(data)] = data
         return len(data)
 
+    @property
+    def verifies(self) -> str:
+        """The digest this reader enforces when EOF is read: a consumer that reads to EOF
+        need not hash the bytes again."""
+        return self._digest
+
     def verify(self) -> None:
         """Raises DigestError if size or digest differ; called by itself when EOF is read."""
         self._verified = True

@@ -180,6 +180,10 @@ class _ProgressReader:
             self._progress(self._desc, self._done)
         return data
 
+    @property
+    def verifies(self) -> str | None:
+        return getattr(self._raw, "verifies", None)
+
     def close(self) -> None:
         self._raw.close()
 
