@@ -6,7 +6,7 @@ import os
 
 import click
 
-from kiln.registry_commands import make_options, registry_options
+from kiln.registry_commands import make_options, registry_options, verify_options
 
 
 @click.command("build")
@@ -34,11 +34,16 @@ from kiln.registry_commands import make_options, registry_options
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "never"]), default="missing",
               show_default=True, help="Pull FROM and COPY --from images the store lacks.")
+@click.option("--sign-key", type=click.Path(), default=None,
+              help="Sign the built image (for each -t repository) with this private key.")
+@click.option("--sign-passphrase-file", type=click.Path(), default=None)
+@verify_options
 @registry_options
 @click.pass_context
 def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, network,
               compression, timestamp, iidfile, secrets, outputs, squash, layers, quiet,
-              pull_policy, **reg):
+              pull_policy, sign_key, sign_passphrase_file, verify_keys, signature_policy,
+              **reg):
     """Build an image from a Containerfile and a context directory."""
     from builder.engine import BuildOptions, build
     from store.importer import source_date_epoch
@@ -64,18 +69,54 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         secrets=dict(_key_values(s, "--secret", ("id",)) for s in secrets),
         outputs=[_key_values(o, "--output", ("type", "dest"))[1] for o in outputs],
         squash=squash, layers=layers)
+    key = None
+    if sign_key:
+        from kiln.sign_commands import load_signing_key
+
+        key = load_signing_key(sign_key, sign_passphrase_file)
+    verify = bool(verify_keys or signature_policy)
     if pull_policy == "missing":
         options = make_options(**reg)
 
         def fetch(name: str) -> None:
             from registry_client.pull import pull
+            from registry_client.trust import requirements_for
+            from store.reference import parse_reference
 
-            pull(ctx.obj.store, name, options)
+            full = str(parse_reference(name))
+            reqs = requirements_for(full, verify_keys=verify_keys,
+                                    policy_path=signature_policy) if verify else None
+            pull(ctx.obj.store, name, options, requirements=reqs)
 
         opts.fetch_image = fetch
+    if verify:
+        opts.check_base = _base_checker(ctx.obj.store, verify_keys, signature_policy)
     desc = build(ctx.obj.store, opts)
+    if key is not None:
+        from kiln.sign_commands import sign_local
+
+        for tag in tags:
+            sign_local(ctx.obj.store, tag, key)
     if quiet:
         click.echo(ctx.obj.store.image_for(desc).config_descriptor().digest)
+
+
+def _base_checker(store, verify_keys, policy):
+    """Base images already in the store are checked against their stored signatures."""
+
+    def check_base(name: str) -> None:
+        from registry_client.trust import check, requirements_for
+        from store.reference import parse_reference
+        from store.signatures import LocalSignatures
+
+        full = str(parse_reference(name))
+        reqs = requirements_for(full, verify_keys=verify_keys, policy_path=policy)
+        if reqs:
+            desc = store.resolve(name)
+            check(reqs, full, [desc.digest, store.image_for(desc).digest],
+                  LocalSignatures(store).load)
+
+    return check_base
 
 
 def _key_values(text: str, flag: str, required: tuple[str, ...]) -> tuple[str, dict[str, str]]:

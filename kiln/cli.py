@@ -44,6 +44,7 @@ COMMANDS = {
     "build": "build_commands",
     "pull": "registry_commands", "push": "registry_commands", "copy": "registry_commands",
     "login": "registry_commands", "logout": "registry_commands",
+    "key": "sign_commands", "sign": "sign_commands", "verify": "sign_commands",
 }
 
 
@@ -188,6 +189,8 @@ RUN_OPTIONS = {
     "-c": ("cpu_shares", "value"), "--cpu-shares": ("cpu_shares", "value"),
     "--pids-limit": ("pids_limit", "value"),
     "--stop-timeout": ("stop_timeout", "value"),
+    "--verify-key": ("verify_keys", "multiple"),
+    "--signature-policy": ("signature_policy", "value"),
 }
 RUN_DEFAULTS = {"network": "none", "stop_timeout": 10.0}
 NETWORKS = ("none", "host")
@@ -277,7 +280,34 @@ def _set_run_param(params: dict, dest: str, kind: str, value: str) -> None:
         params[dest] = value
 
 
-def _pulled_missing_image(store, name: str) -> bool:
+def _verified_image(store, p: dict):
+    """--verify-key/--signature-policy: the image's signatures must hold before it runs
+    (checked in the store; an image pulled now is checked before its layers come)."""
+    from registry_client.trust import check, requirements_for
+    from store.errors import KilnError, NotFoundError
+    from store.reference import parse_reference
+    from store.signatures import LocalSignatures
+    from store.store import Store
+
+    store = store if isinstance(store, Store) else Store(store)
+    name = p["image"]
+    try:
+        full = str(parse_reference(name))
+    except KilnError:
+        full = name
+    reqs = requirements_for(full, verify_keys=p.get("verify_keys") or (),
+                            policy_path=p.get("signature_policy"))
+    try:
+        desc = store.resolve(name)
+    except NotFoundError:
+        return store, reqs  # pulled, and checked on the way, by _pulled_missing_image
+    if reqs:
+        image = store.image_for(desc)
+        check(reqs, full, [desc.digest, image.digest], LocalSignatures(store).load)
+    return store, reqs
+
+
+def _pulled_missing_image(store, name: str, requirements=None) -> bool:
     """``kiln run`` of an image the store lacks pulls it first, as podman does."""
     from store.errors import NotFoundError
     from store.store import Store
@@ -294,7 +324,7 @@ def _pulled_missing_image(store, name: str) -> bool:
 
     echo_error(f"pulling {name}")
     try:
-        pull(store, name)
+        pull(store, name, requirements=requirements)
     except KilnError as e:
         raise KilnError(f"image {parse_reference(name)} is not in the store, and pulling it "
                         f"failed: {e}") from None
@@ -323,11 +353,14 @@ def run_and_exit(store, params: dict) -> None:
         security_opts=list(p["security_opt"]), init=p["init"], memory=p["memory"],
         memory_swap=p["memory_swap"], cpus=p["cpus"], cpu_shares=p["cpu_shares"],
         pids_limit=p["pids_limit"], stop_timeout=p["stop_timeout"])
+    requirements = None
+    if p.get("verify_keys") or p.get("signature_policy"):
+        store, requirements = _verified_image(store, p)
     try:
         try:
             status = run(store, opts, warm_up=False)
         except KilnError:
-            if not _pulled_missing_image(store, p["image"]):
+            if not _pulled_missing_image(store, p["image"], requirements):
                 raise
             status = run(store, opts, warm_up=False)
     except ContainerStartError as e:

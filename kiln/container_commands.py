@@ -39,11 +39,15 @@ import click
 @click.option("--pids-limit", default=None)
 @click.option("--stop-timeout", default=10.0, type=float, show_default=True,
               help="Seconds between forwarding SIGINT/SIGTERM and SIGKILL.")
+@click.option("--verify-key", "verify_keys", multiple=True, type=click.Path(),
+              help="Run only if a signature by this public key holds (repeatable).")
+@click.option("--signature-policy", type=click.Path(), default=None,
+              help="Check the image against this containers policy.json first.")
 @click.pass_context
 def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entrypoint, workdir,
             user, hostname, name, read_only, volumes, tmpfs, network, cap_add, cap_drop,
             privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
-            stop_timeout):
+            stop_timeout, verify_keys, signature_policy):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
     from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 

@@ -48,6 +48,14 @@ def registry_options(f):
     return f
 
 
+def verify_options(f):
+    f = click.option("--signature-policy", type=click.Path(), default=None,
+                     help="Check signatures against this containers policy.json.")(f)
+    return click.option("--verify-key", "verify_keys", multiple=True, type=click.Path(),
+                        help="Refuse the image unless a signature by this public key holds "
+                             "(checked before any layer is fetched; repeatable).")(f)
+
+
 def make_options(tls_verify=None, cert_dir=None, creds=None, authfile=None, retry=None,
                  jobs=3):
     from registry_client.transport import RegistryOptions
@@ -75,16 +83,19 @@ def _progress(quiet: bool):
 @click.option("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
               help="Pick this platform from a multi-platform image (default: the host's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@verify_options
 @registry_options
 @click.pass_context
-def pull_cmd(ctx, image, platform, quiet, **reg):
+def pull_cmd(ctx, image, platform, quiet, verify_keys, signature_policy, **reg):
     """Pull an image from a registry into the store (ready to run)."""
     from registry_client.pull import parse_platform, pull
+    from registry_client.trust import requirements_for
     from store.reference import parse_reference
 
     ref = parse_reference(image.removeprefix("docker://"))
+    reqs = requirements_for(str(ref), verify_keys=verify_keys, policy_path=signature_policy)
     desc = pull(_store(ctx), ref, make_options(**reg), platform=parse_platform(platform),
-                progress=_progress(quiet))
+                progress=_progress(quiet), requirements=reqs)
     if not quiet:
         click.echo(f"Pulled {ref}", err=True)
     click.echo(desc.digest)
@@ -98,9 +109,14 @@ def pull_cmd(ctx, image, platform, quiet, **reg):
 @click.option("--digestfile", type=click.Path(), default=None,
               help="Write the pushed manifest's digest to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--sign-key", type=click.Path(), default=None,
+              help="Sign the pushed manifest with this private key (cosign format).")
+@click.option("--sign-passphrase-file", type=click.Path(), default=None,
+              help="The key's password (else KILN_PASSWORD, else a prompt).")
 @registry_options
 @click.pass_context
-def push_cmd(ctx, image, destination, compression, digestfile, quiet, **reg):
+def push_cmd(ctx, image, destination, compression, digestfile, quiet, sign_key,
+             sign_passphrase_file, **reg):
     """Push an image from the store to a registry (DESTINATION: REF or TRANSPORT:...)."""
     options = make_options(**reg)
     if destination and ":" in destination.split("/", 1)[0] and not destination.startswith(
@@ -113,9 +129,26 @@ def push_cmd(ctx, image, destination, compression, digestfile, quiet, **reg):
     else:
         from registry_client.push import push
 
-        desc = push(_store(ctx), image, (destination or image).removeprefix("docker://"),
-                    options, compression=compression, digestfile=digestfile,
-                    progress=_progress(quiet))
+        key = None
+        if sign_key:  # the password is asked before anything moves
+            from kiln.sign_commands import load_signing_key
+
+            key = load_signing_key(sign_key, sign_passphrase_file)
+        dest = (destination or image).removeprefix("docker://")
+        desc = push(_store(ctx), image, dest, options, compression=compression,
+                    digestfile=digestfile, progress=_progress(quiet))
+        if key is not None:
+            from kiln.sign_commands import sign_digest
+            from registry_client.remote import RemoteRepository
+            from registry_client.signatures import push_signatures
+            from store.reference import parse_reference
+
+            ref = parse_reference(dest)
+            repo = RemoteRepository.for_reference(ref, options)
+            try:
+                push_signatures(repo, desc.digest, [sign_digest(key, ref.name, desc.digest)])
+            finally:
+                repo.transport.close()
     click.echo(desc.digest)
 
 

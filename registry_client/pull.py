@@ -67,14 +67,29 @@ def open_remote_image(reference: str | Reference, options: RegistryOptions | Non
 
 def pull(store: Store, reference: str | Reference, options: RegistryOptions | None = None, *,
          platform: dict | None = None, progress: Progress | None = None,
-         on_resolved=None) -> Descriptor:
+         on_resolved=None, requirements: list | None = None) -> Descriptor:
     """Pull ``reference`` into ``store`` (layers unpacked); returns the stored manifest's
-    descriptor. The name is tagged as given (``name@digest`` pins are kept as such)."""
+    descriptor. The name is tagged as given (``name@digest`` pins are kept as such).
+
+    ``requirements`` (registry_client.trust) are checked before any layer is fetched;
+    the signatures that satisfied them are kept in the store beside the image."""
     options = options or RegistryOptions()
     remote = open_remote_image(reference, options, platform=platform)
     try:
         image = remote.image
         image.layers()  # fetches and checks the config: its diff_ids must match the manifest
+        fetched: dict[str, list] = {}
+        if requirements:
+            from registry_client.signatures import fetch_signatures
+            from registry_client.trust import check
+
+            def signatures_for(digest: str) -> list:
+                fetched[digest] = fetch_signatures(remote.repository, digest)
+                return fetched[digest]
+
+            check(requirements, str(remote.reference),
+                  [remote.top.descriptor.digest, remote.manifest.descriptor.digest],
+                  signatures_for)
         if on_resolved is not None:
             on_resolved(remote)
         with store.writing(), StoreSink(store) as sink:
@@ -86,6 +101,12 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
         else:
             store.layout.set_tag(str(ref), desc)  # a pin: found again by the digest asked for
         remember_locations(store, remote.repository, image)
+        if any(fetched.values()):
+            from store.signatures import LocalSignatures
+
+            for digest, sigs in fetched.items():
+                if sigs:
+                    LocalSignatures(store).add(remote.reference.name, digest, sigs)
         return desc
     finally:
         remote.close()

@@ -32,8 +32,10 @@ class RemoteSink:
     required_compression = None
     concurrency = 8
 
-    def __init__(self, repo: RemoteRepository, blob_info: BlobInfoCache | None = None):
+    def __init__(self, repo: RemoteRepository, blob_info: BlobInfoCache | None = None,
+                 reopen=None):
         self.repo = repo
+        self.reopen = reopen  # Descriptor -> a seekable copy of the blob, for retried chunks
         self.blob_info = blob_info
         self.registry = repo.transport.registry
         self.mounted: list[str] = []
@@ -49,7 +51,7 @@ class RemoteSink:
                     self.mounted.append(desc.digest)
                     self._remember(desc.digest)
                     return
-        self.repo.upload_blob(stream, desc)
+        self.repo.upload_blob(stream, desc, reopen=self.reopen)
         self.uploaded.append(desc.digest)
         self._remember(desc.digest)
 
@@ -118,10 +120,19 @@ def push(store: Store, name: str, destination: str | Reference | None = None,
                                 f"{image.digest}")
         repo = RemoteRepository.for_reference(dest, options)
         try:
-            sink = RemoteSink(repo, BlobInfoCache(store.root))
+            sink = RemoteSink(repo, BlobInfoCache(store.root),
+                              reopen=lambda d: open(  # noqa: SIM115 - the body closes it
+                                  store.layout.blob_path(d.digest), "rb"))
             tags = [dest.tag] if dest.tag and dest.digest is None else []
             desc = copy_image(image, sink, tags=tags, progress=progress,
                               concurrency=options.concurrency)
+            if desc.digest == image.digest:  # the image's own signatures travel with it
+                from registry_client.signatures import push_signatures
+                from store.signatures import LocalSignatures
+
+                local = LocalSignatures(store).load(desc.digest)
+                if local:
+                    push_signatures(repo, desc.digest, local)
         finally:
             repo.transport.close()
     if digestfile:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlencode
@@ -182,11 +183,14 @@ class RemoteRepository:
                 pass
         return mounted
 
-    def upload_blob(self, stream: BinaryIO, desc: Descriptor) -> None:
+    def upload_blob(self, stream: BinaryIO, desc: Descriptor,
+                    reopen: Callable[[Descriptor], BinaryIO] | None = None) -> None:
         """Upload a blob: one PUT when small, else PATCH chunks then the closing PUT.
 
-        ``stream`` verifies itself at EOF (a store reader); each request's body is held
-        in memory, so a retried request sends exactly the same bytes."""
+        ``stream`` verifies itself at EOF (a store reader). A small blob is sent from
+        memory. A large one is streamed in big chunks when ``reopen`` can give a seekable
+        copy of the blob for a retried chunk; without it, chunks are small and held in
+        memory, so a retried request sends exactly the same bytes."""
         scopes = self.scopes(push=True)
         resp = self.transport.request(
             "POST", f"/v2/{self.repository}/blobs/uploads/", scopes=scopes,
@@ -202,20 +206,24 @@ class RemoteRepository:
                          "Content-Length": str(len(data))},
                 body=data, expect=(201,), what="blob upload", digest=desc.digest))
             return
+        step = self.options.stream_chunk_size if reopen else self.options.chunk_size
         offset = 0
         while offset < desc.size:
-            chunk = _read_up_to(stream, min(self.options.chunk_size, desc.size - offset))
-            if not chunk:
-                raise DigestError(f"blob {desc.digest} is shorter than {desc.size} bytes")
-            end = offset + len(chunk) - 1
+            n = min(step, desc.size - offset)
+            if reopen:
+                body = _ChunkBody(stream, offset, n, desc, reopen)
+            else:
+                body = _read_up_to(stream, n)
+                if len(body) != n:
+                    raise DigestError(f"blob {desc.digest} is shorter than {desc.size} bytes")
             resp = self.transport.request(
                 "PATCH", location, scopes=scopes,
                 headers={"Content-Type": "application/octet-stream",
-                         "Content-Range": f"{offset}-{end}", "Content-Length": str(len(chunk))},
-                body=chunk, expect=(202,), what="blob chunk upload", digest=desc.digest)
+                         "Content-Range": f"{offset}-{offset + n - 1}", "Content-Length": str(n)},
+                body=body, expect=(202,), what="blob chunk upload", digest=desc.digest)
             with resp:
                 location = self._location(resp)
-            offset += len(chunk)
+            offset += n
         if stream.read(1):  # EOF: the source checks its digest here
             raise DigestError(f"blob {desc.digest} is longer than {desc.size} bytes")
         _finish(self.transport.request(
@@ -246,6 +254,57 @@ class RemoteRepository:
         if not location:
             raise RegistryError("upload answer has no Location", url=resp.url)
         return self._abs(location)
+
+
+class _ChunkBody:
+    """A request body factory: ``n`` bytes from ``offset``, streamed. The first attempt
+    reads on from the caller's stream; a retried attempt reads a fresh, seekable copy."""
+
+    def __init__(self, stream: BinaryIO, offset: int, n: int, desc: Descriptor,
+                 reopen: Callable[[Descriptor], BinaryIO]):
+        self._stream, self._offset, self._n, self._desc, self._reopen = (
+            stream, offset, n, desc, reopen)
+        self._attempts = 0
+
+    def __call__(self) -> _Bounded:
+        self._attempts += 1
+        if self._attempts == 1:
+            self._first = _Bounded(self._stream, self._n, self._desc, close=False)
+            return self._first
+        if self._attempts == 2:  # bring the caller's stream to the chunk's end, as if the
+            left = self._n - self._first.sent  # first attempt had gone through
+            while left > 0:
+                got = self._stream.read(min(left, 1 << 20))
+                if not got:
+                    raise DigestError(f"blob {self._desc.digest} is shorter than expected")
+                left -= len(got)
+        f = self._reopen(self._desc)
+        f.seek(self._offset)
+        return _Bounded(f, self._n, self._desc, close=True)
+
+
+class _Bounded:
+    """``n`` bytes of a stream as an iterable with a length (requests sends it with a
+    Content-Length, not chunked)."""
+
+    def __init__(self, f: BinaryIO, n: int, desc: Descriptor, *, close: bool):
+        self._f, self._n, self._desc, self._close = f, n, desc, close
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        try:
+            while self.sent < self._n:
+                data = self._f.read(min(1 << 20, self._n - self.sent))
+                if not data:
+                    raise DigestError(f"blob {self._desc.digest} is shorter than expected")
+                self.sent += len(data)
+                yield data
+        finally:
+            if self._close:
+                self._f.close()
 
 
 def _finish(resp: requests.Response) -> None:

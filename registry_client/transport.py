@@ -60,6 +60,8 @@ class RegistryOptions:
     # uploads larger than this go in PATCH chunks; each in-flight chunk is held in memory
     # (so a retry resends the same bytes): jobs x chunk bounds push memory
     chunk_size: int = 8 * 1024 * 1024
+    # with a seekable source (the store) chunks are streamed, not held: few and large
+    stream_chunk_size: int = 512 * 1024 * 1024
     certs_d: str = CERTS_D
     registries_conf: str = REGISTRIES_CONF
     env: Mapping[str, str] | None = None

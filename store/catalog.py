@@ -32,7 +32,11 @@ def _summary(store: Store, desc: Descriptor) -> ImageSummary:
 def list_images(store: Store) -> list[ImageSummary]:
     """One summary per distinct image, with all its tags, in tag order of index.json."""
     by_digest: dict[str, ImageSummary] = {}
+    from store.signatures import is_signature_name
+
     for tagged in store.tags():
+        if is_signature_name(tagged.name):  # cosign signatures: shown by `kiln verify`
+            continue
         s = by_digest.get(tagged.descriptor.digest)
         if s is None:
             s = by_digest[tagged.descriptor.digest] = _summary(store, tagged.descriptor)

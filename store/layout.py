@@ -40,8 +40,11 @@ class OCILayout:
     """
 
     def __init__(self, root: str | os.PathLike, *, tmp: Path | None = None,
-                 index_lock: Path | None = None):
+                 index_lock: Path | None = None, durable: bool = True):
         self.root = Path(root)
+        # False for a layout written for the user (save, copy to oci:), as cp or skopeo
+        # write files: no fsync per blob. The store itself is always durable.
+        self.durable = durable
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = tmp or self.root / "blobs"
         self._index_lock = index_lock
@@ -106,7 +109,8 @@ class OCILayout:
                         h.update(chunk)
                     f.write(chunk)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    os.fsync(f.fileno())
             got = digest if trusted else "sha256:" + h.hexdigest()
             if size is not None and total != size:
                 raise DigestError(f"blob {digest or got} has {total} bytes, declared size {size}")
@@ -127,7 +131,8 @@ class OCILayout:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
-                    os.fsync(f.fileno())
+                    if self.durable:
+                        os.fsync(f.fileno())
                 self._install(tmp, digest)
             except BaseException:
                 _unlink_quiet(tmp)
@@ -143,7 +148,8 @@ class OCILayout:
         final = self.blob_path(digest)
         os.chmod(tmp, 0o644)
         os.rename(tmp, final)  # same bytes if another writer won the race
-        fsync_dir(self.blobs)
+        if self.durable:
+            fsync_dir(self.blobs)
 
     def open_blob(self, digest: str, size: int | None = None) -> VerifyingReader:
         """A reader that raises DigestError at EOF (or early, when too long) on any mismatch."""

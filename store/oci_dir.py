@@ -61,7 +61,7 @@ class LayoutSink:
     concurrency = 8  # blobs land through mkstemp + rename: safe from several threads
 
     def __init__(self, path: str | os.PathLike, *, index_lock: Path | None = None):
-        self.layout = OCILayout(path, index_lock=index_lock)
+        self.layout = OCILayout(path, index_lock=index_lock, durable=False)
         self.layout.create()
 
     def has_blob(self, digest: str) -> bool:

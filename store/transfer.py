@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from store.docker_archive import DockerArchive, DockerArchiveSink
-from store.documents import Descriptor
+from store.documents import OCI_MANIFEST, Descriptor
 from store.errors import KilnError, ReferenceError_, StoreError
 from store.fsutil import current_umask, remove_tree
 from store.image import Image, Progress, copy_image
 from store.layout import REF_NAME
 from store.oci_dir import LayoutSink, LayoutSource, unpack_oci_archive, write_oci_archive
 from store.reference import parse_reference
+from store.signatures import LocalSignatures, copy_signature_manifest, is_signature_name
 from store.store import Store, StoreSink
 
 SAVE_FORMATS = ("oci", "oci-archive", "docker-archive")
@@ -80,6 +81,9 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                               progress=progress, tmp_dir=str(store.tmp),
                               concurrency=concurrency)
                    for image, tags in images]
+        for (image, _), desc in zip(images, written, strict=True):
+            if desc.digest == image.digest:  # re-compressed images are no longer what was signed
+                _export_signatures(store, image.digest, sink.layout)
         if fmt == "oci-archive":
             write_oci_archive(work, output)
         elif work is not None:
@@ -89,6 +93,22 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
         if work is not None:
             remove_tree(work)
     return written
+
+
+def _export_signatures(store: Store, digest: str, layout) -> None:
+    """An image's cosign signatures travel with it into an OCI layout, tagged as in a
+    registry (``<repo>:sha256-<hex>.sig``)."""
+    for name, desc in LocalSignatures(store).entries_for(digest):
+        raw = store.read_blob(desc.digest, desc.size)
+        copied = copy_signature_manifest(raw, store.read_blob, layout.put_bytes, where=name)
+        layout.set_tag(name, Descriptor(OCI_MANIFEST, copied.digest, copied.size))
+
+
+def _import_signatures(store: Store, source: LayoutSource, entry: Descriptor, name: str
+                       ) -> None:
+    raw = source.layout.read_blob(entry.digest, entry.size)
+    copied = copy_signature_manifest(raw, source.layout.read_blob, store.put_bytes, where=name)
+    store.tag(name, Descriptor(OCI_MANIFEST, copied.digest, copied.size))
 
 
 def detect_format(path: Path) -> str:
@@ -139,6 +159,9 @@ def load(store: Store, path: str | os.PathLike, *, progress: Progress | None = N
                 source = LayoutSource(path)
             for entry in source.entries():
                 name = (entry.annotations or {}).get(REF_NAME)
+                if name and is_signature_name(name):
+                    _import_signatures(store, source, entry, name)
+                    continue
                 tags = []
                 if name:
                     try:

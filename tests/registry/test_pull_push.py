@@ -117,7 +117,7 @@ def test_pull_of_a_missing_tag_names_the_url(registry, tmp_path):
 
 
 def test_chunked_upload_and_digestfile(busybox_store, registry, fault_proxy, tmp_path):
-    opts = options(tmp_path, chunk_size=256 * 1024)
+    opts = options(tmp_path, chunk_size=64 * 1024, stream_chunk_size=256 * 1024)
     digestfile = tmp_path / "digest"
     desc = push(busybox_store, "busybox:latest", f"{fault_proxy.host}/chunked/bb:1", opts,
                 digestfile=str(digestfile))
@@ -127,6 +127,33 @@ def test_chunked_upload_and_digestfile(busybox_store, registry, fault_proxy, tmp
     assert digestfile.read_text() == desc.digest
     other = fresh_store(tmp_path)
     assert pull(other, f"{registry.host}/chunked/bb:1", options(tmp_path)).digest == desc.digest
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_failed_chunk_is_sent_again(busybox_store, registry, fault_proxy, tmp_path,
+                                      streamed):
+    """Streamed chunks (a seekable source: the store) are re-read from the blob file;
+    in-memory chunks are resent as they are."""
+    from registry_client.push import RemoteSink
+    from registry_client.remote import RemoteRepository
+    from store.image import copy_image
+    from store.reference import parse_reference
+
+    opts = options(tmp_path, chunk_size=64 * 1024, stream_chunk_size=256 * 1024)
+    fault_proxy.add(status(500, method="PATCH", times=2))
+    image = busybox_store.image("busybox:latest")
+    name = f"{fault_proxy.host}/retry{int(streamed)}/bb:1"
+    repo = RemoteRepository.for_reference(parse_reference(name), opts)
+
+    def reopen(d):
+        return open(busybox_store.layout.blob_path(d.digest), "rb")  # noqa: SIM115
+
+    copy_image(image, RemoteSink(repo, reopen=reopen if streamed else None), tags=["1"])
+    patches = [r for r in fault_proxy.requests if r["method"] == "PATCH"]
+    assert len([r for r in patches if r.get("fault")]) == 2
+    other = fresh_store(tmp_path)
+    assert pull(other, f"{registry.host}/retry{int(streamed)}/bb:1",
+                options(tmp_path)).digest == image.digest
 
 
 def test_push_heads_first_and_mounts_from_another_repository(busybox_store, fault_proxy,
