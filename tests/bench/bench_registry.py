@@ -274,15 +274,31 @@ def one_round(n: int, kiln: list[str], skopeo: list[str], env: dict, store_root:
                            [round_dir / "skopeo-oci"]),
             },
         }
+        # issue 6: the same pull with and without --verify-key ("skopeo" is the plain
+        # kiln pull here); the image is signed, untimed, once the push case has run
+        verify_key = work / "bench-key"
+        cases["verify-on-pull"] = {
+            "kiln": (kiln + ["--root", str(round_dir / "kiln-verified"), "pull", "-q",
+                             "--verify-key", f"{verify_key}.pub", f"{host}/kiln-{n}:{TAG}"],
+                     [round_dir / "kiln-verified"]),
+            "skopeo": (kiln + ["--root", str(round_dir / "kiln-plain"), "pull", "-q",
+                               f"{host}/kiln-{n}:{TAG}"], [round_dir / "kiln-plain"]),
+        }
         for case, tools in cases.items():
+            if case == "verify-on-pull":
+                subprocess.run(kiln + ["--root", str(store_root), "sign", "--key",
+                                       f"{verify_key}.key", f"docker://{host}/kiln-{n}:{TAG}"],
+                               env={**env, "KILN_PASSWORD": "bench"}, check=True,
+                               stdout=subprocess.DEVNULL)
             order = ["kiln", "skopeo"] if kiln_first else ["skopeo", "kiln"]
             for tool in order:
                 cmd, leftovers = tools[tool]
                 before = process_cpu(registry_pid)
-                run = run_timed(cmd, env if tool == "kiln" else clean_env(), work / "stats")
+                run = run_timed(cmd, env if tool == "kiln" or case == "verify-on-pull"
+                                else clean_env(), work / "stats")
                 if result is not None:
                     result.add(f"{case}/{tool}", run, process_cpu(registry_pid) - before)
-                if n == 0 and (case != "push" or tool == order[-1]):
+                if n == 0 and case in TARGETS and (case != "push" or tool == order[-1]):
                     check_result(case, tool, host, round_dir, cs)
                 for path in leftovers:
                     remove(path)
@@ -316,6 +332,9 @@ def main() -> int:
         print(f"image: {LAYERS} zstd layers, {facts['compressed'] / 1e6:.0f} MB compressed "
               f"({sizes} MB), ~{args.size_mb} MB uncompressed; made in "
               f"{time.perf_counter() - t:.1f}s")
+        subprocess.run(kiln + ["key", "generate", "-o", str(work / "bench-key")],
+                       env={**env, "KILN_PASSWORD": "bench"}, check=True,
+                       stdout=subprocess.DEVNULL)
         print("warm-up round (untimed) ...", flush=True)
         one_round(0, kiln, skopeo, env, store_root, oci_src, work, None, True)
         result = Result()
@@ -328,6 +347,11 @@ def main() -> int:
             verdict = "ok" if k / s <= target else "MISSED"
             print(f"  {case:18s} kiln {k:6.2f}s  skopeo {s:6.2f}s  ratio {k / s:5.3f} "
                   f"(target <= {target}: {verdict})")
+        v = result.median("times", "verify-on-pull/kiln")
+        plain = result.median("times", "verify-on-pull/skopeo")
+        print(f"  verify-on-pull     kiln pull --verify-key {v:6.2f}s  kiln pull {plain:6.2f}s  "
+              f"overhead {100 * (v / plain - 1):+5.1f}% (target < 5%: "
+              f"{'ok' if v / plain < 1.05 else 'MISSED'})")
         print("each run's wall seconds; median CPU seconds (user+sys) of the tool and of the "
               "registry; peak RSS MiB (largest over runs):")
         for case in TARGETS:

@@ -287,3 +287,37 @@ def test_build_verifies_its_base_and_signs_its_result(kiln, keys, registry, tmp_
     p = refused("build", "-q", "--verify-key", str(keys["other_pub"]), "-t", "x", str(ctx),
                 check=False)
     assert p.returncode == 125 and "no valid signature" in p.err
+
+
+@pytest.mark.interop
+def test_skopeo_with_sigstore_accepts_kiln_signatures(kiln, keys, registry, tmp_path):
+    """containers/image as the independent verifier, where its sigstore support is built
+    in (Debian's skopeo is built without: then this test says so and skips)."""
+    from tests.interop.conftest import require_tool
+
+    skopeo = require_tool("skopeo")
+    ref = f"{registry.host}/skopeo/signed:1"
+    kiln("push", "-q", "--sign-key", str(keys["good"]), "busybox:latest", ref, env=PASSWORD)
+    kiln("push", "-q", "busybox:latest", f"{registry.host}/skopeo/unsigned:1")
+    regd = tmp_path / "registries.d"
+    regd.mkdir()
+    (regd / "kiln.yaml").write_text(f"docker:\n  {registry.host}:\n"
+                                    "    use-sigstore-attachments: true\n")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{
+        "type": "sigstoreSigned", "keyPath": str(keys["good_pub"]),
+        "signedIdentity": {"type": "matchRepository"}}]}))
+
+    def copy(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [skopeo, "copy", "--registries.d", str(regd), "--policy", str(policy),
+             "--src-tls-verify=false", f"docker://{name}", f"oci:{tmp_path / 'out'}:x"],
+            capture_output=True, text=True, timeout=120)
+
+    signed = copy(ref)
+    if "sigstore disabled" in signed.stderr:
+        pytest.skip("!!! this skopeo is built without sigstore support (Debian's is): the "
+                    "containers/image cross-check of kiln signatures did NOT run !!!")
+    assert signed.returncode == 0, signed.stderr
+    unsigned = copy(f"{registry.host}/skopeo/unsigned:1")
+    assert unsigned.returncode != 0 and "signature" in unsigned.stderr
