@@ -291,6 +291,8 @@ def one_round(n: int, kiln: list[str], skopeo: list[str], env: dict, store_root:
                                env={**env, "KILN_PASSWORD": "bench"}, check=True,
                                stdout=subprocess.DEVNULL)
             order = ["kiln", "skopeo"] if kiln_first else ["skopeo", "kiln"]
+            if case == "verify-on-pull":  # a small difference: more samples, both orders
+                order = order + order[::-1] + order
             for tool in order:
                 cmd, leftovers = tools[tool]
                 before = process_cpu(registry_pid)
