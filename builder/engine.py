@@ -264,14 +264,15 @@ class Builder:
         from store.errors import NotFoundError
 
         try:
-            self.store.resolve(name)
+            image = self.store.image(name)
         except NotFoundError:
             if self.opts.fetch_image is None:
                 raise
             self._fetch(name)
+            image = self.store.image(name)
         if self.opts.check_base is not None:
             self.opts.check_base(name)
-        return self.store.image(name)
+        return image
 
     def _containerfile(self) -> Path:
         if self.opts.containerfile:
@@ -403,19 +404,8 @@ class Builder:
         from store import layer_writer  # noqa: F401
         from store.fsutil import remove_tree
 
-        if len(state.pending) >= _MAX_PENDING or os.environ.get("KILN_AB_SYNC"):  # AB-TEMP
+        if len(state.pending) >= _MAX_PENDING:
             self._finish_commits(state)
-        if os.environ.get("KILN_AB_SYNC"):  # AB-TEMP
-            desc, diff_id = self.store.commit_layer(upper, compression=self.opts.compression,
-                                                    epoch=self.opts.epoch)
-            layer = Layer(desc.digest, diff_id, desc.media_type, desc.size)
-            state.layers.append(layer)
-            state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-            state.config["rootfs"]["diff_ids"] = [la.diff_id for la in state.layers]
-            self.history(state, created_by, empty=False)
-            state.key = key
-            cache.save(self.store, key, config=state.config, layer=layer.to_json())
-            return
         stage_dir = self.store.mkdtemp("pending-layer-")
         path = os.path.join(stage_dir, "diff")
         try:

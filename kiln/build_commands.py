@@ -76,9 +76,9 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         key = load_signing_key(sign_key, sign_passphrase_file)
     verify = bool(verify_keys or signature_policy)
     if pull_policy == "missing":
-        options = make_options(**reg)
+        def fetch(name: str) -> None:  # requests is imported only when a pull happens
+            options = make_options(**reg)
 
-        def fetch(name: str) -> None:
             from registry_client.pull import pull
             from registry_client.trust import requirements_for
             from store.reference import parse_reference
