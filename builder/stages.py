@@ -44,6 +44,22 @@ class Plan:
         return None
 
 
+def _check_platform(inst, wanted: str, args: dict[str, str], escape: str) -> None:
+    """FROM --platform: kiln builds for the host only (no emulation), so another platform
+    is a clear error rather than a host image under the wrong name."""
+    from builder.shell import ExpansionError, expand_word
+
+    try:
+        value = expand_word(wanted, args, escape=escape)
+    except ExpansionError as e:
+        raise BuildError(f"{_where(inst)}: --platform: {e}") from None
+    host = platform_args()["BUILDPLATFORM"]
+    parts, have = value.split("/"), host.split("/")
+    if parts[:2] != have[:2] or (len(parts) > 2 and len(have) > 2 and parts[2] != have[2]):
+        raise BuildError(f"{_where(inst)}: FROM --platform={value}: kiln builds for the host "
+                         f"platform ({host}) only; it has no emulator for {value}")
+
+
 def platform_args() -> dict[str, str]:
     """BuildKit's automatic platform ARGs (global scope; a stage re-declares them to use
     them). kiln builds for the host, so target and build platform are the same."""
@@ -84,7 +100,9 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
     for inst in df.instructions:
         if inst.cmd == "FROM":
             words = list(inst.args)
-            parse_flags(inst, {"platform": str})
+            wanted = parse_flags(inst, {"platform": str})["platform"]
+            if wanted:
+                _check_platform(inst, wanted, global_args, df.escape)
             if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
                 raise BuildError(f"{_where(inst)}: FROM takes IMAGE [AS NAME]")
             try:

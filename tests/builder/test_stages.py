@@ -62,3 +62,15 @@ def test_errors_name_file_and_line(text, message):
 def test_unknown_target():
     with pytest.raises(BuildError, match="target stage 'nope' not found"):
         plan("FROM busybox AS a\n", target="nope")
+
+
+def test_from_platform_is_the_host_or_a_clear_error():
+    from builder.stages import platform_args
+
+    host = platform_args()["BUILDPLATFORM"]
+    plan(f"FROM --platform={host} busybox\nRUN true\n")
+    plan("FROM --platform=$BUILDPLATFORM busybox\nRUN true\n")
+    other = "linux/arm64" if not host.startswith("linux/arm64") else "linux/amd64"
+    with pytest.raises(BuildError, match=rf"Containerfile:2: FROM --platform={other}: kiln "
+                                         rf"builds for the host platform \({host}\) only"):
+        plan(f"ARG P={other}\nFROM --platform=$P busybox\n")
