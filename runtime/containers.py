@@ -82,17 +82,10 @@ class ContainerRecord(Record):
     def save(self, directory: str | os.PathLike) -> None:
         """Replace state.json at once; not flushed to disk: it means nothing after a reboot
         that ``kiln ps`` could not tell anyway (a pid, a status)."""
-        path = os.path.join(directory, "state.json")
-        tmp = os.path.join(directory, f".tmp-state.json-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.fchmod(fd, 0o644)  # whatever the umask, as before
-            view = memoryview(json.dumps(self.__dict__).encode())
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        from store.fsutil import replace_file
+
+        replace_file(os.path.join(os.fspath(directory), "state.json"),
+                     json.dumps(self.__dict__).encode())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ContainerRecord:

@@ -79,24 +79,10 @@ def remember(cache_dir: str, identity: list[int] | None, name: str, answer: Answ
     images[name] = {"digest": answer.digest, "config": answer.config,
                     "layers": answer.layers}
     data = json.dumps({"index": identity, "images": images}).encode()
-    path = os.path.join(cache_dir, CACHE_FILE)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    from store.fsutil import replace_file
+
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        replace_file(os.path.join(cache_dir, CACHE_FILE), data, mode=0o600)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        pass

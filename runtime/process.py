@@ -30,6 +30,7 @@ from runtime.capabilities import last_cap, mask
 from runtime.spec import DEFAULT_PATH, ContainerSpec, Record
 from runtime.users import ExecUser, resolve_user
 from store.errors import KilnError
+from store.fsutil import write_all
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -443,11 +444,11 @@ class Container:
                     if not data:
                         inputs.remove(master)
                     else:
-                        _write_all(1, data)
+                        write_all(1, data)
                 if 0 in ready:
                     data = os.read(0, 65536)
                     if data:
-                        _write_all(master, data)
+                        write_all(master, data)
                     else:
                         inputs.remove(0)
                 if status is None:
@@ -490,13 +491,6 @@ def _read_all(fd: int) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _copy_window_size(master: int) -> None:

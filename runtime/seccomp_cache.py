@@ -68,21 +68,15 @@ def _load(path: str, inputs: bytes) -> bytes | None:
 
 def _store(path: str, inputs: bytes, bpf: bytes) -> None:
     """Best effort: a store we cannot write to just means compiling every time."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    from store.fsutil import replace_file
+
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         _forget_old(os.path.dirname(path))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, MAGIC + inputs + sha256(bpf).hexdigest().encode() + b"\n" + bpf)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        replace_file(path, MAGIC + inputs + sha256(bpf).hexdigest().encode() + b"\n" + bpf,
+                     mode=0o600)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        pass
 
 
 def _forget_old(cache_dir: str) -> None:
@@ -115,9 +109,3 @@ def default_filter(capabilities: frozenset[str] | set[str], cache_dir: str | Non
     if inputs is not None:
         _store(path, inputs, bpf)
     return bpf
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -1,12 +1,13 @@
-"""Atomic file writes and tree removal, shared by the store and its exporters."""
+"""Atomic file writes and tree removal, shared by the store, its exporters and the runtime.
+
+``write_all`` and ``replace_file`` need nothing but ``os``: they are on ``kiln run``'s
+start-up path, so this module imports tempfile, shutil and pathlib only where used.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
-from pathlib import Path
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -17,6 +18,33 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def replace_file(path: str, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` at once (a temp file beside it, then a rename), without fsync: for
+    small state and caches that mean nothing after a reboot. Raises OSError; nothing is
+    left behind on failure."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.PathLike | None = None,
                  mode: int = 0o644, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
@@ -24,6 +52,9 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.Path
     ``durable=False`` skips the fsyncs: for state that means nothing after a reboot
     (a running container's pid), where a flush would only slow the hot path.
     """
+    import tempfile
+    from pathlib import Path
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".tmp-" + path.name + "-")
     try:
@@ -46,6 +77,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, tmp_dir: str | os.Path
 
 def remove_tree(path: str | os.PathLike) -> None:
     """Remove a tree even where layer contents made directories read-only to us."""
+    import shutil
+
     path = os.fspath(path)
 
     def onerror(func, p, exc_info):
