@@ -128,31 +128,10 @@ class _PendingCommit:
         signal.pthread_sigmask(signal.SIG_BLOCK,
                                [getattr(signal, name) for name in _COMMIT_THREAD_BLOCKS])
         try:
-            self.result = _write_layer_blob(store, self.path, compression, epoch)
+            self.result = store.write_layer_blob(self.path, compression=compression,
+                                                 epoch=epoch)
         except BaseException as e:  # noqa: BLE001 - raised again by _finish_commits
             self.error = e
-
-
-def _write_layer_blob(store: Store, diff_dir: str, compression: str,
-                      epoch: int | None) -> tuple[Descriptor, str]:
-    """Store.commit_layer without its last move (the dir may still be a lower dir)."""
-    import contextlib
-    import tempfile
-
-    from store.layer_writer import write_layer
-
-    fd, blob_path = tempfile.mkstemp(dir=store.tmp, prefix="commit-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            blob = write_layer(diff_dir, out, compression=compression, source_date_epoch=epoch)
-            out.flush()
-            os.fsync(out.fileno())
-        store.layout.install_file(blob_path, blob.digest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(blob_path)
-        raise
-    return Descriptor(blob.media_type, blob.digest, blob.size), blob.diff_id
 
 
 def _now(epoch: int | None) -> str:

@@ -261,6 +261,14 @@ class Store:
                      epoch: int | None = None) -> tuple[Descriptor, str]:
         """A RUN/COPY step's upper dir becomes a layer: tarred once into a blob, then moved
         (not copied) into ``layers/``. Returns (blob descriptor, diff_id)."""
+        desc, diff_id = self.write_layer_blob(diff_dir, compression=compression, epoch=epoch)
+        self.adopt_layer_dir(diff_dir, diff_id)
+        return desc, diff_id
+
+    def write_layer_blob(self, diff_dir: str | os.PathLike, *, compression: str = "zstd",
+                         epoch: int | None = None) -> tuple[Descriptor, str]:
+        """The blob half of commit_layer: tar ``diff_dir`` into blobs/ and leave the dir
+        where it is (a build may still use it as a lower dir)."""
         from store.layer_writer import write_layer
 
         fd, blob_path = tempfile.mkstemp(dir=self.tmp, prefix="commit-")
@@ -275,7 +283,6 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(blob_path)
             raise
-        self.adopt_layer_dir(diff_dir, blob.diff_id)
         return Descriptor(blob.media_type, blob.digest, blob.size), blob.diff_id
 
     def layer_diff_ids_on_disk(self) -> list[str]:
