@@ -22,10 +22,11 @@ A cgroup's ``kiln/`` parent is removed with its last container.
 
 from __future__ import annotations
 
+# signal.py only adds enums to _signal, at a cost on every kiln run (see runtime/process.py)
+import _signal as signal
 import errno
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -82,13 +81,15 @@ class ContainerRecord(Record):
     def save(self, directory: str | os.PathLike) -> None:
         """Replace state.json at once; not flushed to disk: it means nothing after a reboot
         that ``kiln ps`` could not tell anyway (a pid, a status)."""
+        from runtime.json_writer import dumps
         from store.fsutil import replace_file
 
-        replace_file(os.path.join(os.fspath(directory), "state.json"),
-                     json.dumps(self.__dict__).encode())
+        replace_file(os.path.join(os.fspath(directory), "state.json"), dumps(self.__dict__))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ContainerRecord:
+        import json  # not on kiln run's path (unless --name): its import costs a millisecond
+
         with open(os.path.join(directory, "state.json"), "rb") as f:
             data = json.loads(f.read(1 << 20))
         return cls(**{k: data.get(k) for k in cls.FIELDS})

@@ -4,8 +4,14 @@ Resolving a name the full way (the reference grammar, index.json through the str
 document parsers, manifest and config blobs read and verified, each layer unpacked or
 found) costs a kiln run more than everything else it does before the container starts,
 mostly in importing the store's document model. So once a name has been resolved that
-way, its answer is kept in ``containers/.cache/images.json``: the manifest digest, the
+way, its answer is kept in ``containers/.cache/images.marshal``: the manifest digest, the
 image config's ``config`` object and the layer dirs, bottom first.
+
+The file is marshal, not JSON: the json package costs more to import than this whole
+lookup, and marshal is loaded with the interpreter. marshal trusts what it reads no more
+than it must (only plain values are accepted back), and the file is kiln's own, 0600 in
+the store's 0700 containers/.cache, beside the layer dirs it names: whoever can write it
+can already change any image.
 
 An answer stands while index.json is the very file it was read from (inode, size and
 mtime in ns: every tag change writes a new file and renames it into place) and while every
@@ -18,11 +24,12 @@ in between.
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 
 MAX_NAMES = 64  # answers kept per index.json; the file stays a few KiB
-CACHE_FILE = "images.json"
+CACHE_FILE = "images.marshal"
+MAGIC = b"kiln-images 1\n"
 
 
 class Answer:
@@ -45,10 +52,22 @@ def index_identity(root: str) -> list[int] | None:
 def _read(cache_dir: str) -> dict:
     try:
         with open(os.path.join(cache_dir, CACHE_FILE), "rb") as f:
-            doc = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+            data = f.read(1 << 20)
+        doc = marshal.loads(data[len(MAGIC):]) if data.startswith(MAGIC) else None
+    except (OSError, ValueError, EOFError, TypeError):
         return {}
-    return doc if isinstance(doc, dict) else {}
+    return doc if isinstance(doc, dict) and _plain(doc) else {}
+
+
+def _plain(value: object, depth: int = 0) -> bool:
+    """Only what JSON could hold: no code objects, sets or bytes from a marshal stream."""
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, int, float))
 
 
 def lookup(root: str, cache_dir: str, name: str) -> Answer | None:
@@ -78,7 +97,7 @@ def remember(cache_dir: str, identity: list[int] | None, name: str, answer: Answ
         images = {}
     images[name] = {"digest": answer.digest, "config": answer.config,
                     "layers": answer.layers}
-    data = json.dumps({"index": identity, "images": images}).encode()
+    data = MAGIC + marshal.dumps({"index": identity, "images": images})
     from store.fsutil import replace_file
 
     try:

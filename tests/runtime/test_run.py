@@ -19,6 +19,8 @@ def test_echo_and_exit_codes(krun):
     assert krun("sh", "-c", "exit 3").returncode == 3
     p = krun("nosuchcmd")
     assert p.returncode == 127 and "nosuchcmd: executable file not found in $PATH" in p.err
+    p = krun("/bin/nö\nsuch")  # the reason crosses from PID 1 to kiln whole, newline and all
+    assert p.returncode == 127 and "/bin/nö\nsuch: No such file or directory" in p.err
     p = krun("/notexec")
     assert p.returncode == 126 and "Permission denied" in p.err
     # PID 1 cannot be killed from inside its own namespace; with --init the program is PID 2

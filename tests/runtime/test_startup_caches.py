@@ -5,6 +5,7 @@ or damaged answer."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
 import subprocess
@@ -104,8 +105,16 @@ def _rootfs_with(base, tmp_path, name: str, text: str):
     return root
 
 
+def _lookup_path(root):
+    return root / "containers" / ".cache" / "images.marshal"
+
+
 def _lookup_file(root) -> dict:
-    return json.loads((root / "containers" / ".cache" / "images.json").read_text())
+    from runtime.image_lookup import MAGIC
+
+    data = _lookup_path(root).read_bytes()
+    assert data.startswith(MAGIC)
+    return marshal.loads(data[len(MAGIC):])
 
 
 def test_a_retagged_name_runs_the_new_image(kiln, busybox_rootfs, tmp_path):
@@ -133,6 +142,44 @@ def test_a_missing_layer_dir_is_unpacked_again(kiln, busybox_rootfs, tmp_path):
     shutil.rmtree(os.path.dirname(layers[0]))  # as if pruned behind this cache's back
     assert kiln("run", "--rm", "app", "cat", "/which").out == "A"
     assert all(os.path.isdir(d) for d in layers)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not marshal", "a code object",
+                                    "a set for the layers", "bytes for the digest",
+                                    "a layer dir elsewhere that is gone", "old json file"])
+def test_a_damaged_lookup_cache_is_never_believed(kiln, busybox_rootfs, tmp_path, damage):
+    from runtime.image_lookup import MAGIC
+
+    kiln("import", str(_rootfs_with(busybox_rootfs, tmp_path, "a", "A")), "app")
+    assert kiln("run", "--rm", "app", "cat", "/which").out == "A"
+    path = _lookup_path(kiln.root)
+    doc = _lookup_file(kiln.root)
+    sound = marshal.loads(marshal.dumps(doc["images"]["app"]))
+    entry = doc["images"]["app"]
+    data = None
+    if damage == "truncated":
+        data = path.read_bytes()[:-7]
+    elif damage == "not marshal":
+        data = MAGIC + b"\xff" * 40
+    elif damage == "a code object":
+        entry["config"] = {"Cmd": compile("1", "x", "eval")}
+    elif damage == "a set for the layers":
+        entry["layers"] = set(entry["layers"])
+    elif damage == "bytes for the digest":
+        entry["digest"] = entry["digest"].encode()
+    elif damage == "a layer dir elsewhere that is gone":
+        entry["layers"] = [str(tmp_path / "nowhere")]
+    else:
+        path.unlink()
+        path.with_name("images.json").write_text(json.dumps(doc))
+    if data is None and damage != "old json file":
+        data = MAGIC + marshal.dumps(doc)
+    if data is not None:
+        path.write_bytes(data)
+    assert kiln("run", "--rm", "app", "cat", "/which").out == "A"
+    # resolved the full way, which wrote the sound answer back (a believed cache is not
+    # written again)
+    assert _lookup_file(kiln.root)["images"]["app"] == sound
 
 
 def test_names_resolved_without_a_tag_are_not_kept(kiln, busybox_rootfs, tmp_path):
