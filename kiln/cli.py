@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args == ["--version"]:  # scripts ask this often: click's import is 20 ms of it
+            sys.stdout.write(f"kiln {__version__}\n")
+            sys.exit(0)
         fast = parse_run_args(args)
         if fast is not None:
             root, params = fast

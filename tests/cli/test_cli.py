@@ -10,7 +10,8 @@ from tests.conftest import PROJECT
 
 
 def test_version_and_help(kiln):
-    assert kiln("--version").out.strip() == "kiln 0.1.0"
+    assert kiln("--version").out == "kiln 0.1.0\n"
+    assert kiln("--root", str(kiln.root), "--version").out == "kiln 0.1.0\n"  # by click
     out = kiln("--help").out
     for cmd in ("import", "images", "tag", "rmi", "inspect", "history", "save", "load", "prune"):
         assert cmd in out
