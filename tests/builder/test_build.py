@@ -5,34 +5,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
-import pytest
-
+from tests.builder.conftest import build_context as _ctx
 from tests.conftest import KilnCLI
-
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs) -> Path:
-    root = tmp_path_factory.mktemp("buildstore") / "root"
-    KilnCLI(root)("import", str(busybox_rootfs), "busybox")
-    return root
-
-
-@pytest.fixture
-def kb(broot):
-    return KilnCLI(broot)
-
-
-def _ctx(tmp_path, containerfile: str, files: dict[str, str] | None = None) -> Path:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Containerfile").write_text(containerfile)
-    for name, content in (files or {}).items():
-        p = ctx / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(content)
-    return ctx
 
 
 def _inspect(kb, name):

@@ -18,35 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import KilnCLI
+from tests.builder.conftest import build_context as _ctx
 
 NO_PROXY = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs) -> Path:
-    root = tmp_path_factory.mktemp("addstore") / "root"
-    KilnCLI(root)("import", str(busybox_rootfs), "busybox")
-    return root
-
-
-@pytest.fixture
-def kb(broot):
-    return KilnCLI(broot)
-
-
-def _ctx(tmp_path: Path, containerfile: str, files: dict[str, str | bytes] | None = None) -> Path:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Containerfile").write_text(containerfile)
-    for rel, content in (files or {}).items():
-        p = ctx / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
-    return ctx
 
 
 def _run(kb, image: str, script: str) -> str:

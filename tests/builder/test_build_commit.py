@@ -16,30 +16,7 @@ from pathlib import Path
 import pytest
 
 from builder.copy import CopyAction, apply_copy
-from tests.conftest import KilnCLI
-
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs) -> Path:
-    root = tmp_path_factory.mktemp("commitstore") / "root"
-    KilnCLI(root)("import", str(busybox_rootfs), "busybox")
-    return root
-
-
-@pytest.fixture
-def kb(broot):
-    return KilnCLI(broot)
-
-
-def _ctx(tmp_path: Path, containerfile: str, files: dict[str, str] | None = None) -> Path:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Containerfile").write_text(containerfile)
-    for name, content in (files or {}).items():
-        p = ctx / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(content)
-    return ctx
+from tests.builder.conftest import build_context as _ctx
 
 
 def _leftovers(root: Path) -> list[str]:

@@ -12,31 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, KilnCLI
-
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs) -> Path:
-    root = tmp_path_factory.mktemp("mountstore") / "root"
-    KilnCLI(root)("import", str(busybox_rootfs), "busybox")
-    return root
-
-
-@pytest.fixture
-def kb(broot):
-    return KilnCLI(broot)
-
-
-def _ctx(tmp_path: Path, containerfile: str, files: dict[str, str] | None = None,
-         name: str = "ctx") -> Path:
-    ctx = tmp_path / name
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Containerfile").write_text(containerfile)
-    for rel, content in (files or {}).items():
-        p = ctx / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(content)
-    return ctx
+from tests.builder.conftest import build_context as _ctx
+from tests.conftest import PROJECT
 
 
 def _run(kb, image: str, script: str) -> str:
