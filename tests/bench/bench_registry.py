@@ -52,6 +52,7 @@ sys.path.insert(0, str(PROJECT))
 
 from store.documents import OCI_CONFIG, OCI_MANIFEST, canonical_json  # noqa: E402
 from store.store import Store, host_platform  # noqa: E402
+from tests.bench.bench_layer_write import WORDS  # noqa: E402
 from tests.registry.servers import clean_env, start_registry  # noqa: E402
 
 LAYERS = 4
@@ -59,12 +60,6 @@ TAG = "bench"
 SMALL_FILES_PER_LAYER = 300
 TARGETS = {"push": 0.8, "ready-to-run pull": 0.5, "raw pull": 0.8}
 RSS_TARGET_MB = 150
-WORDS = (
-    "the of and to in is for on that with as was by at from it an be this are or which "
-    "layer image build container store digest manifest config overlay runtime registry "
-    "python kiln tar zstd gzip sha256 import return class def self none true false if "
-    "else while for try except raise yield lambda async await path file directory mode"
-).split()
 
 
 # --------------------------------------------------------------------------- the image
