@@ -160,16 +160,23 @@ class LocalSignatures:
 def copy_signature_manifest(raw: bytes, read_blob: Callable[[str, int], bytes], put_bytes,
                             *, where: str) -> Descriptor:
     """Copy a ``.sig`` manifest and its blobs with ``put_bytes(data, media_type)``; the
-    payloads are checked on the way (parse_signature_manifest)."""
+    payloads are checked on the way (parse_signature_manifest) and each blob read once."""
+    blobs: dict[str, bytes] = {}
+
+    def read_once(digest: str, size: int) -> bytes:
+        if digest not in blobs:
+            blobs[digest] = read_blob(digest, size)
+        return blobs[digest]
+
     doc = decode_document(raw, what=f"{where} signature manifest")
-    parse_signature_manifest(raw, read_blob, where=where)
+    parse_signature_manifest(raw, read_once, where=where)
     config = Descriptor.from_json(doc["config"], where=f"{where} config")
     if config.size > MAX_PAYLOAD:
         raise ManifestError(f"{where}: signature config of {config.size} bytes")
-    put_bytes(read_blob(config.digest, config.size), config.media_type)
+    put_bytes(read_once(config.digest, config.size), config.media_type)
     for i, layer in enumerate(doc["layers"]):
         desc = Descriptor.from_json(layer, where=f"{where} layers[{i}]")
         if desc.size > MAX_PAYLOAD:
             raise ManifestError(f"{where}: layers[{i}] of {desc.size} bytes")
-        put_bytes(read_blob(desc.digest, desc.size), desc.media_type)
+        put_bytes(read_once(desc.digest, desc.size), desc.media_type)
     return put_bytes(raw, OCI_MANIFEST)

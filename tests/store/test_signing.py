@@ -659,3 +659,31 @@ def test_sign_payload_signs_the_exact_bytes(key, pub):
     with pytest.raises(SigningError, match="does not verify"):
         verify_signature(Signature(make_payload(REPO, D1), sig.signature), [pub],
                          manifest_digest=D1, identity=ImageIdentity(REPO))
+
+
+def test_copying_a_signature_manifest_moves_each_blob_once():
+    from store.documents import Descriptor
+    from store.signatures import (
+        StoredSignature,
+        build_signature_manifest,
+        copy_signature_manifest,
+    )
+
+    sigs = [StoredSignature(b'{"critical": %d}' % i, f"c2ln{i}", {}) for i in range(3)]
+    manifest, config, payloads = build_signature_manifest(sigs)
+    source = {sha256_digest(b): b for b in (config, *payloads)}
+    reads: list[str] = []
+    copied: dict[str, bytes] = {}
+
+    def read_blob(digest: str, size: int) -> bytes:
+        reads.append(digest)
+        return source[digest]
+
+    def put_bytes(data: bytes, media_type: str) -> Descriptor:
+        copied[sha256_digest(data)] = data
+        return Descriptor(media_type, sha256_digest(data), len(data))
+
+    desc = copy_signature_manifest(manifest, read_blob, put_bytes, where="x:sha256-0.sig")
+    assert desc.digest == sha256_digest(manifest)
+    assert copied == {**source, desc.digest: manifest}
+    assert sorted(reads) == sorted(source)  # every blob read, none twice
