@@ -34,6 +34,7 @@ from store.compression import (
     decompressed_chunks,
 )
 from store.errors import KilnError
+from store.fsutil import write_all
 
 if TYPE_CHECKING:
     from store.layer_extract import ExtractLimits
@@ -616,9 +617,7 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
                     x.written += len(chunk)
                     if x.written > limits.max_total_bytes:
                         raise _Refused(f"more than {limits.max_total_bytes} bytes")
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, chunk)
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, mode)
             finally:

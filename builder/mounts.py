@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from store.errors import KilnError
+from store.fsutil import write_all
 
 MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
 SHARING_MODES = ("shared", "private", "locked")
@@ -328,9 +329,7 @@ def _secret_file(work: str, i: int, value: bytes, m: MountSpec) -> str:
     path = os.path.join(directory, str(i))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
     try:
-        view = memoryview(value)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, value)
         os.fchown(fd, m.uid or 0, m.gid or 0)
         os.fchmod(fd, 0o400 if m.mode is None else m.mode)
     finally:
