@@ -99,7 +99,7 @@ class Context:
         self._ignore = ignore if ignore else None
         self._cache_path = Path(cache_path) if cache_path is not None else None
         self._nodes: dict[str, _Node] | None = None
-        self._loaded: dict[str, list] = {}
+        self._had_cache = False  # a non-empty stat cache was read
         self._order: list[str] = []
         self._order_keys: list[bytes] = []
         self._specials: dict[str, str] = {}
@@ -134,7 +134,7 @@ class Context:
         if self._nodes is not None:
             return self._nodes
         cached = self._load_cache()
-        self._loaded = cached
+        self._had_cache = bool(cached)
         ignore = self._ignore
         nodes: dict[str, _Node] = {}
         maybe_parents: dict[str, _Node] = {}  # excluded dirs walked for '!' re-inclusions
@@ -349,10 +349,10 @@ class Context:
         """Write the stat cache atomically (temp file + rename). Racy entries are left out."""
         if self._cache_path is None or self._nodes is None:
             return
-        if self.stats["files_hashed"] == 0 and self._loaded and all(
-                path in self._loaded for path, node in self._nodes.items()
-                if node.kind == "file" and node.digest is not None):
-            return  # nothing new was learnt: a no-op rebuild writes (and fsyncs) nothing
+        if self.stats["files_hashed"] == 0 and self._had_cache:
+            # every digest came from the cache (a file gets one only from it or by hashing):
+            # nothing new was learnt, and a no-op rebuild writes (and fsyncs) nothing
+            return
         target = self._cache_path
         directory = target.parent
         directory.mkdir(parents=True, exist_ok=True)
