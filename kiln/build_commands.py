@@ -102,19 +102,21 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
 
 
 def _base_checker(store, verify_keys, policy):
-    """Base images already in the store are checked against their stored signatures."""
+    """Base images already in the store are checked against their stored signatures, each
+    name once per image it names: every COPY --from and RUN --mount from= asks again."""
+    checked: set[tuple[str, str]] = set()
 
     def check_base(name: str) -> None:
-        from registry_client.trust import check, requirements_for
+        from registry_client.trust import check_stored, requirements_for
         from store.reference import parse_reference
-        from store.signatures import LocalSignatures
 
         full = str(parse_reference(name))
         reqs = requirements_for(full, verify_keys=verify_keys, policy_path=policy)
         if reqs:
             desc = store.resolve(name)
-            check(reqs, full, [desc.digest, store.image_for(desc).digest],
-                  LocalSignatures(store).load)
+            if (full, desc.digest) not in checked:
+                check_stored(store, full, desc, reqs)
+                checked.add((full, desc.digest))
 
     return check_base
 

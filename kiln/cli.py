@@ -286,10 +286,9 @@ def _set_run_param(params: dict, dest: str, kind: str, value: str) -> None:
 def _verified_image(store, p: dict):
     """--verify-key/--signature-policy: the image's signatures must hold before it runs
     (checked in the store; an image pulled now is checked before its layers come)."""
-    from registry_client.trust import check, requirements_for
+    from registry_client.trust import check_stored, requirements_for
     from store.errors import KilnError, NotFoundError
     from store.reference import parse_reference
-    from store.signatures import LocalSignatures
     from store.store import Store
 
     store = store if isinstance(store, Store) else Store(store)
@@ -305,8 +304,7 @@ def _verified_image(store, p: dict):
     except NotFoundError:
         return store, reqs  # pulled, and checked on the way, by _pulled_missing_image
     if reqs:
-        image = store.image_for(desc)
-        check(reqs, full, [desc.digest, image.digest], LocalSignatures(store).load)
+        check_stored(store, full, desc, reqs)
     return store, reqs
 
 

@@ -96,11 +96,21 @@ def _check_sigstore(req, reference: str, digests: Sequence[str], signatures_for,
     raise VerificationError(f"{reference}: no valid signature: " + "; ".join(reasons))
 
 
+def check_stored(store, reference: str, desc, requirements: list,
+                 image=None) -> list[str]:
+    """``check`` for the image at ``desc`` in ``store``, against the signatures the store
+    keeps for it (``image``: that image, when the caller has it already)."""
+    from store.signatures import LocalSignatures
+
+    image = image if image is not None else store.image_for(desc)
+    return check(requirements, reference, [desc.digest, image.digest],
+                 LocalSignatures(store).load)
+
+
 def verify_local(store, name: str, requirements: list) -> list[str]:
     """``kiln verify NAME``: the signatures in the store, and every blob re-hashed."""
     from store.errors import NotFoundError
     from store.reference import parse_reference
-    from store.signatures import LocalSignatures
 
     desc = store.resolve(name)
     image = store.image_for(desc)
@@ -120,8 +130,7 @@ def verify_local(store, name: str, requirements: list) -> list[str]:
                                     "is missing from the store") from None
         except KilnError as e:
             raise VerificationError(f"{reference}: layer {layer.digest}: {e}") from None
-    held = check(requirements, reference, [desc.digest, image.digest],
-                 LocalSignatures(store).load)
+    held = check_stored(store, reference, desc, requirements, image)
     return held + [f"blobs: config and {len(layers)} layers present with their digests"]
 
 
