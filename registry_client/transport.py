@@ -9,6 +9,7 @@ deadline themselves: no Content-Length a server sends is trusted.
 from __future__ import annotations
 
 import email.utils
+import functools
 import glob
 import os
 import random
@@ -174,8 +175,9 @@ class RegistryTransport:
                                                    max_retries=0))
 
     # -- where and how ---------------------------------------------------
-    @property
+    @functools.cached_property
     def verify_tls(self) -> bool:
+        """Read once: every request, redirect and retry asks."""
         if self.options.tls_verify is not None:
             return self.options.tls_verify
         return self.endpoint not in insecure_registries(self.options.registries_conf)
