@@ -118,10 +118,10 @@ def pull_cmd(ctx, image, platform, quiet, verify_keys, signature_policy, **reg):
 def push_cmd(ctx, image, destination, compression, digestfile, quiet, sign_key,
              sign_passphrase_file, **reg):
     """Push an image from the store to a registry (DESTINATION: REF or TRANSPORT:...)."""
+    from registry_client.copy import TRANSPORTS
+
     options = make_options(**reg)
-    if destination and ":" in destination.split("/", 1)[0] and not destination.startswith(
-            "docker://") and destination.split(":", 1)[0] in ("oci", "oci-archive",
-                                                               "docker-archive", "kiln"):
+    if destination and destination.partition(":")[0] in set(TRANSPORTS) - {"docker"}:
         from registry_client.copy import copy
 
         desc = copy(_store(ctx), f"kiln:{image}", destination, dst_options=options,

@@ -38,9 +38,7 @@ def parse_location(text: str) -> Location:
                         "oci-archive:FILE[:TAG], docker-archive:FILE[:REF] or kiln:NAME")
     if transport == "kiln":
         return Location("kiln", rest)
-    path, colon, name = rest.partition(":")
-    if transport == "docker-archive" or not colon:
-        return Location(transport, path, name or None)
+    path, _, name = rest.partition(":")
     return Location(transport, path, name or None)
 
 
