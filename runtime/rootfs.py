@@ -136,56 +136,142 @@ def resolve_in_root(root: str, path: str) -> str:
     return os.path.join(root, *walk_path(path, link_target, too_many=too_many))
 
 
-def open_in_root(root: str, path: str, *, make: str | None = None) -> int:
-    """An O_PATH fd for ``path`` inside ``root``; ``make`` = 'dir' or 'file' creates it."""
-    host = resolve_in_root(root, path)
-    if make and not os.path.lexists(host):
-        parent = resolve_in_root(root, os.path.dirname(path) or "/")
-        _mkdirs_in_root(root, os.path.relpath(parent, root))
-        parent_fd = open_in_root(root, os.path.dirname(path) or "/")
-        try:
-            name = os.path.basename(host)
-            if make == "dir":
-                os.mkdir(name, 0o755, dir_fd=parent_fd)
-            else:
-                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o644, dir_fd=parent_fd))
-        finally:
-            os.close(parent_fd)
-    fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    real = os.readlink(f"/proc/self/fd/{fd}")
-    if real != root and not real.startswith(root.rstrip("/") + "/"):
-        os.close(fd)
-        raise RootfsError(f"{path} resolves outside the container's root filesystem")
-    return fd
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_WALK_STEPS = 4096  # components opened or made in one walk: a bound against a loop
 
 
-def _mkdirs_in_root(root: str, rel: str) -> None:
-    current = root
-    for part in [p for p in rel.split("/") if p not in ("", ".")]:
-        nxt = os.path.join(current, part)
-        try:
-            st = os.lstat(nxt)
-        except FileNotFoundError:
-            os.mkdir(nxt, 0o755)
-            current = nxt
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise RootfsError(f"{os.path.relpath(nxt, root)} in the image is not a directory")
-        current = nxt
+def open_in_root(root: str, path: str, *, make: str | None = None,
+                 follow_last: bool = True) -> int:
+    """An O_PATH fd for ``path`` inside ``root``, symlinks followed as if root were '/'
+    (the last one only with ``follow_last``); ``make`` = 'dir' or 'file' creates what is
+    missing (the parents as directories).
+
+    Every component is opened from its parent's fd with O_NOFOLLOW and made with mkdirat on
+    that fd; symlinks are read and walked here and '..' pops our own stack of fds. No path
+    string is ever resolved twice, so a concurrent rename (a container sharing a volume
+    swapping a directory for a symlink) cannot lead an open or a mkdir outside ``root``.
+    """
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _walk_in_root(root_fd, path, make, follow_last)
+    finally:
+        os.close(root_fd)
+
+
+def _walk_in_root(root_fd: int, path: str, make: str | None, follow_last: bool) -> int:
+    stack = [os.dup(root_fd)]  # fds of the directories walked so far; stack[0] is the root
+    names: list[str] = []      # their names: the container path, for messages
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    links = steps = 0
+    try:
+        while parts:
+            steps += 1
+            if steps > _MAX_WALK_STEPS:
+                raise RootfsError(f"{path} kept changing while it was being resolved")
+            part = parts.pop(0)
+            if part == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                    names.pop()
+                continue
+            here = "/" + "/".join([*names, part])
+            try:
+                fd = os.open(part, _O_PATH_NOFOLLOW, dir_fd=stack[-1])
+            except FileNotFoundError:
+                if make is None:
+                    raise FileNotFoundError(errno.ENOENT, "no such file or directory in the "
+                                            "container", here) from None
+                _make_at(stack[-1], part, make if not parts else "dir", here)
+                parts.insert(0, part)  # and open it like any other component, by fd
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode) and (parts or follow_last):
+                try:
+                    target = os.readlink("", dir_fd=fd)
+                finally:
+                    os.close(fd)
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise RootfsError(f"too many levels of symbolic links resolving {path}")
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                    names.clear()
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            if parts and not stat.S_ISDIR(st.st_mode):
+                os.close(fd)
+                raise RootfsError(f"{here} in the container is not a directory")
+            stack.append(fd)
+            names.append(part)
+        return stack.pop()
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def _make_at(dir_fd: int, name: str, kind: str, where: str) -> None:
+    """mkdirat / openat(O_CREAT|O_EXCL) of one name: losing a race to another creator is fine,
+    the caller opens whatever is there by fd next."""
+    try:
+        if kind == "dir":
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        else:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644, dir_fd=dir_fd))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RootfsError(f"cannot create {where} in the container: {e.strerror}") from None
 
 
 def _fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def _remount(host_path: str, flags: int) -> None:
-    """Change the flags of the mount now on top of ``host_path`` (opened afresh for that)."""
-    fd = os.open(host_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _bind(source: str, target_fd: int, attrs: int, reopen) -> None:
+    """Bind ``source`` (and the mounts below it) onto the O_PATH ``target_fd``, with ``attrs``
+    (MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC: the same bits as MOUNT_ATTR_*) set on the
+    whole new tree (a read-only bind is read-only all the way down, as docker 25 makes it).
+
+    The mount is made detached (open_tree), given its flags, then attached to the fd, so no
+    path is looked up after the target was opened. Kernels before 5.12 get the classic
+    bind and remount; ``reopen()`` finds the new mount for that, by fd again, and it must be
+    the source or nothing is remounted.
+    """
     try:
-        sc.mount(None, _fd_path(fd), None, sc.MS_BIND | sc.MS_REMOUNT | flags)
+        tree = sc.open_tree(source, sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC | sc.AT_RECURSIVE)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        return _bind_classic(source, target_fd, attrs, reopen)
+    try:
+        if attrs:
+            try:
+                sc.mount_setattr(tree, attrs)
+            except OSError as e:
+                if e.errno != errno.ENOSYS:
+                    raise
+                return _bind_classic(source, target_fd, attrs, reopen)
+        sc.move_mount(tree, "", to_dirfd=target_fd,
+                      flags=sc.MOVE_MOUNT_F_EMPTY_PATH | sc.MOVE_MOUNT_T_EMPTY_PATH)
     finally:
-        os.close(fd)
+        os.close(tree)
+
+
+def _bind_classic(source: str, target_fd: int, attrs: int, reopen) -> None:
+    sc.mount(source, _fd_path(target_fd), None, sc.MS_BIND | sc.MS_REC)
+    if not attrs:
+        return
+    top = reopen()
+    try:
+        want, got = os.stat(source), os.fstat(top)
+        if (want.st_dev, want.st_ino) != (got.st_dev, got.st_ino):
+            raise RootfsError("a mount point changed while it was being mounted; refusing to "
+                              "start")
+        sc.mount(None, _fd_path(top), None, sc.MS_BIND | sc.MS_REMOUNT | attrs)
+    finally:
+        os.close(top)
 
 
 def _mount_at(root: str, path: str, source, fstype, flags: int, data=None, *,
@@ -247,10 +333,9 @@ def mount_defaults(spec: ContainerSpec, root: str) -> None:
     except OSError:  # sysfs of another net namespace (--network host): bind the host's
         fd = open_in_root(root, "/sys", make="dir")
         try:
-            sc.mount("/sys", _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
+            _bind("/sys", fd, sys_flags, lambda: open_in_root(root, "/sys"))
         finally:
             os.close(fd)
-        _remount(os.path.join(root, "sys"), sys_flags)
     for path, host in spec.etc_files.items():
         fd = open_in_root(root, path, make="file")
         try:
@@ -337,12 +422,12 @@ def _bind_at(spec: ContainerSpec, root: str, source: str, target: str, make: str
              readonly: bool) -> None:
     fd = open_in_root(root, target, make=make)
     try:
-        sc.mount(source, _fd_path(fd), None, sc.MS_BIND | sc.MS_REC)
-        mounted = os.readlink(_fd_path(fd))
+        attrs = (sc.MS_RDONLY if readonly else 0) | (0 if spec.privileged else sc.MS_NODEV)
+        _bind(source, fd, attrs, lambda: open_in_root(root, target))
+    except OSError as e:
+        raise RootfsError(f"cannot mount {source} at {target}: {e.strerror}") from None
     finally:
         os.close(fd)
-    _remount(mounted, (sc.MS_RDONLY if readonly else 0)
-             | (0 if spec.privileged else sc.MS_NODEV))
 
 
 def _mount_layered_bind(spec: ContainerSpec, root: str, m: LayeredBind) -> None:
@@ -379,10 +464,9 @@ def _tmpfs_options(options: str) -> tuple[int, str]:
 def mask_paths(spec: ContainerSpec, root: str) -> None:
     """Cover masked paths (by O_PATH fd, never following a symlink) and make others read-only."""
     for path in spec.masked_paths:
-        host = os.path.join(root, path.lstrip("/"))
         try:
-            fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = open_in_root(root, path, follow_last=False)
+        except (FileNotFoundError, RootfsError):
             continue
         try:
             st = os.fstat(fd)
@@ -393,17 +477,15 @@ def mask_paths(spec: ContainerSpec, root: str) -> None:
         finally:
             os.close(fd)
     for path in spec.readonly_paths:
-        host = os.path.join(root, path.lstrip("/"))
         try:
-            fd = os.open(host, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_in_root(root, path)
         except FileNotFoundError:
             continue
         try:
-            p = _fd_path(fd)
-            sc.mount(p, p, None, sc.MS_BIND | sc.MS_REC)
+            _bind(_fd_path(fd), fd, sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                  lambda path=path: open_in_root(root, path))
         finally:
             os.close(fd)
-        _remount(host, sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
 
 
 def pivot_into(root: str) -> None:

@@ -56,6 +56,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 MOVE_MOUNT_F_EMPTY_PATH = 4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_EMPTY_PATH = 0x1000
@@ -234,6 +235,20 @@ def move_mount(from_fd: int, to_path, *, to_dirfd: int = -100, from_path: str = 
 def open_tree(path, flags: int = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC, dirfd: int = -100) -> int:
     return _check(_syscall("open_tree", ctypes.c_int(dirfd), ctypes.c_char_p(_b(path)),
                            ctypes.c_uint(flags)), "open_tree", path)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, *, path: str = "",
+                  flags: int = AT_EMPTY_PATH | AT_RECURSIVE) -> None:
+    """Set mount attributes (MOUNT_ATTR_*) on the mount at ``fd`` (and below it, recursively)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _check(_syscall("mount_setattr", ctypes.c_int(fd), ctypes.c_char_p(path.encode()),
+                    ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+           "mount_setattr")
 
 
 def syscall(number: int, *args: int) -> int:
