@@ -10,7 +10,12 @@
 
 No kiln process lives in the container's pid namespace once the image's
 program runs (unless --init, whose PID 1 is non-dumpable and as confined as
-the program), so nothing of the host's Python is reachable from inside.
+the program), so nothing of the host's Python is reachable from inside. The
+last exec goes through a tiny static stub run from a sealed memfd
+(runtime/exec_stub.py): at the moment the image's program is exec'd,
+/proc/self/exe is that stub, never the host's Python, so a '#!/proc/self/exe'
+program (CVE-2019-5736) finds no host binary to read or overwrite. --init's
+PID 1 is the init stub from such a memfd, not a Python process.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from runtime import rootfs
 from runtime import syscalls as sc
 from runtime.capabilities import last_cap, mask
+from runtime.exec_stub import STUBS
 from runtime.spec import DEFAULT_PATH, ContainerSpec, Record
 from runtime.users import ExecUser, resolve_user
 from store.errors import KilnError
@@ -44,6 +50,10 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2)
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+ERRPIPE_FD = 3  # where the exec stub finds the start-error pipe
+STUB_FAILED = b"\xff"  # the stub's report of a failed exec: this byte, then errno as one byte
+_MFD_EXEC = 0x10  # memfd_create: executable even where vm.memfd_noexec defaults otherwise
+_STUBS = STUBS.get(os.uname().machine)  # None: no stub here, the exec is direct
 
 
 class ContainerStartError(KilnError):
@@ -178,15 +188,18 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
                 os.close(slave)
         elif tty_sock is not None:
             tty_sock.close()
+        errpipe = _move_to_errpipe_fd(errpipe)
+        # before seccomp, which a custom profile may make strict
+        stub = _sealed_exec_stub("init" if spec.init else "exec")
         _apply_identity_and_privileges(spec, user, keep)
         os.chdir(cwd)
         if not os.getcwd().startswith("/"):
             raise ContainerStartError(f"working directory {cwd} is outside the container")
         program = _find_executable(spec.process.args[0], spec.process.env)
-        if spec.init:
+        if spec.init and stub is None:
             _run_init(spec, program, errpipe)
         sc.close_range(3, 0xFFFFFFFF, 4)  # CLOSE_RANGE_CLOEXEC: errpipe closes on exec too
-        _exec(program, spec, errpipe)
+        _exec(program, spec, errpipe, stub)
     except ContainerStartError as e:
         _fail_child(errpipe, str(e), e.exit_code)
     except OSError as e:
@@ -197,10 +210,51 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         _fail_child(errpipe, f"cannot start the container: {e!r}", 125)
 
 
-def _exec(program: str, spec: ContainerSpec, errpipe: int) -> None:
-    """execve, or exit as docker does: 127 when not found, 126 when not executable."""
+def _move_to_errpipe_fd(errpipe: int) -> int:
+    """The start-error pipe onto fd 3, where the exec stub writes; what sat there is closed
+    (everything else is closed on exec anyway)."""
+    if errpipe != ERRPIPE_FD:
+        os.dup2(errpipe, ERRPIPE_FD, inheritable=False)
+        os.close(errpipe)
+    return ERRPIPE_FD
+
+
+def _sealed_exec_stub(kind: str) -> int | None:
+    """A memfd holding the ``kind`` stub, sealed against any write (the runc way); None on
+    an architecture without stubs."""
+    if _STUBS is None:
+        return None
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
     try:
-        os.execve(program, spec.process.args, _env_dict(spec.process.env))
+        fd = os.memfd_create("kiln-exec", flags | _MFD_EXEC)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a kernel before 6.3 does not know MFD_EXEC
+            raise
+        fd = os.memfd_create("kiln-exec", flags)
+    write_all(fd, bytes.fromhex(_STUBS[kind]))
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    return fd
+
+
+def _exec(program: str, spec: ContainerSpec, errpipe: int, stub: int | None) -> None:
+    """execve through the stub, or exit as docker does: 127 when not found, 126 when not
+    executable (the stub reports those itself through ``errpipe``, which is fd 3)."""
+    env = _env_dict(spec.process.env)
+    _default_signal_dispositions()
+    if stub is not None:
+        os.set_inheritable(errpipe, True)  # the stub marks it close-on-exec itself
+        argv = [program, *spec.process.args]
+        try:
+            os.execve(stub, argv, env)  # fexecve: execveat(AT_EMPTY_PATH), or /proc/self/fd
+        except OSError:
+            try:  # a seccomp profile that denies execveat but allows execve
+                os.execve(f"/proc/self/fd/{stub}", argv, env)
+            except OSError as e:
+                _fail_child(errpipe, f"cannot start the container: cannot run kiln's exec "
+                                     f"stub: {e.strerror}", 125)
+    try:
+        os.execve(program, spec.process.args, env)
     except OSError as e:
         code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE
         _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}", code)
@@ -214,14 +268,27 @@ def _env_dict(env: list[str]) -> dict[str, str]:
     return out
 
 
+def _default_signal_dispositions() -> None:
+    """What Python ignores (SIGPIPE, SIGXFSZ) or the caller did would outlive the exec: the
+    program starts with every signal at its default, as under docker."""
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # 32 and 33 belong to the C library
+            pass
+
+
 def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
-    """--init: PID 1 forks the program, forwards signals to it and reaps every zombie."""
+    """--init where there is no init stub: PID 1 forks the program, forwards signals to it
+    and reaps every zombie."""
     child = os.fork()
     if child == 0:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         sc.close_range(3, 0xFFFFFFFF, 4)
-        _exec(program, spec, errpipe)
+        _exec(program, spec, errpipe, None)
     os.close(errpipe)
     sc.close_range(3, 0xFFFFFFFF, 0)
     for sig in range(1, signal.NSIG):
@@ -359,6 +426,11 @@ class Container:
     def _raise_start_error(self, err_read: int) -> None:
         data = _read_all(err_read)
         os.close(err_read)
+        if data.startswith(STUB_FAILED) and len(data) == 2:
+            err = data[1]
+            data = b"%d\n%s: %s" % (EXIT_NOT_FOUND if err == errno.ENOENT else
+                                     EXIT_NOT_EXECUTABLE, os.fsencode(self.spec.process.args[0]),
+                                     os.strerror(err).encode())
         if data:
             code, _, message = data.partition(b"\n")
             if self.pid:

@@ -99,10 +99,15 @@ def test_only_stdio_descriptors_are_inherited(krun):
     assert krun("sh", "-c", "ls /proc/$$/fd; true").out.split() == ["0", "1", "2"]
 
 
-def test_kiln_init_is_not_reachable(krun):
-    p = krun("sh", "-c", "cat /proc/1/exe > /dev/null; echo rc=$?; /probe open_rw /proc/1/exe",
-             opts=("--init",))
-    assert "rc=0" not in p.out and "ALLOWED" not in p.out, p.out + p.err
+@pytest.mark.parametrize("opts", [(), ("--cap-add", "SYS_PTRACE")])
+def test_kiln_init_is_no_host_file(krun, opts):
+    """--init's PID 1 is kiln's init stub from a sealed memfd: no host file behind
+    /proc/1/exe (as docker-init or a Python interpreter would be), and it cannot be changed."""
+    p = krun("sh", "-c", "readlink /proc/1/exe; /probe open_rw /proc/1/exe",
+             opts=("--init", *opts))
+    lines = p.out.splitlines()
+    assert lines[0] == "/memfd:kiln-exec (deleted)", p.out + p.err
+    assert "ALLOWED" not in p.out, p.out + p.err
 
 
 def test_mounts_inside_do_not_reach_the_host(krun):
@@ -146,3 +151,12 @@ def test_refuses_images_whose_dev_or_dev_null_is_a_symlink(krun, tmp_path, busyb
 def test_sys_is_read_only(krun):
     p = krun("sh", "-c", "echo 1 > /sys/kernel/profiling")
     assert p.returncode != 0 and "Read-only file system" in p.err
+
+
+@pytest.mark.parametrize("opts", [(), ("--init",)])
+def test_the_program_starts_with_default_signal_dispositions(krun, opts):
+    """Python ignores SIGPIPE and SIGXFSZ; a program kiln starts must not inherit that
+    (under docker `yes | head -1` ends because yes dies of SIGPIPE)."""
+    p = krun("sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1",
+             opts=opts)
+    assert p.out.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16, "y"], p.out + p.err
