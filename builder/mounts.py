@@ -303,10 +303,10 @@ def prepared_mounts(specs: list[MountSpec], sources: dict[int, BindSource], *, w
             elif m.type == "cache":
                 if m.id not in out._caches:  # the same id twice in one step: one dir, one lock
                     out._caches[m.id] = _cache_dir(m, store_root, out, seed)
-                path = out._caches[m.id]
-                if m.source and not m.from_:
-                    path = _subdir(path, m.source)
-                out.binds.append(BindMount(path, m.target, m.readonly))
+                # source= is made inside the cache by the sandbox, by fd: a concurrent step
+                # sharing the cache may be swapping its directories for symlinks meanwhile
+                subpath = m.source if m.source and not m.from_ else ""
+                out.binds.append(BindMount(out._caches[m.id], m.target, m.readonly, subpath))
             else:
                 src = sources[i]
                 if src.kind == "layers":
@@ -334,14 +334,6 @@ def _secret_file(work: str, i: int, value: bytes, m: MountSpec) -> str:
         os.fchmod(fd, 0o400 if m.mode is None else m.mode)
     finally:
         os.close(fd)
-    return path
-
-
-def _subdir(root: str, sub: str) -> str:
-    from runtime.rootfs import resolve_in_root
-
-    path = resolve_in_root(root, sub)
-    os.makedirs(path, 0o755, exist_ok=True)
     return path
 
 

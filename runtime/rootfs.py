@@ -411,6 +411,8 @@ def mount_user_volumes(spec: ContainerSpec, root: str) -> None:
             _mount_at(root, m.target, "tmpfs", "tmpfs", flags, data)
         elif isinstance(m, LayeredBind):
             _mount_layered_bind(spec, root, m)
+        elif m.subpath:
+            _mount_subpath_bind(spec, root, m)
         else:
             if not os.path.exists(m.source):
                 raise RootfsError(f"bind mount source {m.source} does not exist")
@@ -428,6 +430,21 @@ def _bind_at(spec: ContainerSpec, root: str, source: str, target: str, make: str
         raise RootfsError(f"cannot mount {source} at {target}: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _mount_subpath_bind(spec: ContainerSpec, root: str, m: BindMount) -> None:
+    """A directory inside ``m.source`` that others may be changing meanwhile (a build cache
+    shared with concurrent steps): walked and made by fd here, in the container's own mount
+    namespace (a mount of another namespace cannot be a bind source)."""
+    try:
+        src = open_in_root(m.source, m.subpath, make="dir")
+    except (RootfsError, OSError) as e:
+        raise RootfsError(f"bind mount source {m.subpath}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
+    try:
+        _bind_at(spec, root, _fd_path(src), m.target, "dir", m.readonly)
+    finally:
+        os.close(src)
 
 
 def _mount_layered_bind(spec: ContainerSpec, root: str, m: LayeredBind) -> None:

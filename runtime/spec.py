@@ -57,9 +57,10 @@ class BindMount(FrozenRecord):
     source: str  # host path
     target: str  # path in the container, resolved inside the rootfs
     readonly: bool
+    subpath: str  # a directory inside source, made if missing, resolved inside source
 
-    def __init__(self, source: str, target: str, readonly: bool = False):
-        self._set(source=source, target=target, readonly=readonly)
+    def __init__(self, source: str, target: str, readonly: bool = False, subpath: str = ""):
+        self._set(source=source, target=target, readonly=readonly, subpath=subpath)
 
 
 class TmpfsMount(FrozenRecord):

@@ -232,7 +232,7 @@ def test_spec_values_compare_hash_and_refuse_changes_like_frozen_dataclasses():
 
     a, b = BindMount("/h", "/c", True), BindMount("/h", "/c", readonly=True)
     assert a == b and hash(a) == hash(b) and a != BindMount("/h", "/c")
-    assert repr(a) == "BindMount(source='/h', target='/c', readonly=True)"
+    assert repr(a) == "BindMount(source='/h', target='/c', readonly=True, subpath='')"
     with pytest.raises(AttributeError):
         a.source = "/elsewhere"
     layered = LayeredBind("/", "/mnt", False, layers=("/l1",), upper="/u", work="/w",

@@ -171,3 +171,55 @@ def test_classic_bind_remounts_the_new_mount_only_after_checking_it(tmp_path):
     (root / "elsewhere").mkdir()
     assert _in_private_mount_ns(lambda: bind_ro("/elsewhere")).startswith("refused: ")
     assert not list(src.iterdir())
+
+
+def test_cache_mount_source_is_made_by_fd_under_attack(swapper, tmp_path):
+    """RUN --mount=type=cache,source=SUB: another step sharing the cache (sharing=shared is
+    the default) can swap directories of it for symlinks while this step's SUB is made and
+    bind-mounted. The sandbox makes it, by fd, in its own mount namespace."""
+    from builder.mounts import MountSpec, cache_mount_dir, prepared_mounts
+    from runtime.rootfs import mount_user_volumes
+    from runtime.spec import ContainerSpec, ProcessSpec
+
+    store_root = tmp_path / "store"
+    cache = Path(cache_mount_dir(str(store_root), "shared-cache"))
+    outside = tmp_path / "host-dir"
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    binds = []
+    with Swapping(swapper, cache, outside):
+        for i in range(300):
+            spec = MountSpec(type="cache", target=f"/c{i}", source=f"a/m{i}/n",
+                             id="shared-cache", readonly=False)
+            with prepared_mounts([spec], {}, work=str(tmp_path / f"w{i}"),
+                                 store_root=str(store_root), context_root=str(tmp_path),
+                                 secrets={}) as out:
+                binds.extend(out.binds)
+        def mount_all() -> str:
+            refused = 0
+            for b in binds:
+                try:
+                    mount_user_volumes(ContainerSpec(id="x", layers=[], upper="", work="",
+                                                     rootfs=str(root),
+                                                     process=ProcessSpec(["true"]), binds=[b]),
+                                       str(root))
+                except Exception as e:  # a clean refusal when the swap left a dangling link
+                    assert "Traceback" not in str(e)
+                    refused += 1
+            return str(refused)
+
+        refused = int(_in_private_mount_ns(mount_all))
+    assert not list(outside.iterdir()), f"created on the host: {list(outside.iterdir())}"
+    assert refused < len(binds)
+
+
+def test_cache_mount_source_subdir_in_a_build(kb, tmp_path):
+    from tests.builder.conftest import build_context
+
+    ctx = build_context(tmp_path, "FROM busybox\n"
+                        "RUN --mount=type=cache,target=/c,id=sub-test sh -c "
+                        "'mkdir -p /c/deep/er && echo seeded > /c/deep/er/f'\n"
+                        "RUN --mount=type=cache,target=/m,id=sub-test,source=deep/er "
+                        "cat /m/f > /seen\n")
+    kb("build", "-t", "subcache", str(ctx))
+    assert kb("run", "--rm", "subcache", "cat", "/seen").out == "seeded\n"
