@@ -14,6 +14,7 @@ from registry_client.errors import RegistryError
 from registry_client.remote import Manifest, RemoteRepository
 from registry_client.transport import RegistryOptions
 from store.documents import Descriptor, parse_index
+from store.errors import LayerError
 from store.image import ManifestImage, Progress, copy_image
 from store.reference import Reference, parse_reference
 from store.store import Store, StoreSink, host_platform, pick_platform
@@ -93,8 +94,11 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
         if on_resolved is not None:
             on_resolved(remote)
         with store.writing(), StoreSink(store) as sink:
-            desc = copy_image(image, sink, progress=progress, concurrency=options.concurrency,
-                              tmp_dir=str(store.tmp))
+            try:
+                desc = copy_image(image, sink, progress=progress,
+                                  concurrency=options.concurrency, tmp_dir=str(store.tmp))
+            except LayerError as e:  # a hostile layer: say where it came from
+                raise _pulled_from(e, remote) from None
         ref = remote.reference
         if ref.digest is None:
             store.tag(str(ref), desc)
@@ -110,6 +114,15 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
         return desc
     finally:
         remote.close()
+
+
+def _pulled_from(e: LayerError, remote: RemoteImage) -> LayerError:
+    where = f"pulling {remote.reference}"
+    if e.layer:
+        where += " from " + remote.repository.blob_url(e.layer)
+    err = LayerError(f"{e}; {where}")
+    err.layer, err.entry = e.layer, e.entry
+    return err
 
 
 def remember_locations(store: Store, repo: RemoteRepository, image) -> None:
