@@ -14,7 +14,7 @@ from registry_client.errors import RegistryError
 from registry_client.remote import Manifest, RemoteRepository
 from registry_client.transport import RegistryOptions
 from store.documents import Descriptor, parse_index
-from store.errors import LayerError
+from store.errors import LayerError, ManifestError
 from store.image import ManifestImage, Progress, copy_image
 from store.reference import Reference, parse_reference
 from store.store import Store, StoreSink, host_platform, pick_platform
@@ -60,7 +60,14 @@ def open_remote_image(reference: str | Reference, options: RegistryOptions | Non
             manifest = repo.get_manifest(child.digest)
             if manifest.is_index:
                 raise RegistryError("an index inside an index is not an image", digest=child.digest)
-        return RemoteImage(ref, repo, manifest, top, repo.image(manifest))
+        image = repo.image(manifest)
+        try:
+            image.config()
+        except ManifestError as e:  # fetched and checked by digest, but not a valid config
+            config = image.config_descriptor().digest
+            raise RegistryError(f"invalid image config: {e}", url=repo.blob_url(config),
+                                digest=config) from None
+        return RemoteImage(ref, repo, manifest, top, image)
     except BaseException:
         repo.transport.close()
         raise

@@ -377,6 +377,9 @@ class RegistryTransport:
             doc = json.loads(raw)
         except ValueError:
             raise AuthError("the token server's answer is not JSON", url=realm) from None
+        except RecursionError:
+            raise AuthError("the token server's answer is JSON nested too deeply",
+                            url=realm) from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise AuthError("the token server's answer has no token", url=realm)
@@ -557,6 +560,7 @@ def _host_port(url: str) -> str:
 
 
 def _registry_error_text(raw: bytes) -> str:
+    """The ``errors`` of a distribution error body, else its start: one printable line."""
     import json
 
     try:
@@ -568,11 +572,18 @@ def _registry_error_text(raw: bytes) -> str:
                 if isinstance(err, dict):
                     code, msg = err.get("code"), err.get("message")
                     parts.append(" ".join(str(p) for p in (code, msg) if p))
-            return "; ".join(p for p in parts if p)[:500]
+            return _one_line("; ".join(p for p in parts if p), 500)
     except ValueError:
         pass
-    text = raw.decode("utf-8", "replace").strip()
-    return text[:200]
+    except RecursionError:
+        return "(error body not shown: JSON nested too deeply)"
+    return _one_line(raw.decode("utf-8", "replace"), 200)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """A server's words, made safe to print: no newlines, no terminal escapes, bounded."""
+    text = "".join(c if c.isprintable() else " " for c in text[: limit * 4])
+    return " ".join(text.split())[:limit]
 
 
 def read_body(resp: requests.Response, *, limit: int, deadline: float, what: str,
