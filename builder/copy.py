@@ -30,8 +30,12 @@ from store.compression import (
     IN_CHUNK,
     OUT_CHUNK,
     ChunkReader,
+    CountingReader,
+    ExpansionBudget,
+    ExpansionError,
     StreamError,
     decompressed_chunks,
+    within_budget,
 )
 from store.errors import KilnError
 from store.fsutil import write_all
@@ -407,16 +411,28 @@ def _stdlib_chunks(raw: BinaryIO, new: Callable[[], object], what: str) -> Itera
             yield out
 
 
-def _decompressed(raw: BinaryIO, kind: str) -> BinaryIO:
+def _decompressed(raw: BinaryIO, kind: str, budget: ExpansionBudget | None = None,
+                  shown: str = "") -> BinaryIO:
+    counted = CountingReader(raw)
     if kind == "bzip2":
-        chunks = _stdlib_chunks(raw, bz2.BZ2Decompressor, "bzip2")
+        chunks = _stdlib_chunks(counted, bz2.BZ2Decompressor, "bzip2")
     elif kind == "xz":
-        chunks = _stdlib_chunks(raw, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz")
+        chunks = _stdlib_chunks(counted, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz")
     else:
-        chunks = decompressed_chunks(raw, kind)
+        chunks = decompressed_chunks(counted, kind)
+    if budget is not None:
+        chunks = _within_budget(chunks, counted, budget, shown)
     return io.BufferedReader(
         ChunkReader(chunks, error=CopyError, prefix="corrupt archive: ",
                     catch=(StreamError, OSError, EOFError, lzma.LZMAError)), OUT_CHUNK)
+
+
+def _within_budget(chunks: Iterator[bytes], counted: CountingReader, budget: ExpansionBudget,
+                   shown: str) -> Iterator[bytes]:
+    try:
+        yield from within_budget(chunks, counted, budget)
+    except ExpansionError as e:  # not "corrupt archive", as ChunkReader would say
+        raise CopyError(f"ADD {shown}: {e}") from None
 
 
 def _clean_member(name: str) -> list[str]:
@@ -517,9 +533,9 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
     ``dest``. ``.wh.`` names are plain files here. Device nodes are skipped (a 0:0 one would
     be a whiteout in the layer).
     """
-    from store.layer_extract import DEFAULT_LIMITS  # the extractor loads only for ADD archives
+    from store.layer_extract import limits_from_env  # the extractor loads only for ADD archives
 
-    limits = limits or DEFAULT_LIMITS
+    limits = limits or limits_from_env()
     dest_host = resolve_dest(root, dest)
     _makedirs(root, dest_host, *(owner or (0, 0)))
     if owner is not None and not os.path.islink(dest_host):
@@ -528,7 +544,8 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
     shown = name or os.path.basename(path)
     member_name = ""
     try:
-        with open(path, "rb") as raw, contextlib.closing(_decompressed(raw, kind)) as reader, \
+        with open(path, "rb") as raw, \
+                contextlib.closing(_decompressed(raw, kind, limits.budget(), shown)) as reader, \
                 tarfile.open(fileobj=reader, mode="r|", encoding="utf-8",
                              errors="surrogateescape") as tar:
             for member in tar:
@@ -543,6 +560,9 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
         for host, mtime in reversed(x.dirs):
             with contextlib.suppress(FileNotFoundError):
                 os.utime(host, (mtime, mtime), follow_symlinks=False)
+    except CopyError:
+        x.changed()
+        raise
     except _Refused as e:
         x.changed()
         where = f" (entry {member_name!r})" if member_name else ""

@@ -27,3 +27,15 @@ class AuthError(RegistryError):
 
 class NotFoundOnRegistry(RegistryError):
     """The manifest, tag or blob does not exist on the registry."""
+
+
+class UnreachableError(RegistryError):
+    """No connection could be made and asking again will not change that: refused, no
+    such host, TLS not trusted. One line, ``cannot connect to HOST:PORT: reason``."""
+
+    def __init__(self, host: str, reason: str, *, url: str | None = None,
+                 untrusted_certificate: bool = False):
+        KilnError.__init__(self, f"cannot connect to {host}: {reason}")
+        self.url, self.digest, self.status = url, None, None
+        self.host, self.reason = host, reason
+        self.untrusted_certificate = untrusted_certificate

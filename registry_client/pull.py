@@ -14,6 +14,7 @@ from registry_client.errors import RegistryError
 from registry_client.remote import Manifest, RemoteRepository
 from registry_client.transport import RegistryOptions
 from store.documents import Descriptor, parse_index
+from store.errors import LayerError, ManifestError
 from store.image import ManifestImage, Progress, copy_image
 from store.reference import Reference, parse_reference
 from store.store import Store, StoreSink, host_platform, pick_platform
@@ -59,7 +60,14 @@ def open_remote_image(reference: str | Reference, options: RegistryOptions | Non
             manifest = repo.get_manifest(child.digest)
             if manifest.is_index:
                 raise RegistryError("an index inside an index is not an image", digest=child.digest)
-        return RemoteImage(ref, repo, manifest, top, repo.image(manifest))
+        image = repo.image(manifest)
+        try:
+            image.config()
+        except ManifestError as e:  # fetched and checked by digest, but not a valid config
+            config = image.config_descriptor().digest
+            raise RegistryError(f"invalid image config: {e}", url=repo.blob_url(config),
+                                digest=config) from None
+        return RemoteImage(ref, repo, manifest, top, image)
     except BaseException:
         repo.transport.close()
         raise
@@ -93,8 +101,11 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
         if on_resolved is not None:
             on_resolved(remote)
         with store.writing(), StoreSink(store) as sink:
-            desc = copy_image(image, sink, progress=progress, concurrency=options.concurrency,
-                              tmp_dir=str(store.tmp))
+            try:
+                desc = copy_image(image, sink, progress=progress,
+                                  concurrency=options.concurrency, tmp_dir=str(store.tmp))
+            except LayerError as e:  # a hostile layer: say where it came from
+                raise _pulled_from(e, remote) from None
         ref = remote.reference
         if ref.digest is None:
             store.tag(str(ref), desc)
@@ -110,6 +121,15 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
         return desc
     finally:
         remote.close()
+
+
+def _pulled_from(e: LayerError, remote: RemoteImage) -> LayerError:
+    where = f"pulling {remote.reference}"
+    if e.layer:
+        where += " from " + remote.repository.blob_url(e.layer)
+    err = LayerError(f"{e}; {where}")
+    err.layer, err.entry = e.layer, e.entry
+    return err
 
 
 def remember_locations(store: Store, repo: RemoteRepository, image) -> None:

@@ -144,6 +144,9 @@ class RemoteRepository:
         resp.close()
         return True
 
+    def blob_url(self, digest: str) -> str:
+        return self.transport.url(self._path("blobs", digest))
+
     def open_blob(self, digest: str, size: int | None) -> VerifyingReader:
         return VerifyingReader(_BlobStream(self, validate_digest(digest), size), digest, size)
 

@@ -13,6 +13,7 @@ import functools
 import glob
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -31,9 +32,9 @@ from registry_client.auth import (
     parse_challenges,
     same_origin,
 )
-from registry_client.errors import AuthError, NotFoundOnRegistry, RegistryError
+from registry_client.errors import AuthError, NotFoundOnRegistry, RegistryError, UnreachableError
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # answers that can heal
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 MAX_ERROR_BODY = 64 * 1024
@@ -212,11 +213,14 @@ class RegistryTransport:
             url = f"{scheme}://{self.endpoint}/v2/"
             try:
                 resp = self._with_retries("GET", url, {}, None, what="ping")
+            except UnreachableError as e:
+                if e.untrusted_certificate:  # TLS spoken, but not trusted: stop
+                    raise UnreachableError(e.host, f"{e.reason} (trust its CA with --cert-dir "
+                                           f"or /etc/containers/certs.d/{self.endpoint}/ca.crt)",
+                                           url=url, untrusted_certificate=True) from None
+                last = e
+                continue
             except RegistryError as e:
-                if _certificate_refused(e.__cause__):  # TLS spoken, but not trusted: stop
-                    raise RegistryError(f"cannot reach registry {self.registry}: {e} (trust "
-                                        "its CA with --cert-dir or /etc/containers/certs.d/"
-                                        f"{self.endpoint}/ca.crt)") from None
                 last = e
                 continue
             with resp:
@@ -227,6 +231,9 @@ class RegistryTransport:
                     raise self._status_error(resp, "registry ping failed")
             return f"{scheme}://{self.endpoint}"
         hint = "" if self._may_use_http() else " (plain http only with --tls-verify=false)"
+        if isinstance(last, UnreachableError):  # already one line naming host and port
+            raise UnreachableError(last.host, last.reason + (
+                hint if last.reason.startswith("TLS") else ""), url=last.url)
         raise RegistryError(f"cannot reach registry {self.registry}: {last}{hint}")
 
     def url(self, path: str) -> str:
@@ -370,6 +377,9 @@ class RegistryTransport:
             doc = json.loads(raw)
         except ValueError:
             raise AuthError("the token server's answer is not JSON", url=realm) from None
+        except RecursionError:
+            raise AuthError("the token server's answer is JSON nested too deeply",
+                            url=realm) from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise AuthError("the token server's answer has no token", url=realm)
@@ -386,11 +396,18 @@ class RegistryTransport:
             try:
                 resp = self._follow(method, url, headers, body, auth_origin)
             except requests.RequestException as e:
+                failure = classify(e)
+                if not failure.retry and failure.connect:
+                    raise UnreachableError(_host_port(url), failure.reason, url=url,
+                                           untrusted_certificate=failure.untrusted) from None
                 delay = _backoff(attempt)
-                if isinstance(e, requests.exceptions.SSLError) or _unknown_host(e) or attempt >= (
-                        self.options.retries) or waited + delay > self.options.retry_budget:
-                    raise RegistryError(f"{what}: {_describe(e)} (after {attempt + 1} "
-                                        f"attempts)", url=url) from e
+                if not failure.retry or attempt >= self.options.retries or (
+                        waited + delay > self.options.retry_budget):
+                    tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                    if failure.connect:
+                        raise RegistryError(f"cannot connect to {_host_port(url)}: "
+                                            f"{failure.reason}{tries}") from None
+                    raise RegistryError(f"{what}: {failure.reason}{tries}", url=url) from None
             else:
                 if resp.status_code not in RETRY_STATUSES:
                     return resp
@@ -471,38 +488,79 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _unknown_host(e: BaseException | None) -> bool:
-    """DNS said no such host: asking again will not change that."""
-    while e is not None:
-        if isinstance(e, OSError) and "Name or service not known" in str(e):
-            return True
-        if type(e).__name__ == "NameResolutionError":
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong on the wire, in a few words, and whether asking again may help."""
+
+    reason: str
+    retry: bool         # timeouts, resets, a dropped connection: they can heal
+    connect: bool       # no connection was made (the message names host:port, not the URL)
+    untrusted: bool = False
 
 
-def _certificate_refused(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _describe(e: Exception) -> str:
+def classify(e: BaseException) -> Failure:
+    """Refused, no such host, TLS failures: final. Timeouts, resets: worth another try.
+    The reason is a few words, never urllib3's pool and retry dump."""
+    chain = _causes(e)
+    for x in chain:
+        if isinstance(x, ssl.SSLCertVerificationError):
+            detail = x.verify_message or x.reason or "not trusted"
+            return Failure(f"TLS certificate verification failed: {detail}", False, True, True)
+    if any("CERTIFICATE_VERIFY_FAILED" in str(x) for x in chain):
+        return Failure("TLS certificate verification failed", False, True, True)
     if isinstance(e, requests.exceptions.SSLError):
-        return f"TLS verification failed: {e.__context__ or e}"
-    if isinstance(e, requests.Timeout):
-        return "timed out"
-    if isinstance(e, requests.ConnectionError):
-        return f"connection failed: {e.__context__ or e}"
-    return str(e)
+        detail = next((x.reason for x in chain if isinstance(x, ssl.SSLError) and x.reason),
+                      None) or "handshake failed"
+        return Failure(f"TLS handshake failed: {str(detail).lower().replace('_', ' ')}", False,
+                       True)
+    for x in chain:
+        if isinstance(x, socket.gaierror):
+            return Failure(f"DNS lookup failed: {x.strerror or x}", False, True)
+        if isinstance(x, ConnectionRefusedError):
+            return Failure("connection refused", False, True)
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return Failure("connection timed out", True, True)
+    if isinstance(e, requests.Timeout) or any(isinstance(x, TimeoutError) for x in chain):
+        return Failure("timed out", True, False)
+    new_connection = any(type(x).__name__ == "NewConnectionError" for x in chain)
+    for x in chain:
+        if isinstance(x, ConnectionResetError):
+            return Failure("connection reset by the server", True, new_connection)
+        if type(x).__name__ in ("RemoteDisconnected", "IncompleteRead"):
+            return Failure("the server closed the connection", True, new_connection)
+        if isinstance(x, OSError) and x.strerror:  # unreachable network, ... : may heal
+            return Failure(x.strerror[:1].lower() + x.strerror[1:], True, new_connection)
+    return Failure(f"connection failed ({type(e).__name__})", True, new_connection)
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and everything behind it: __cause__, __context__, urllib3's ``reason``, and
+    exceptions passed as arguments (requests wraps urllib3's that way)."""
+    out: list[BaseException] = []
+    todo = [e]
+    while todo and len(out) < 32:
+        x = todo.pop(0)
+        if any(x is seen for seen in out):
+            continue
+        out.append(x)
+        behind = [x.__cause__, x.__context__, getattr(x, "reason", None), *x.args]
+        todo += [b for b in behind if isinstance(b, BaseException)]
+    return out
+
+
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or parts.netloc
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port else host
 
 
 def _registry_error_text(raw: bytes) -> str:
+    """The ``errors`` of a distribution error body, else its start: one printable line."""
     import json
 
     try:
@@ -514,11 +572,18 @@ def _registry_error_text(raw: bytes) -> str:
                 if isinstance(err, dict):
                     code, msg = err.get("code"), err.get("message")
                     parts.append(" ".join(str(p) for p in (code, msg) if p))
-            return "; ".join(p for p in parts if p)[:500]
+            return _one_line("; ".join(p for p in parts if p), 500)
     except ValueError:
         pass
-    text = raw.decode("utf-8", "replace").strip()
-    return text[:200]
+    except RecursionError:
+        return "(error body not shown: JSON nested too deeply)"
+    return _one_line(raw.decode("utf-8", "replace"), 200)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """A server's words, made safe to print: no newlines, no terminal escapes, bounded."""
+    text = "".join(c if c.isprintable() else " " for c in text[: limit * 4])
+    return " ".join(text.split())[:limit]
 
 
 def read_body(resp: requests.Response, *, limit: int, deadline: float, what: str,
@@ -533,7 +598,7 @@ def read_body(resp: requests.Response, *, limit: int, deadline: float, what: str
         try:
             chunk = resp.raw.read1(min(65536, limit + 1 - total), decode_content=True)
         except Exception as e:  # urllib3 ProtocolError, ReadTimeoutError, ...
-            raise RegistryError(f"{what}: connection failed while reading: {e}",
+            raise RegistryError(f"{what}: {classify(e).reason} while reading the body",
                                 url=resp.url) from None
         if not chunk:
             break

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
@@ -50,6 +51,10 @@ OUT_CHUNK = 1 << 20  # uncompressed bytes handed on at a time
 
 class StreamError(Exception):
     """The compressed stream itself is bad: corrupt, truncated, or over a limit."""
+
+
+class ExpansionError(StreamError):
+    """The stream expands past its budget: a decompression bomb, or a layer too big."""
 
 
 def compression_of(media_type: str) -> str:
@@ -331,6 +336,67 @@ class ChunkReader(io.RawIOBase):
         buf[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+
+# --------------------------------------------------------------------------- expansion budget
+
+
+@dataclass(frozen=True)
+class ExpansionBudget:
+    """How far a compressed stream may expand before it is taken for a bomb.
+
+    ``max_size`` caps the uncompressed bytes; past ``ratio_from`` uncompressed
+    bytes, more than ``max_ratio`` uncompressed bytes per compressed byte read is
+    refused (0: no ratio check). Real layers are 2-10:1; zeros are ~1000:1 in gzip
+    and ~30000:1 in zstd.
+    """
+
+    max_size: int
+    max_ratio: int
+    ratio_from: int
+
+
+class CountingReader:
+    """Passes ``read`` through, counting the (compressed) bytes it hands out."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        if data:
+            self.count += len(data)
+        return data
+
+
+def within_budget(chunks: Iterator[bytes], source: CountingReader, budget: ExpansionBudget,
+                  ) -> Iterator[bytes]:
+    """``chunks`` (decompressed from ``source``) until they pass ``budget``: then
+    ExpansionError, before the chunk that passed it is handed on. One check per chunk."""
+    out = 0
+    max_size, ratio, ratio_from = budget.max_size, budget.max_ratio, budget.ratio_from
+    for chunk in chunks:
+        out += len(chunk)
+        if out > max_size:
+            raise ExpansionError(
+                f"uncompressed size passes {human_size(max_size)} (max_total_bytes; "
+                "KILN_MAX_LAYER_SIZE sets it)")
+        if ratio and out > ratio_from and out > ratio * source.count:
+            raise ExpansionError(
+                f"refusing a decompression bomb: {human_size(out)} uncompressed from "
+                f"{human_size(source.count)} compressed, over {ratio}:1 past "
+                f"{human_size(ratio_from)} (KILN_MAX_LAYER_RATIO and KILN_LAYER_RATIO_FROM "
+                "set the limit)")
+        yield chunk
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def decompressing_reader(raw: BinaryIO, *, max_zstd_window_log: int = 27) -> BinaryIO:

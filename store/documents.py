@@ -64,6 +64,10 @@ INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 CONFIG_MEDIA_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+# Real documents nest 4-6 levels. json.loads itself stops near 1000, but a document that
+# deep breaks whatever walks it later (copy.deepcopy of a base config in a build, json.dumps
+# from a deeper stack): 128, serde_json's default, leaves all of them far from the limit.
+MAX_NESTING = 128
 MAX_SIZE = 2**63 - 1  # descriptor sizes are Go int64
 
 _MEDIA_TYPE = re.compile(
@@ -98,6 +102,38 @@ def canonical_json(obj: object) -> bytes:
         return text.encode("utf-8")
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise ManifestError(f"cannot write document as JSON: {exc}") from None
+
+
+_ALL_BUT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_STRING = re.compile(rb'"[^"]*"')
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_QUICK_PASSES = 8
+
+
+def _nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """For valid JSON ``raw``: do arrays and objects nest more than ``limit`` deep?
+
+    Everything but the bracket structure is dropped in C (escapes first, then every other
+    byte, then the strings that are left); passes that each drop the innermost level end a
+    real document; what is left of a hostile one is walked once."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # most documents: two scans
+        return False
+    skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _ALL_BUT_STRUCTURE)
+    brackets = _STRING.sub(b"", skeleton)
+    passes = min(_QUICK_PASSES, limit)
+    for _ in range(passes):
+        brackets = _INNERMOST.sub(b"", brackets)
+        if not brackets:
+            return False
+    depth = passes  # the levels the passes dropped
+    for c in brackets:
+        if c == 0x5B or c == 0x7B:  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -135,6 +171,8 @@ def decode_document(raw: bytes, *, what: str = "document", top: type = dict) -> 
         raise ManifestError(f"{what}: JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
         raise ManifestError(f"{what}: invalid JSON: {exc}") from None
+    if _nested_deeper_than(bytes(raw), MAX_NESTING):
+        raise ManifestError(f"{what}: JSON nested too deeply (more than {MAX_NESTING} levels)")
     if not isinstance(doc, top):
         want = "a JSON object" if top is dict else "a JSON array"
         raise ManifestError(f"{what}: top level must be {want}, not {_json_type(doc)}")

@@ -22,16 +22,20 @@ import shutil
 import stat
 import struct
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from store.compression import (
     IN_CHUNK,
+    CountingReader,
+    ExpansionBudget,
     StreamError,
     compression_for,
     decompressed_chunks,
     is_layer_media_type,
     read_some,
+    within_budget,
 )
 from store.digest import validate_digest
 from store.errors import DigestError, KilnError, LayerError
@@ -47,18 +51,63 @@ class ExtractLimits:
     max_path_bytes: int
     max_total_bytes: int
     max_zstd_window_log: int
+    max_ratio: int = 100  # uncompressed:compressed, checked past ratio_from (0: never)
+    ratio_from: int = 1 << 30
+
+    def budget(self) -> ExpansionBudget:
+        return ExpansionBudget(self.max_total_bytes, self.max_ratio, self.ratio_from)
 
 
 # 500,000 entries: the biggest real layers we know of (CUDA/PyTorch site-packages,
 # node_modules monorepos, texlive) hold 100k-250k files, so twice that is never
 # reached by an honest layer, while a hostile 10^6-entry tar is stopped early.
+# 64 GiB uncompressed: CUDA toolkits and baked-in model weights make layers of 10-30 GiB.
+# 100:1 past 1 GiB: real layers are 2-10:1 (busybox 2:1, text-heavy ones up to ~20:1) and a
+# big layer is never almost all zeros, while a gzip bomb is ~1000:1 (deflate's ceiling, so
+# 1000:1 would let it run to 64 GiB) and a zstd one ~30000:1: at most ~1 GiB is written.
 DEFAULT_LIMITS = ExtractLimits(
     max_entries=500_000,
     max_header_bytes=1 << 20,
     max_path_bytes=4096,
     max_total_bytes=64 << 30,
     max_zstd_window_log=27,
+    max_ratio=100,
+    ratio_from=1 << 30,
 )
+
+LIMIT_VARIABLES = {  # environment variable -> ExtractLimits field; read at each extraction
+    "KILN_MAX_LAYER_SIZE": "max_total_bytes",
+    "KILN_MAX_LAYER_RATIO": "max_ratio",
+    "KILN_LAYER_RATIO_FROM": "ratio_from",
+}
+
+
+def limits_from_env(environ: Mapping[str, str] | None = None,
+                    base: ExtractLimits = DEFAULT_LIMITS) -> ExtractLimits:
+    """``base`` with the KILN_MAX_LAYER_SIZE / KILN_MAX_LAYER_RATIO / KILN_LAYER_RATIO_FROM
+    settings applied (sizes as bytes or with a K/M/G/T suffix, powers of 1024)."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for name, fld in LIMIT_VARIABLES.items():
+        text = environ.get(name, "").strip()
+        if text:
+            changes[fld] = _parse_size(name, text, ratio=fld == "max_ratio")
+    return replace(base, **changes) if changes else base
+
+
+def _parse_size(name: str, text: str, *, ratio: bool) -> int:
+    value = text.lower().removesuffix("ib").removesuffix("b") if not ratio else text
+    scale = 1
+    if not ratio and value[-1:] in _SIZE_UNITS:
+        scale = _SIZE_UNITS[value[-1]]
+        value = value[:-1]
+    if not value.isdigit():
+        want = "a whole number (0: no ratio check)" if ratio else "a size like 64G or 512M"
+        raise KilnError(f"{name}={text!r}: expected {want}")
+    return int(value) * scale
+
+
+_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 NAME_MAX = 255  # Linux's limit for one path component
 
@@ -128,19 +177,15 @@ class _Pump:
     def _read(self) -> None:
         stop = self.stop
         try:
-            head = read_some(self._blob, IN_CHUNK)
+            blob = CountingReader(self._blob)  # compressed bytes in, for the ratio check
+            head = read_some(blob, IN_CHUNK)
             if not head:
                 raise StreamError("layer blob is empty")
             chunks = decompressed_chunks(
-                self._blob, compression_for(self._media_type, head), head,
+                blob, compression_for(self._media_type, head), head,
                 max_window_log=self._limits.max_zstd_window_log)
-            limit = self._limits.max_total_bytes
-            for chunk in chunks:
+            for chunk in within_budget(chunks, blob, self._limits.budget()):
                 self.total += len(chunk)
-                if self.total > limit:
-                    raise StreamError(
-                        f"layer is larger than max_total_bytes ({limit} bytes uncompressed)"
-                    )
                 if not _put(self._raw, chunk, stop):
                     return
             _put(self._raw, _EOF, stop)
@@ -1013,14 +1058,16 @@ def extract_layer(
     *,
     expected_diff_id: str | None,
     layer_digest: str | None = None,
-    limits: ExtractLimits = DEFAULT_LIMITS,
+    limits: ExtractLimits | None = None,
 ) -> ExtractResult:
     """Extract the layer ``blob`` into the new directory ``dest`` (overlay format).
 
     On any failure ``dest`` is removed and LayerError is raised; ``dest`` must
-    not exist beforehand.
+    not exist beforehand. ``limits`` default to ``limits_from_env()``.
     """
     layer = layer_digest
+    if limits is None:
+        limits = limits_from_env()
     if expected_diff_id is not None:
         try:
             validate_digest(expected_diff_id)
@@ -1083,4 +1130,5 @@ def extract_layer(
     return result
 
 
-__all__ = ["DEFAULT_LIMITS", "ExtractLimits", "ExtractResult", "extract_layer"]
+__all__ = ["DEFAULT_LIMITS", "LIMIT_VARIABLES", "ExtractLimits", "ExtractResult", "extract_layer",
+           "limits_from_env"]

@@ -393,6 +393,8 @@ def parse_payload(raw: bytes) -> Payload:
         raise SigningError("payload is not UTF-8 JSON") from None
     except ValueError as e:
         raise SigningError(f"payload is not valid JSON: {e}") from None
+    except RecursionError:
+        raise SigningError("payload is JSON nested too deeply") from None
     top = _exact_object(doc, ("critical", "optional"), "payload")
     critical = _exact_object(top["critical"], ("identity", "image", "type"), "payload critical")
     optional = top["optional"]
@@ -504,7 +506,7 @@ def read_containers_signature(raw: bytes, *, where: str) -> Signature:
     try:
         doc = json.loads(raw[len(CONTAINERS_SIGSTORE_PREFIX):].decode("utf-8"),
                          parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise SigningError(f"{where}: sigstore-json signature is not valid JSON") from None
     if not isinstance(doc, dict):
         raise SigningError(f"{where}: sigstore-json signature is not a JSON object")

@@ -19,6 +19,7 @@ import json
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -132,6 +133,21 @@ def oversize_manifest(size: int, *, media_type: str = OCI_MANIFEST,
     return Fault("oversize_manifest", method, path, times,
                  {"size": size, "media_type": media_type, "prefix": prefix, "suffix": suffix,
                   "digest": "sha256:" + h.hexdigest()})
+
+
+def reset(*, method: str | None = None, path: str = "", times: int | None = 1) -> Fault:
+    """Read the request, then reset the connection (TCP RST) without a byte of answer."""
+    return Fault("reset", method, path, times)
+
+
+def body(data: bytes, *, code: int = 200, content_type: str = "application/json",
+         method: str | None = None, path: str = "", times: int | None = 1,
+         headers: dict[str, str] | None = None) -> Fault:
+    """Answer `code` with exactly this body (e.g. hostile JSON) and Content-Type, without
+    asking upstream. A body of bytes is sent as it is; a callable is called per request."""
+    return Fault("body", method, path, times,
+                 {"code": code, "data": data, "content_type": content_type,
+                  "headers": dict(headers or {})})
 
 
 def slow_drip(interval: float, chunk: int = 1, *, method: str | None = "GET", path: str = "",
@@ -503,8 +519,21 @@ def _answer_oversize(handler: _Handler, fault: Fault) -> None:
     handler.wfile.write(p["suffix"])
 
 
+def _answer_reset(handler: _Handler, fault: Fault) -> None:
+    handler.close_connection = True
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()  # linger 0: the close sends RST, not FIN
+
+
+def _answer_body(handler: _Handler, fault: Fault) -> None:
+    p = fault.params
+    data = p["data"]() if callable(p["data"]) else p["data"]
+    handler._send_simple(p["code"], data, p["headers"], p["content_type"])
+
+
 _ANSWERED_HERE = {"status": _answer_status, "redirect_to": _answer_redirect,
-                  "auth_loop": _answer_auth_loop, "oversize_manifest": _answer_oversize}
+                  "auth_loop": _answer_auth_loop, "oversize_manifest": _answer_oversize,
+                  "reset": _answer_reset, "body": _answer_body}
 
 
 # --------------------------------------------------------------------------- blob host
