@@ -43,10 +43,16 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     from runtime import syscalls as sc
 
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         os.close(r)
         try:
+            # the helper ends with the thread that waits for it, even when kiln leaves at
+            # once (os._exit after a second Ctrl-C) instead of killing it
+            sc.prctl(sc.PR_SET_PDEATHSIG, 9)  # SIGKILL
+            if os.getppid() != parent:
+                os._exit(1)
             sc.unshare(sc.CLONE_NEWNS)
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             points = []
@@ -74,11 +80,13 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
             data = pickle.dumps(result)
         except Exception as e:  # unpicklable exception
             data = pickle.dumps(("err", WorkspaceError(str(e))))
-        view = memoryview(data)
-        while view:
-            n = os.write(w, view)
-            view = view[n:]
-        os._exit(0)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(w, view)
+                view = view[n:]
+        finally:  # whatever happens (the parent gone, a Ctrl-C), never unwind into its code
+            os._exit(0)
     os.close(w)
     chunks = []
     while True:
