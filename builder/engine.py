@@ -54,6 +54,7 @@ class BuildOptions:
     outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
     squash: bool = False
     layers: bool = True  # False: each stage's new layers become one, on top of its base
+    pids_limit: int | None = None  # of each RUN step's processes (<= 0 or None: no limit)
     # Called with a base image's name when the store lacks it (the CLI pulls it from its
     # registry); the builder itself never talks HTTP.
     fetch_image: Callable[[str], None] | None = None

@@ -398,6 +398,12 @@ def run_and_exit(store, params: dict) -> None:
     from store.errors import KilnError
 
     p = params
+    pids_limit = p["pids_limit"]
+    if pids_limit is None:  # the config file's default (Docker's: none)
+        from kiln.config import setting
+
+        configured = setting("run", "pids_limit")
+        pids_limit = None if configured is None else str(configured)
     opts = RunOptions(
         image=p["image"], command=list(p["command"]), entrypoint=p["entrypoint"],
         env=list(p["env"]), env_files=list(p["env_file"]), workdir=p["workdir"],
@@ -407,7 +413,7 @@ def run_and_exit(store, params: dict) -> None:
         cap_add=list(p["cap_add"]), cap_drop=list(p["cap_drop"]), privileged=p["privileged"],
         security_opts=list(p["security_opt"]), init=p["init"], memory=p["memory"],
         memory_swap=p["memory_swap"], cpus=p["cpus"], cpu_shares=p["cpu_shares"],
-        pids_limit=p["pids_limit"], stop_timeout=p["stop_timeout"])
+        pids_limit=pids_limit, stop_timeout=p["stop_timeout"])
     requirements = None
     if p.get("verify_keys") or p.get("signature_policy"):
         store, requirements = _verified_image(store, p)
