@@ -54,6 +54,7 @@ class BuildOptions:
     outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
     squash: bool = False
     layers: bool = True  # False: each stage's new layers become one, on top of its base
+    pids_limit: int | None = None  # of each RUN step's processes (<= 0 or None: no limit)
     # Called with a base image's name when the store lacks it (the CLI pulls it from its
     # registry); the builder itself never talks HTTP.
     fetch_image: Callable[[str], None] | None = None
@@ -152,6 +153,7 @@ class Builder:
         self.escape = "\\"
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
+        self.cancelled = threading.Event()  # set on Ctrl-C: every thread stops at its next step
 
     def context_for(self, inst):
         """The build context, scanned once (with its stat cache) when a COPY first needs it.
@@ -181,6 +183,60 @@ class Builder:
 
     # -- entry point ------------------------------------------------------------------
     def build(self) -> Descriptor:
+        """Called from the main thread, the build runs in a thread of its own, so that a
+        Ctrl-C (a KeyboardInterrupt, which Python raises only in the main thread) stops it
+        wherever its steps are: see ``stop``."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._build()
+        from runtime.children import now
+
+        started = now()
+        outcome: list = []
+        # waited for with an Event: a KeyboardInterrupt in Thread.join marks a thread that
+        # still runs as stopped (CPython 3.11, bpo-45274's fix)
+        finished = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome.append(self._build())
+            except BaseException as e:  # noqa: BLE001 - raised again in the main thread
+                outcome.append(e)
+            finally:
+                finished.set()
+
+        threading.Thread(target=work, name="kiln-build").start()
+        try:
+            while not finished.wait(0.1):  # a SIGINT another thread took is seen at a turn
+                pass
+        except KeyboardInterrupt:
+            self.stop(finished, started)
+            raise
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def stop(self, finished: threading.Event, started: float) -> None:
+        """After a Ctrl-C: the build's threads stop at their next step, and the processes
+        they wait for (RUN containers, COPY helpers: what kiln started since ``started``)
+        are killed until the threads have unwound, removing their work dirs and cgroups
+        as they go. Another Ctrl-C leaves at once (the CLI leaves after a few seconds
+        anyway): what they started dies with kiln, and the store's next user clears tmp/."""
+        from runtime.children import kill_children
+
+        self.cancelled.set()
+        try:
+            while not finished.is_set():
+                kill_children(started)
+                finished.wait(0.05)
+        except KeyboardInterrupt:
+            pass
+        kill_children(started)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise KeyboardInterrupt
+
+    def _build(self) -> Descriptor:
         from builder.parser import parse_file
         from builder.stages import plan_stages
 
@@ -194,6 +250,7 @@ class Builder:
         # a build arg that a global ARG declares is consumed (FROM may use it)
         self.used_args.update(set(self.opts.build_args) & set(plan.declared_globals))
         results = self._build_stages(plan)
+        self.check_cancelled()
         final = results[plan.target.index]
         if self.context is not None:
             self.context.save_cache()
@@ -205,6 +262,7 @@ class Builder:
         unused = set(self.opts.build_args) - self.used_args - PROXY_ARGS
         for name in sorted(unused):
             self.say(f"[Warning] one or more build args were not consumed: {name}")
+        self.check_cancelled()
         for tag in self.opts.tags:
             self.store.tag(tag, desc)
         self._outputs(desc)
@@ -315,6 +373,7 @@ class Builder:
             return self.step_no
 
     def _build_stage(self, stage, plan, results) -> StageState:
+        self.check_cancelled()
         number = self._next_step()
         self.say(f"[{stage.label}] STEP {number}/{self.total_steps}: {stage.from_line}")
         state = self._base_state(stage, results)
@@ -339,6 +398,7 @@ class Builder:
     def _step(self, state: StageState, inst, plan, results, number: int) -> None:
         from builder import instructions
 
+        self.check_cancelled()
         label = f"[{state.name or state.index}] STEP {number}/{self.total_steps}: "
         self.say(label + inst.original.strip().replace("\n", " ")[:200])
         t0 = time.monotonic()

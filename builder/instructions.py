@@ -448,7 +448,8 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
         binds=list(prepared.binds) if prepared is not None else [],
         tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
-    cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}", Limits())
+    cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
+                           Limits(pids_limit=b.opts.pids_limit))
     try:
         container = Container(spec, cgroup)
         try:

@@ -46,6 +46,7 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
               **reg):
     """Build an image from a Containerfile and a context directory."""
     from builder.engine import BuildOptions, build
+    from kiln.config import setting
     from store.importer import source_date_epoch
     from store.reference import parse_reference
 
@@ -68,7 +69,7 @@ def build_cmd(ctx, context, tags, containerfile, build_args, target, no_cache, n
         quiet=quiet, iidfile=iidfile,
         secrets=dict(_key_values(s, "--secret", ("id",)) for s in secrets),
         outputs=[_key_values(o, "--output", ("type", "dest"))[1] for o in outputs],
-        squash=squash, layers=layers)
+        squash=squash, layers=layers, pids_limit=setting("build", "pids_limit"))
     key = None
     if sign_key:
         from kiln.sign_commands import load_signing_key

@@ -18,6 +18,7 @@ import sys
 from kiln import __version__
 
 EXIT_KILN_ERROR = 125  # podman's convention for kiln's own failures
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C stopped
 
 
 class Context:
@@ -102,6 +103,47 @@ def fail(message: str) -> None:
     sys.exit(EXIT_KILN_ERROR)
 
 
+# -- Ctrl-C -----------------------------------------------------------------------------
+# A Ctrl-C is no failure of kiln's: kiln says so in one line and exits 130. Under click
+# (every command but the fast ``kiln run``) the first SIGINT raises KeyboardInterrupt, so
+# that the command stops and cleans up; an error on that way out (a helper killed mid-copy,
+# a clean-up racing a thread) is the interrupt too. Further SIGINTs change nothing, and
+# however the clean-up goes (a thread blocked on a silent registry, a big layer being
+# compressed) kiln leaves INTERRUPT_GRACE seconds later: what it leaves in tmp/ goes at
+# the store's next use. ``_signal``: the signal module's enums would cost every start-up.
+INTERRUPT_GRACE = 3.0
+_interrupt = {"seen": False, "unreported": True}
+
+
+def _on_sigint(_signum, _frame) -> None:
+    if _interrupt["seen"]:
+        return
+    _interrupt["seen"] = True
+    import threading
+
+    threading.Thread(target=_leave_after, args=(INTERRUPT_GRACE,), name="kiln-interrupted",
+                     daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _leave_after(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+    if _interrupt.pop("unreported", False):  # pop: one thread only says it
+        os.write(2, b"kiln: interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def interrupted() -> None:
+    import _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # another Ctrl-C changes nothing now
+    if _interrupt.pop("unreported", False):
+        echo_error("kiln: interrupted")
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
@@ -109,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             echo_error(e.code)
+    except KeyboardInterrupt:  # another Ctrl-C (fast path) while the first was reported
+        code = EXIT_INTERRUPTED
+        if _interrupt.pop("unreported", False):
+            echo_error("kiln: interrupted")
     # Every file kiln writes is closed (and fsynced where it matters) by now; skipping
     # the interpreter's teardown saves tens of milliseconds on each kiln run.
     try:
@@ -131,13 +177,15 @@ def _main(argv: list[str] | None) -> None:
             run_and_exit(root, params)
         _click_main(args)
     except KeyboardInterrupt:
-        fail("interrupted")
+        interrupted()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_KILN_ERROR)
     except Exception as e:  # KilnError and OSError become one line; anything else is a bug
         from store.errors import KilnError
 
+        if _interrupt["seen"]:
+            interrupted()
         if isinstance(e, KilnError):
             fail(str(e))
         if isinstance(e, OSError):
@@ -147,15 +195,21 @@ def _main(argv: list[str] | None) -> None:
 
 
 def _click_main(args: list[str]) -> None:
+    import _signal
+
     import click
 
     if "cli" not in globals():
         _define_click_group()
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _on_sigint)
     try:
         globals()["cli"].main(args=args, prog_name="kiln", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.Abort:
+    except click.Abort as e:  # click's word for a KeyboardInterrupt (or EOF at a prompt)
+        if _interrupt["seen"] or isinstance(e.__cause__, KeyboardInterrupt):
+            interrupted()
         fail("aborted")
     except click.ClickException as e:
         hint = ""
@@ -344,6 +398,12 @@ def run_and_exit(store, params: dict) -> None:
     from store.errors import KilnError
 
     p = params
+    pids_limit = p["pids_limit"]
+    if pids_limit is None:  # the config file's default (Docker's: none)
+        from kiln.config import setting
+
+        configured = setting("run", "pids_limit")
+        pids_limit = None if configured is None else str(configured)
     opts = RunOptions(
         image=p["image"], command=list(p["command"]), entrypoint=p["entrypoint"],
         env=list(p["env"]), env_files=list(p["env_file"]), workdir=p["workdir"],
@@ -353,7 +413,7 @@ def run_and_exit(store, params: dict) -> None:
         cap_add=list(p["cap_add"]), cap_drop=list(p["cap_drop"]), privileged=p["privileged"],
         security_opts=list(p["security_opt"]), init=p["init"], memory=p["memory"],
         memory_swap=p["memory_swap"], cpus=p["cpus"], cpu_shares=p["cpu_shares"],
-        pids_limit=p["pids_limit"], stop_timeout=p["stop_timeout"])
+        pids_limit=pids_limit, stop_timeout=p["stop_timeout"])
     requirements = None
     if p.get("verify_keys") or p.get("signature_policy"):
         store, requirements = _verified_image(store, p)

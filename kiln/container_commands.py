@@ -36,7 +36,9 @@ import click
 @click.option("--memory-swap", default=None)
 @click.option("--cpus", default=None)
 @click.option("--cpu-shares", "-c", default=None)
-@click.option("--pids-limit", default=None)
+@click.option("--pids-limit", default=None,
+              help="Processes at once, at most (0 or -1: no limit; default: kiln.conf's "
+                   "[run] pids_limit, else none).")
 @click.option("--stop-timeout", default=10.0, type=float, show_default=True,
               help="Seconds between forwarding SIGINT/SIGTERM and SIGKILL.")
 @click.option("--verify-key", "verify_keys", multiple=True, type=click.Path(),

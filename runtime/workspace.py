@@ -37,16 +37,25 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     ``fn`` runs as root in a forked child (a private mount namespace), so it may
     chown and mknod; what it returns or raises is pickled back to the caller.
     """
+    import _signal
     import pickle
 
     from runtime import rootfs  # imported here: a cached build step never needs them
     from runtime import syscalls as sc
 
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         os.close(r)
         try:
+            # the helper ends with the thread that waits for it, even when kiln leaves
+            # without killing it (os._exit a few seconds after a Ctrl-C)
+            sc.prctl(sc.PR_SET_PDEATHSIG, _signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            # a terminal's Ctrl-C is kiln's to act on (it kills this helper), not a failure
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
             sc.unshare(sc.CLONE_NEWNS)
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             points = []
@@ -74,19 +83,27 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
             data = pickle.dumps(result)
         except Exception as e:  # unpicklable exception
             data = pickle.dumps(("err", WorkspaceError(str(e))))
-        view = memoryview(data)
-        while view:
-            n = os.write(w, view)
-            view = view[n:]
-        os._exit(0)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(w, view)
+                view = view[n:]
+        finally:  # whatever happens (the parent gone, a Ctrl-C), never unwind into its code
+            os._exit(0)
     os.close(w)
     chunks = []
-    while True:
-        data = os.read(r, 1 << 20)
-        if not data:
-            break
-        chunks.append(data)
-    os.close(r)
+    try:
+        while True:
+            data = os.read(r, 1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+    except BaseException:  # a Ctrl-C: the helper stops too
+        os.kill(pid, _signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(r)
     _, status = os.waitpid(pid, 0)
     if not chunks:
         raise WorkspaceError(f"the workspace process died (status {status})")

@@ -1,0 +1,280 @@
+"""Ctrl-C of kiln build, pull and push (issue 10, point 7).
+
+A terminal's Ctrl-C sends SIGINT to the whole foreground process group (``os.killpg``
+here); ``kill -INT PID`` sends it to kiln alone (``os.kill``). Either way kiln must say
+``kiln: interrupted`` (no traceback, no step blamed), exit 130, kill what it started
+(a RUN's processes, the COPY helper), leave no mount and no tag behind, and leave its
+store's tmp/ empty (at once for a build, by the next command at the latest otherwise).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from registry_client.push import push
+from registry_client.transport import RegistryOptions
+from store.store import Store
+from tests.builder.conftest import build_context
+from tests.conftest import PROJECT, KilnCLI
+from tests.registry.conftest import fault_proxy, registry  # noqa: F401 - fixtures
+from tests.registry.faults import slow_drip, status
+from tests.runtime.conftest import kiln_argv
+
+HOW = {"terminal": lambda pid: os.killpg(pid, signal.SIGINT),
+       "kill -INT": lambda pid: os.kill(pid, signal.SIGINT)}
+
+
+class Started:
+    """``kiln ARGS`` started as a shell starts a foreground job: its own process group."""
+
+    running: list[Started] = []
+
+    def __init__(self, root: Path, tmp_path: Path, *args: str):
+        self.root = root
+        self.out_path, self.err_path = tmp_path / "kiln.out", tmp_path / "kiln.err"
+        env = {**os.environ, "HOME": str(tmp_path / "home"),
+               "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+               "XDG_CONFIG_HOME": str(tmp_path / "config")}
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(kiln_argv(root, *args), stdout=out, stderr=err,
+                                         cwd=PROJECT, env=env, start_new_session=True)
+        Started.running.append(self)
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(
+            errors="replace")
+
+    def wait_until(self, ready, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"kiln ended ({self.proc.returncode}) before {what}:\n"
+                            f"{self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no {what} after {timeout}s:\n{self.output()}")
+            time.sleep(0.02)
+
+    def interrupt(self, how: str) -> float:
+        HOW[how](self.proc.pid)
+        return time.monotonic()
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"kiln still runs {timeout}s after Ctrl-C:\n{self.output()}")
+        return code, self.err_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_kiln_left_behind():
+    """A test that fails before its Ctrl-C leaves no kiln running (and its containers die
+    with it)."""
+    yield
+    while Started.running:
+        kiln = Started.running.pop()
+        if kiln.proc.poll() is None:
+            kiln.kill()
+
+
+def assert_reported_as_interrupted(code: int, err: str) -> None:
+    assert code == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "kiln: interrupted", err
+    assert lines.count("kiln: interrupted") == 1, err
+    assert "Traceback" not in err and "kiln: error" not in err, err
+    assert "exited with code" not in err and "failed" not in err, err  # no step blamed
+
+
+def processes_with(token: str) -> list[str]:
+    """Command lines of the processes that mention ``token`` (what a test started)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if token.encode() in cmdline:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def assert_nothing_left(root: Path, token: str | None = None) -> None:
+    """No process of the test's, no mount under the store; a later kiln command finds tmp/
+    empty after its start-up clean-up (or it was empty already)."""
+    if token is not None:
+        deadline = time.monotonic() + 5  # a killed pid namespace takes a moment to go
+        while processes_with(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with(token) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(root) not in f.read()
+    KilnCLI(root)("images")
+    assert os.listdir(root / "tmp") == []
+
+
+def token() -> str:
+    """A number for `sleep` that no other process on the machine has on its command line."""
+    return str(random.randrange(10**8, 10**9))
+
+
+# ------------------------------------------------------------------------------ build
+@pytest.mark.parametrize("how", HOW)
+def test_ctrl_c_of_a_build_during_a_run_step(broot, tmp_path, how):
+    sleep = token()
+    ctx = build_context(tmp_path, "FROM busybox\nRUN echo step-$((40+2)) running; "
+                                  f"sleep {sleep}\n")
+    before = os.listdir(broot / "tmp")
+    kiln = Started(broot, tmp_path, "build", "-t", "interrupted-run", str(ctx))
+    kiln.wait_until(lambda: "step-42 running" in kiln.output(), "RUN step output")
+    kiln.wait_until(lambda: processes_with(sleep), "the RUN step's sleep")
+    sent = kiln.interrupt(how)
+    code, err = kiln.finish()
+    assert time.monotonic() - sent < 5  # the RUN's process is killed, not waited for
+    assert_reported_as_interrupted(code, err)
+    assert os.listdir(broot / "tmp") == before  # cleaned at once
+    assert_nothing_left(broot, sleep)
+    assert "interrupted-run" not in KilnCLI(broot)("images").out
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_ctrl_c_of_a_build_during_a_big_copy(broot, tmp_path, how):
+    ctx = build_context(tmp_path, "FROM busybox\nCOPY big /big\n")
+    block = random.randbytes(1 << 20)
+    (ctx / "big").mkdir()
+    for i in range(256):  # 256 MiB: the copy takes a while
+        (ctx / "big" / f"{i:04d}").write_bytes(block[i:] + block[:i])
+    before = os.listdir(broot / "tmp")
+    kiln = Started(broot, tmp_path, "build", "-t", "interrupted-copy", str(ctx))
+    kiln.wait_until(lambda: glob.glob(f"{broot}/tmp/step-*/upper/big/0*"), "copied file",
+                    timeout=120)
+    sent = kiln.interrupt(how)
+    code, err = kiln.finish()
+    assert time.monotonic() - sent < 5
+    assert_reported_as_interrupted(code, err)
+    assert os.listdir(broot / "tmp") == before
+    assert_nothing_left(broot)
+    assert "interrupted-copy" not in KilnCLI(broot)("images").out
+    shutil.rmtree(ctx / "big")  # pytest keeps the last runs' tmp_path
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_ctrl_c_of_a_build_with_stages_in_parallel(broot, tmp_path, how):
+    sleep = token()
+    ctx = build_context(tmp_path, f"""\
+FROM busybox AS one
+RUN echo one-$((40+2)) running; sleep {sleep}
+FROM busybox AS two
+RUN echo two-$((40+2)) running; sleep {sleep}
+FROM busybox
+COPY --from=one /etc/passwd /one
+COPY --from=two /etc/passwd /two
+""")
+    before = os.listdir(broot / "tmp")
+    kiln = Started(broot, tmp_path, "build", "-t", "interrupted-stages", str(ctx))
+    kiln.wait_until(lambda: "one-42 running" in kiln.output() and
+                    "two-42 running" in kiln.output(), "both stages' RUN output")
+    kiln.wait_until(lambda: len(processes_with(sleep)) == 2, "both stages' sleep")
+    sent = kiln.interrupt(how)
+    code, err = kiln.finish()
+    assert time.monotonic() - sent < 5
+    assert_reported_as_interrupted(code, err)
+    assert os.listdir(broot / "tmp") == before
+    assert_nothing_left(broot, sleep)
+    assert "interrupted-stages" not in KilnCLI(broot)("images").out
+
+
+def test_more_ctrl_c_while_the_build_stops_leave_no_traceback(broot, tmp_path):
+    sleep = token()
+    ctx = build_context(tmp_path, f"FROM busybox\nRUN echo step-$((40+2)) running; "
+                                  f"sleep {sleep}\n")
+    kiln = Started(broot, tmp_path, "build", "-t", "interrupted-twice", str(ctx))
+    kiln.wait_until(lambda: "step-42 running" in kiln.output(), "RUN step output")
+    for _ in range(5):
+        kiln.interrupt("terminal")
+        time.sleep(0.01)
+    code, err = kiln.finish()
+    assert_reported_as_interrupted(code, err)
+    assert_nothing_left(broot, sleep)
+    assert "interrupted-twice" not in KilnCLI(broot)("images").out
+
+
+# ------------------------------------------------------------------------ pull, push
+def registry_options(tmp_path: Path) -> RegistryOptions:
+    return RegistryOptions(env={"HOME": str(tmp_path / "home"), "PATH": os.environ["PATH"]})
+
+
+@pytest.fixture(scope="module")
+def images(broot, registry, tmp_path_factory):  # noqa: F811 - the fixture
+    """busybox (one layer) and busybox plus two COPY layers, in the store and the registry."""
+    tmp = tmp_path_factory.mktemp("images")
+    ctx = build_context(tmp, "FROM busybox\nCOPY a /a\nCOPY b /b\n",
+                        {"a": random.randbytes(1 << 20), "b": random.randbytes(1 << 20)})
+    KilnCLI(broot)("build", "-t", "three-layers", str(ctx))
+    store = Store(broot)
+    names = {"one layer": "busybox:latest", "three layers": "three-layers:latest"}
+    for name in names.values():
+        push(store, name, f"{registry.host}/interrupt/{name}", registry_options(tmp))
+    return {case: (name, [la.digest for la in store.image(name).layers()])
+            for case, name in names.items()}
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("image", ["one layer", "three layers"])
+def test_ctrl_c_of_a_pull(images, fault_proxy, tmp_path, how, image):  # noqa: F811
+    name, layers = images[image]
+    fault_proxy.add(slow_drip(0.05, 1024, path="|".join(layers), times=None,
+                              give_up_after=60))
+    root = tmp_path / "pulled"
+    ref = f"{fault_proxy.host}/interrupt/{name}"
+    kiln = Started(root, tmp_path, "pull", ref)
+    kiln.wait_until(lambda: any(r["method"] == "GET" and layers[0] in r["path"]
+                                for r in fault_proxy.requests), "layer download")
+    time.sleep(0.3)  # bytes trickle in
+    sent = kiln.interrupt(how)
+    code, err = kiln.finish()
+    assert time.monotonic() - sent < 5
+    assert_reported_as_interrupted(code, err)
+    assert_nothing_left(root)
+    store = Store(root)
+    assert store.tags() == [] and store.layer_diff_ids_on_disk() == []
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("image", ["one layer", "three layers"])
+def test_ctrl_c_of_a_push(broot, images, fault_proxy, tmp_path, how, image):  # noqa: F811
+    name, _layers = images[image]
+    # the registry asks to come back in 30s for every upload: kiln waits, and is interrupted
+    fault_proxy.add(status(503, retry_after=30, method="POST", path="/blobs/uploads/",
+                           times=None))
+    kiln = Started(broot, tmp_path, "push", name,
+                   f"{fault_proxy.host}/interrupted-push/{token()}:1")
+    kiln.wait_until(lambda: any(r["method"] == "POST" for r in fault_proxy.requests),
+                    "blob upload")
+    time.sleep(0.2)
+    sent = kiln.interrupt(how)
+    code, err = kiln.finish()
+    assert time.monotonic() - sent < 5
+    assert_reported_as_interrupted(code, err)
+    assert_nothing_left(broot)
