@@ -89,3 +89,25 @@ def test_kiln_tag_of_an_image_with_a_missing_layer_says_which(busybox_rootfs, tm
                             f"{layer} of manifest"), p.err
     assert "Traceback" not in p.err
     assert index.read_bytes() == before
+
+
+def test_a_damaged_tag_is_named_by_kiln_images_and_rmi_clears_it(busybox_rootfs, tmp_path):
+    """A store where an older kiln's prune took the blobs of a tagged image: `kiln images`
+    says which tag and what to do, and `kiln rmi` of it brings the store back."""
+    kiln = KilnCLI(tmp_path / "root")
+    kiln("import", str(busybox_rootfs), "busybox")
+    tree = _tree(tmp_path, "app", "a")
+    kiln("import", str(tree), "app:1")
+    blobs = tmp_path / "root" / "blobs" / "sha256"
+    entry = json.loads((tmp_path / "root" / "index.json").read_bytes())["manifests"][1]
+    manifest = json.loads((blobs / entry["digest"][7:]).read_bytes())
+    config, layer = manifest["config"]["digest"], manifest["layers"][0]["digest"]
+    os.unlink(blobs / config[7:])
+    os.unlink(blobs / layer[7:])
+    p = kiln("images", check=False)
+    assert p.returncode == 125
+    assert p.err.startswith("kiln: error: image docker.io/library/app:1 is damaged: blob "
+                            f"{config} is not in"), p.err
+    assert "kiln rmi docker.io/library/app:1" in p.err
+    kiln("rmi", "app:1")
+    assert "busybox" in kiln("images").out
