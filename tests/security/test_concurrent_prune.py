@@ -165,6 +165,7 @@ def test_pulls_builds_and_prunes_at_once_leave_every_tag_whole(
     for tag, content in expected.items():
         p = kiln("run", "--rm", tag, "cat", "/id", check=False)
         assert p.returncode == 0 and p.out.strip() == content, (tag, p.returncode, p.err)
+    kiln("run", "--rm", "busybox", "true")
 
     skopeo = require_tool("skopeo")
     for tag in [*expected, "docker.io/library/busybox:latest"]:
