@@ -100,24 +100,27 @@ def pull(store: Store, reference: str | Reference, options: RegistryOptions | No
                   signatures_for)
         if on_resolved is not None:
             on_resolved(remote)
-        with store.writing(), StoreSink(store) as sink:
-            try:
-                desc = copy_image(image, sink, progress=progress,
-                                  concurrency=options.concurrency, tmp_dir=str(store.tmp))
-            except LayerError as e:  # a hostile layer: say where it came from
-                raise _pulled_from(e, remote) from None
-        ref = remote.reference
-        if ref.digest is None:
-            store.tag(str(ref), desc)
-        else:
-            store.layout.set_tag(str(ref), desc)  # a pin: found again by the digest asked for
-        remember_locations(store, remote.repository, image)
-        if any(fetched.values()):
-            from store.signatures import LocalSignatures
+        # The store lock is held from the first blob staged to the tag (and the signatures
+        # kept beside it): a prune meanwhile would take the blobs of an image not yet named.
+        with store.writing():
+            with StoreSink(store) as sink:
+                try:
+                    desc = copy_image(image, sink, progress=progress,
+                                      concurrency=options.concurrency, tmp_dir=str(store.tmp))
+                except LayerError as e:  # a hostile layer: say where it came from
+                    raise _pulled_from(e, remote) from None
+            ref = remote.reference
+            if ref.digest is None:
+                store.tag(str(ref), desc)
+            else:
+                store.pin(str(ref), desc)  # found again by the digest asked for
+            remember_locations(store, remote.repository, image)
+            if any(fetched.values()):
+                from store.signatures import LocalSignatures
 
-            for digest, sigs in fetched.items():
-                if sigs:
-                    LocalSignatures(store).add(remote.reference.name, digest, sigs)
+                for digest, sigs in fetched.items():
+                    if sigs:
+                        LocalSignatures(store).add(remote.reference.name, digest, sigs)
         return desc
     finally:
         remote.close()

@@ -39,7 +39,12 @@ def list_images(store: Store) -> list[ImageSummary]:
             continue
         s = by_digest.get(tagged.descriptor.digest)
         if s is None:
-            s = by_digest[tagged.descriptor.digest] = _summary(store, tagged.descriptor)
+            try:
+                s = by_digest[tagged.descriptor.digest] = _summary(store, tagged.descriptor)
+            except NotFoundError as e:  # a store damaged by a kiln before the tag checks
+                raise StoreError(f"image {tagged.name} is damaged: {e}; remove it with "
+                                 f"`kiln rmi {tagged.name}` and pull or build it again"
+                                 ) from None
         s.names.append(tagged.name)
     return list(by_digest.values())
 

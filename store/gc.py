@@ -2,11 +2,14 @@
 
 Roots are the tags in index.json, the images of containers, and build cache
 records. Runs with the store lock held exclusive, so a concurrent writer
-either finished before (its tag is a root) or starts after.
+either finished before (its tag is a root) or starts after: every writer holds
+the lock shared from its first write to its tag (store.store). What is left in
+tmp/, or unnamed in blobs/ and layers/, is a dead writer's and goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -54,11 +57,19 @@ def _walk(store: Store, digest: str, blobs: set[str], diff_ids: set[str]) -> Non
 
 
 def _cache_roots(store: Store) -> tuple[set[str], set[str]]:
-    """Build cache records are JSON with ``blobs`` and ``diff_ids`` lists (builder writes them)."""
+    """Build cache records are JSON with ``blobs`` and ``diff_ids`` lists (builder writes them).
+
+    A name starting with a dot is a temp file of an atomic write (atomic_write's
+    ``.tmp-*``, the context cache's ``.<name>.*.tmp``); with the store lock held exclusive
+    its writer is dead (killed midway), so it goes."""
     blobs: set[str] = set()
     diff_ids: set[str] = set()
     for dirpath, _, files in os.walk(store.cache_dir):
         for name in files:
+            if name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                continue
             try:
                 with open(os.path.join(dirpath, name), "rb") as f:
                     rec = json.loads(f.read(1 << 20))
@@ -93,12 +104,27 @@ def reachable(store: Store) -> tuple[set[str], set[str]]:
     return blobs, diff_ids
 
 
+def _remove_unrecorded_containers(store: Store) -> int:
+    """A container dir without its state.json: `kiln run` makes both under the store lock,
+    so with the lock held exclusive it is what a run killed in between left."""
+    removed = 0
+    if not store.containers_dir.is_dir():
+        return removed
+    for entry in os.scandir(store.containers_dir):
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        if not os.path.lexists(os.path.join(entry.path, "state.json")):
+            remove_tree(entry.path)
+            removed += 1
+    return removed
+
+
 def prune(store: Store, *, build_cache: bool = False) -> PruneReport:
     """Remove what nothing reachable refers to; ``build_cache`` drops the build step cache
     (records, context stat caches, RUN --mount=type=cache dirs) first, as `builder prune`."""
     report = PruneReport()
     with store.collecting():
-        report.tmp = store.clean_tmp()
+        report.tmp = store.clean_tmp() + _remove_unrecorded_containers(store)
         if build_cache:
             for path in (store.cache_dir, store.root / "cache-mounts"):
                 if path.is_dir():

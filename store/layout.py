@@ -16,14 +16,17 @@ from typing import BinaryIO
 
 from store.digest import VerifyingReader, digest_hex, validate_digest
 from store.documents import (
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
     MAX_DOCUMENT_BYTES,
     OCI_INDEX,
     Descriptor,
     canonical_json,
+    parse_any,
     parse_index,
     parse_layout_header,
 )
-from store.errors import DigestError, NotFoundError, StoreError
+from store.errors import DigestError, ManifestError, NotFoundError, StoreError
 from store.fsutil import atomic_write, fsync_dir
 from store.locks import file_lock
 
@@ -220,7 +223,43 @@ class OCILayout:
         return [(m.annotations[REF_NAME], m) for m in self.read_index()
                 if m.annotations and REF_NAME in m.annotations]
 
+    def require_whole(self, name: str, desc: Descriptor) -> None:
+        """Raise StoreError unless the manifest (or index) ``desc`` and every blob it names
+        are here: its config and layers, an index's manifests and theirs. Blobs are only
+        looked up, except the documents themselves (read, verified and parsed)."""
+        seen: set[str] = set()
+        todo = [(desc, "image")]
+        while todo:
+            d, role = todo.pop()
+            if d.digest in seen:
+                continue
+            seen.add(d.digest)
+            if not self.has_blob(d.digest):
+                raise StoreError(f"cannot tag {name}: the {role} {d.digest} is not in "
+                                 f"{self.root}; pull or load the image again")
+            try:
+                media_type, doc = parse_any(self.read_blob(d.digest, d.size), d.media_type)
+            except ManifestError as e:
+                raise StoreError(f"cannot tag {name}: {d.digest} is not an image manifest "
+                                 f"or index ({e})") from None
+            if media_type in INDEX_MEDIA_TYPES:
+                todo += [(Descriptor.from_json(m, where=f"{d.digest} manifests[{i}]"),
+                          f"manifest of index {d.digest}")
+                         for i, m in enumerate(doc.get("manifests", []))]
+                continue
+            if media_type not in MANIFEST_MEDIA_TYPES:
+                raise StoreError(f"cannot tag {name}: {d.digest} is a {media_type}, not an "
+                                 "image manifest or index")
+            for what, blob in [("config", doc["config"]),
+                               *(("layer", la) for la in doc.get("layers", []))]:
+                if not self.has_blob(blob["digest"]):
+                    raise StoreError(f"cannot tag {name}: the {what} {blob['digest']} of "
+                                     f"manifest {d.digest} is not in {self.root}; pull or "
+                                     "load the image again")
+
     def set_tag(self, name: str, desc: Descriptor) -> None:
+        """Point ``name`` at ``desc``, a manifest or index whose blobs are all here."""
+        self.require_whole(name, desc)
         annotations = dict(desc.annotations or {})
         annotations[REF_NAME] = name
         entry = Descriptor(desc.media_type, desc.digest, desc.size, annotations=annotations,

@@ -141,14 +141,15 @@ class LocalSignatures:
         """Append ``new`` to the signatures of ``repository`` (``host/path``) for the digest."""
         name = f"{repository}:{signature_tag(manifest_digest)}"
         existing: list[StoredSignature] = []
-        try:
-            desc = self.store.resolve(name)
-            existing = parse_signature_manifest(self.store.read_blob(desc.digest, desc.size),
-                                                self.store.read_blob, where=name)
-        except NotFoundError:
-            pass
-        manifest, config, payloads = build_signature_manifest(existing + new)
-        with self.store.writing():
+        with self.store.writing():  # no prune between reading what is kept and adding to it
+            try:
+                desc = self.store.resolve(name)
+                existing = parse_signature_manifest(
+                    self.store.read_blob(desc.digest, desc.size), self.store.read_blob,
+                    where=name)
+            except NotFoundError:
+                pass
+            manifest, config, payloads = build_signature_manifest(existing + new)
             for blob in (config, *payloads):
                 self.store.put_bytes(blob, "application/octet-stream")
             desc = self.store.put_bytes(manifest, OCI_MANIFEST)

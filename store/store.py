@@ -4,8 +4,11 @@
     <root>/layers/<diff_id hex>/diff/              unpacked layers, overlay lowerdirs
     <root>/cache/  containers/  keys/  tmp/  locks/
 
-Every writer holds ``locks/store.lock`` shared for its whole operation;
-``prune`` takes it exclusive, so collection never races a writer.
+Every writer holds ``locks/store.lock`` shared (``Store.writing()``) from its first
+write (a file in tmp/, a blob, a layer dir) to the tag that makes the result reachable;
+``prune`` takes it exclusive (``Store.collecting()``), so it never sees a writer's work
+half done: what is in tmp/, or in blobs/ and layers/ without a name yet, belongs to a
+process that died. ``Store.tag`` refuses a manifest whose blobs are not all here.
 """
 
 from __future__ import annotations
@@ -156,15 +159,27 @@ class Store:
         return [TaggedImage(name, d) for name, d in self.layout.tags()]
 
     def tag(self, name: str, desc: Descriptor) -> str:
+        """Name the manifest (or index) ``desc``. Refused with a StoreError naming the
+        missing digest unless it and all its blobs are in the store; that is checked with
+        the store lock held, so no prune runs between the check and the tag. A writer
+        holds the lock itself from its first write to this tag: then prune cannot take
+        what it wrote in between either."""
         ref = parse_reference(name)
         if ref.digest:
             raise ReferenceError_(f"cannot tag with a digest reference {name!r}")
         full = str(ref)
-        self.layout.set_tag(full, desc)
+        with self.writing():
+            self.layout.set_tag(full, desc)
         return full
 
+    def pin(self, name: str, desc: Descriptor) -> None:
+        """Keep ``desc`` under ``name@digest`` (a pull by digest), checked as ``tag`` is."""
+        with self.writing():
+            self.layout.set_tag(name, desc)
+
     def untag(self, name: str) -> Descriptor:
-        return self.layout.remove_tag(str(parse_reference(name)))
+        with self.writing():
+            return self.layout.remove_tag(str(parse_reference(name)))
 
     def resolve(self, name: str) -> Descriptor:
         """A manifest descriptor for a tag, a full digest, or an image-ID prefix."""

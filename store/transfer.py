@@ -33,23 +33,34 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
         raise KilnError("docker-archive layers are always uncompressed (as docker save "
                         "writes them); drop --compression-format")
     images = []
-    for name in names:
-        desc = store.resolve(name)
-        tags = store.names_of(desc.digest)
-        try:
-            ref = str(parse_reference(name))
-            tags = [ref] if ref in tags else tags[:1]
-        except ReferenceError_:
-            tags = tags[:1]  # named by ID: keep one of its tags, if it has any
-        images.append((store.image_for(desc), tags))
-    save_images(store, images, output, fmt=fmt, compression=compression, progress=progress)
+    with store.writing():  # a prune meanwhile could take an image untagged since resolved
+        for name in names:
+            desc = store.resolve(name)
+            tags = store.names_of(desc.digest)
+            try:
+                ref = str(parse_reference(name))
+                tags = [ref] if ref in tags else tags[:1]
+            except ReferenceError_:
+                tags = tags[:1]  # named by ID: keep one of its tags, if it has any
+            images.append((store.image_for(desc), tags))
+        save_images(store, images, output, fmt=fmt, compression=compression,
+                    progress=progress)
 
 
 def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                 output: str | os.PathLike, *, fmt: str = "oci", compression: str | None = None,
                 progress: Progress | None = None, concurrency: int = 1) -> list[Descriptor]:
     """``save`` for images already in hand (the builder's result, tagged or not); returns
-    the descriptors of the manifests written."""
+    the descriptors of the manifests written. Holds the store lock: re-compressed layers
+    are written in the store's tmp/, which a prune or a starting kiln would clean."""
+    with store.writing():
+        return _save_images(store, images, output, fmt=fmt, compression=compression,
+                            progress=progress, concurrency=concurrency)
+
+
+def _save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
+                 output: str | os.PathLike, *, fmt: str, compression: str | None,
+                 progress: Progress | None, concurrency: int) -> list[Descriptor]:
     output = Path(output)
     if fmt == "docker-archive" and compression not in (None, "none"):
         raise KilnError("docker-archive layers are always uncompressed (as docker save "

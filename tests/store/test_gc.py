@@ -1,5 +1,6 @@
 import io
 import json
+import os
 
 from store.gc import prune
 from store.importer import import_rootfs
@@ -61,3 +62,28 @@ def test_containers_and_cache_records_are_roots(busybox_store, tmp_path):
     assert store.has_layer_dir(image.layers()[0].diff_id)
     assert store.has_blob(cached_layer.digest) and store.has_layer_dir(cached_layer.diff_id)
     assert not store.has_blob(cached.digest)  # the cache keeps the layer, not the manifest
+
+
+def test_prune_removes_what_a_killed_writer_left_outside_tmp(busybox_store):
+    """With the store lock held exclusive no writer is midway: a temp file of an atomic
+    write in cache/, or a container dir whose state.json was never written (kiln run makes
+    both under the lock), belongs to a process that died, and nothing else would ever
+    remove it."""
+    store = busybox_store
+    (store.cache_dir / "context").mkdir()
+    (store.cache_dir / "context" / "ab.json").write_text("{}")
+    (store.cache_dir / "context" / ".ab.json.x1y2.tmp").write_text("{half")
+    (store.cache_dir / "blobinfo").mkdir()
+    (store.cache_dir / "blobinfo" / ".tmp-cd.json-q9").write_text("{half")
+    (store.containers_dir / "dead0123").mkdir()
+    (store.containers_dir / "dead0123" / "upper").mkdir()
+    (store.containers_dir / "live4567").mkdir()
+    image = store.resolve("busybox").digest
+    (store.containers_dir / "live4567" / "state.json").write_text(json.dumps({"image": image}))
+    (store.containers_dir / ".cache").mkdir()
+    r = prune(store)
+    assert r.tmp == 1  # the container dir
+    assert sorted(os.listdir(store.cache_dir / "context")) == ["ab.json"]
+    assert os.listdir(store.cache_dir / "blobinfo") == []
+    assert sorted(os.listdir(store.containers_dir)) == [".cache", "live4567"]
+    assert check_store(store) == 1
