@@ -41,9 +41,9 @@ def _path(store: Store, key: str) -> str:
     return os.path.join(store.cache_dir, key[:2], key + ".json")
 
 
-def load(store: Store, key: str, created_by: list[str]) -> dict | None:
-    """The record of ``key`` if it covers steps with exactly these ``created_by`` texts and
-    its layer (if any) is still whole in the store, else None."""
+def load(store: Store, key: str, steps: int) -> dict | None:
+    """The record of ``key`` if it covers ``steps`` steps and its layer (if any) is still
+    whole in the store, else None."""
     try:
         with open(_path(store, key), "rb") as f:
             rec = json.loads(f.read(MAX_RECORD))
@@ -52,11 +52,10 @@ def load(store: Store, key: str, created_by: list[str]) -> dict | None:
     if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
         return None
     history = rec.get("history")
-    if not isinstance(history, list) or len(history) != len(created_by):
+    if not isinstance(history, list) or len(history) != steps:
         return None
-    for entry, text in zip(history, created_by, strict=True):
-        if not isinstance(entry, dict) or entry.get("created_by") != text or \
-                not isinstance(entry.get("created"), str):
+    for entry in history:
+        if not isinstance(entry, dict) or not isinstance(entry.get("created"), str):
             return None
     layer = rec.get("layer")
     if layer is not None:
@@ -70,6 +69,12 @@ def load(store: Store, key: str, created_by: list[str]) -> dict | None:
         if not store.has_blob(layer["digest"]) or not store.has_layer_dir(layer["diff_id"]):
             return None
     return rec
+
+
+def describes(rec: dict, created_by: list[str]) -> bool:
+    """Whether the record's history entries are those of steps written so. Keys hash the
+    expanded instruction: ``COPY $F /x`` and ``COPY a /x`` may share one, not their history."""
+    return [entry.get("created_by") for entry in rec["history"]] == created_by
 
 
 def save(store: Store, key: str, *, history: list[dict], layer: dict | None) -> None:

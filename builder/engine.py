@@ -468,8 +468,8 @@ class Builder:
         if not state.meta:
             return
         texts, key = state.meta, state.meta_key
-        rec = None if self.opts.no_cache else cache.load(self.store, key, texts)
-        if rec is not None:
+        rec = None if self.opts.no_cache else cache.load(self.store, key, len(texts))
+        if rec is not None and cache.describes(rec, texts):
             entries = rec["history"]
         else:
             now = _now(self.opts.epoch)
@@ -485,11 +485,14 @@ class Builder:
         self.flush_metadata(state)
         if self.opts.no_cache:
             return False
-        rec = cache.load(self.store, key, [created_by])
+        rec = cache.load(self.store, key, 1)
         if rec is None:
             return False
         self._finish_commits(state)
-        state.config.setdefault("history", []).extend(rec["history"])
+        if cache.describes(rec, [created_by]):
+            state.config.setdefault("history", []).extend(rec["history"])
+        else:  # the same step written another way: its layer, and its own history entry
+            self.history(state, created_by, empty=rec["layer"] is None)
         if rec["layer"] is not None:
             la = rec["layer"]
             state.layers.append(Layer(la["digest"], la["diff_id"], la["mediaType"], la["size"]))
