@@ -1,5 +1,15 @@
 """The build step cache: key = hash(parent key, expanded instruction, visible build args,
-source content); records in ``<store>/cache/<key>.json``, which prune treats as roots."""
+source content); records in ``<store>/cache/<key>.json``, which prune treats as roots.
+
+A record holds what a step's key cannot give back: the history entries (with their times)
+of the steps it covers and the layer of a filesystem step. The rest of the image config is
+a function of the chain of keys (each key hashes the expanded instruction), so the engine
+recomputes it, and a record's size does not grow with the steps before it.
+
+A record covers either one filesystem step (RUN, COPY, ADD, WORKDIR; ``layer`` may be
+None for a WORKDIR that made nothing) or a run of metadata steps, stored under the key of
+the last one (see ``Builder.flush_metadata``). Records of an older format are misses.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ from store.fsutil import atomic_write
 from store.store import Store
 
 CACHE_VERSION = "kiln-build-cache-1"
+RECORD_FORMAT = 2
+MAX_RECORD = 64 << 20  # bytes read from a record; a stage's budget keeps them far smaller
 
 
 def step_key(parent: str, instruction: str, *, args: dict[str, str] | None = None,
@@ -29,20 +41,29 @@ def _path(store: Store, key: str) -> str:
     return os.path.join(store.cache_dir, key[:2], key + ".json")
 
 
-def load(store: Store, key: str) -> dict | None:
-    """A record whose layer (if any) is still whole in the store, else None."""
+def load(store: Store, key: str, steps: int) -> dict | None:
+    """The record of ``key`` if it covers ``steps`` steps and its layer (if any) is still
+    whole in the store, else None."""
     try:
         with open(_path(store, key), "rb") as f:
-            rec = json.loads(f.read(1 << 22))
+            rec = json.loads(f.read(MAX_RECORD))
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or "config" not in rec:
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
         return None
+    history = rec.get("history")
+    if not isinstance(history, list) or len(history) != steps:
+        return None
+    for entry in history:
+        if not isinstance(entry, dict) or not isinstance(entry.get("created"), str):
+            return None
     layer = rec.get("layer")
     if layer is not None:
         try:
             validate_digest(layer["digest"])
             validate_digest(layer["diff_id"])
+            if not isinstance(layer["mediaType"], str) or not isinstance(layer["size"], int):
+                return None
         except (DigestError, KeyError, TypeError):
             return None
         if not store.has_blob(layer["digest"]) or not store.has_layer_dir(layer["diff_id"]):
@@ -50,11 +71,17 @@ def load(store: Store, key: str) -> dict | None:
     return rec
 
 
-def save(store: Store, key: str, *, config: dict, layer: dict | None) -> None:
-    rec = {"config": config, "layer": layer,
+def describes(rec: dict, created_by: list[str]) -> bool:
+    """Whether the record's history entries are those of steps written so. Keys hash the
+    expanded instruction: ``COPY $F /x`` and ``COPY a /x`` may share one, not their history."""
+    return [entry.get("created_by") for entry in rec["history"]] == created_by
+
+
+def save(store: Store, key: str, *, history: list[dict], layer: dict | None) -> None:
+    rec = {"format": RECORD_FORMAT, "history": history, "layer": layer,
            "blobs": [layer["digest"]] if layer else [],
            "diff_ids": [layer["diff_id"]] if layer else []}
     path = _path(store, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, json.dumps(rec, sort_keys=True).encode(), tmp_dir=store.tmp,
-                 durable=False)
+    atomic_write(path, json.dumps(rec, sort_keys=True, separators=(",", ":")).encode(),
+                 tmp_dir=store.tmp, durable=False)

@@ -79,7 +79,8 @@ def _matches(pattern: str, path: str) -> bool:
 
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
               chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
-              unpack: bool = False, force_dir: bool = False) -> list[CopyAction]:
+              unpack: bool = False, force_dir: bool = False,
+              source_name: str = "the build context") -> list[CopyAction]:
     """Docker's COPY rules: directory sources copy their contents, a trailing '/' or several
     sources (``force_dir``: counted by the caller across source kinds) make ``dest`` a
     directory, globs match within one path level each.
@@ -89,6 +90,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
     entries, matched against the path below the source directory (with ``parents``: below the
     pivot), and a glob's own matches against their path below the glob's fixed part.
     ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
+    ``source_name`` says where a missing source was looked for ("stage build").
     """
     if not dest.startswith("/"):
         dest = posixpath.join(workdir or "/", dest)
@@ -118,7 +120,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
         elif pattern in by_path:
             matched.append((pattern, by_path[pattern], base))
         else:
-            raise CopyError(f"{src}: no such file or directory in the build context")
+            raise CopyError(f"{src}: no such file or directory in {source_name}")
     several = len(matched) > 1
     if several and not dest_is_dir:
         raise CopyError("when using COPY with more than one source file, the destination "
@@ -225,42 +227,52 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     copied = 0
     parents: dict[str, str] = {}  # destination dir -> its resolved, existing host dir
     for a in actions:
-        if a.unpack_to is not None and a.src is not None:
-            path = os.path.join(source_root, a.src)
-            kind = archive_kind(path)
-            if kind is not None:
-                copied += extract_archive(path, kind, root, a.unpack_to, owner=archive_owner,
-                                          name=a.src)
-                parents.clear()  # an archive may have put anything anywhere
-                continue
-        dest_dir = posixpath.dirname(a.dest) or "/"
-        parent = parents.get(dest_dir)
-        if parent is None:
-            parent = resolve_dest(root, dest_dir)
-            _makedirs(root, parent, uid, gid)
-            parents[dest_dir] = parent
-        target = os.path.join(parent, posixpath.basename(a.dest)) if a.dest != "/" else root
-        if a.kind == "dir":
-            if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
-                os.unlink(target)
-            if not os.path.isdir(target):
-                os.mkdir(target)
-            os.chmod(target, stat.S_IMODE(a.mode))
-            os.chown(target, uid, gid, follow_symlinks=False)
-            continue
-        if a.kind == "symlink":
-            target = _make_room(target, a)
-            os.symlink(a.link_target or "", target)
-            os.chown(target, uid, gid, follow_symlinks=False)
-            stale = a.dest.rstrip("/")
-            for key in [k for k in parents if k == stale or k.startswith(stale + "/")]:
-                del parents[key]  # paths below a new symlink resolve anew
-            continue
-        assert a.src is not None
-        # most destinations are new: _make_room's checks run only when one is not
-        copied += _copy_file(os.path.join(source_root, a.src), target, stat.S_IMODE(a.mode),
-                             uid, gid, mtime, make_room=lambda t=target, a=a: _make_room(t, a))
+        try:
+            copied += _apply_one(root, source_root, a, parents, uid, gid, mtime, archive_owner)
+        except OSError as e:  # a full disk, a source that vanished: say which file
+            what = f"copying {a.src} to {a.dest}" if a.src else f"making {a.dest}"
+            raise CopyError(f"{what}: {e.strerror or e}") from None
     return copied
+
+
+def _apply_one(root: str, source_root: str, a: CopyAction, parents: dict[str, str], uid: int,
+               gid: int, mtime: int | None, archive_owner: tuple[int, int] | None) -> int:
+    """One action of apply_copy; returns bytes copied."""
+    if a.unpack_to is not None and a.src is not None:
+        path = os.path.join(source_root, a.src)
+        kind = archive_kind(path)
+        if kind is not None:
+            copied = extract_archive(path, kind, root, a.unpack_to, owner=archive_owner,
+                                     name=a.src)
+            parents.clear()  # an archive may have put anything anywhere
+            return copied
+    dest_dir = posixpath.dirname(a.dest) or "/"
+    parent = parents.get(dest_dir)
+    if parent is None:
+        parent = resolve_dest(root, dest_dir)
+        _makedirs(root, parent, uid, gid)
+        parents[dest_dir] = parent
+    target = os.path.join(parent, posixpath.basename(a.dest)) if a.dest != "/" else root
+    if a.kind == "dir":
+        if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
+            os.unlink(target)
+        if not os.path.isdir(target):
+            os.mkdir(target)
+        os.chmod(target, stat.S_IMODE(a.mode))
+        os.chown(target, uid, gid, follow_symlinks=False)
+        return 0
+    if a.kind == "symlink":
+        target = _make_room(target, a)
+        os.symlink(a.link_target or "", target)
+        os.chown(target, uid, gid, follow_symlinks=False)
+        stale = a.dest.rstrip("/")
+        for key in [k for k in parents if k == stale or k.startswith(stale + "/")]:
+            del parents[key]  # paths below a new symlink resolve anew
+        return 0
+    assert a.src is not None
+    # most destinations are new: _make_room's checks run only when one is not
+    return _copy_file(os.path.join(source_root, a.src), target, stat.S_IMODE(a.mode),
+                      uid, gid, mtime, make_room=lambda: _make_room(target, a))
 
 
 def _make_room(target: str, a: CopyAction) -> str:

@@ -6,6 +6,12 @@ stage's layers with a fresh upper dir, which then becomes the step's layer
 Metadata steps only change the config.
 A step's cache key chains its parent's key with the expanded instruction,
 the build args it can see and, for COPY/ADD, the content of its sources.
+
+Every step costs the same whatever came before it: the stage's ENV is a dict (written back
+into the config once, at the end of the stage), cache records hold only the history
+entries and layer of the steps they cover (builder/cache.py), and a run of metadata steps
+shares one record. What a build may make from a Containerfile is bounded (MAX_BUILD_TEXT),
+and so is a word (builder.shell.MAX_WORD) and the file (builder.parser).
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ from pathlib import Path
 from typing import TextIO
 
 from builder import cache
-from store.documents import OCI_CONFIG, OCI_MANIFEST, Descriptor, canonical_json
+from store.documents import (
+    MAX_DOCUMENT_BYTES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    canonical_json,
+)
 from store.errors import KilnError
 from store.store import Store, host_platform
 
@@ -31,6 +43,17 @@ PROXY_ARGS = frozenset({"HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"
                         "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"})
 METADATA = {"ENV", "ARG", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME",
             "SHELL", "STOPSIGNAL", "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
+
+# Characters that word expansion and metadata history texts may add up to in one build (the
+# global ARGs and every stage): four times the largest Containerfile
+# (builder.parser.MAX_FILE_SIZE), so a file's own text, expanded once and kept in the
+# history, always fits, while values that feed on each other stop here.
+MAX_BUILD_TEXT = 64 << 20
+# A run of metadata steps shares one cache record, cut at this many steps or characters of
+# history text, so that no record grows large and an edit deep in a long run of ENV lines
+# still finds the runs before it in the cache.
+_META_RECORD_STEPS = 2048
+_META_RECORD_CHARS = 256 << 10
 
 
 class BuildError(KilnError):
@@ -79,7 +102,7 @@ class Layer:
 class StageState:
     name: str | None
     index: int
-    config: dict  # the whole OCI image config, "rootfs" and "history" included
+    config: dict  # the OCI image config, "rootfs" and "history" included; its Env: see env
     layers: list[Layer]
     key: str
     args: dict[str, str]  # ARG values in scope (declared in this stage)
@@ -87,16 +110,44 @@ class StageState:
     workdir_made: bool = False
     base_layer_count: int = 0
     pending: list[_PendingCommit] = field(default_factory=list, repr=False)  # oldest first
+    # ENV while the stage builds (key -> value, the last one set last); put into the
+    # config's Env by sync_env when the stage is done
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    env_changed: bool = False
+    # metadata steps whose history entries wait for Builder.flush_metadata: their texts,
+    # and the key of the last one
+    meta: list[str] = field(default_factory=list, repr=False)
+    meta_chars: int = 0
+    meta_key: str = ""
+    inst: object = field(default=None, repr=False)  # the instruction running, for errors
 
     @property
     def run_config(self) -> dict:
         return self.config.setdefault("config", {})
+
+    def set_env(self, key: str, value: str) -> None:
+        self.env.pop(key, None)  # a key set again moves to the end, as it always did
+        self.env[key] = value
+        self.env_changed = True
+
+    def sync_env(self) -> None:
+        if self.env_changed:
+            self.run_config["Env"] = [f"{k}={v}" for k, v in self.env.items()]
+            self.env_changed = False
+
+    @property
+    def where(self) -> str:
+        inst = self.inst
+        return f"{inst.path}:{inst.line}" if inst is not None else str(self.name or self.index)
 
 
 # Signals that kiln forwards to a RUN step's container (runtime.process.FORWARDED): a commit
 # thread blocks them, so that they reach the thread that forwards them.
 _COMMIT_THREAD_BLOCKS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
+
+# Stages building at once (each in a thread; most wait on a RUN's process).
+_MAX_STAGE_THREADS = 8
 
 # Layers of a stage being committed at once; one more commit waits for them first.
 _MAX_PENDING = 2
@@ -109,14 +160,15 @@ class _PendingCommit:
 
     The step's upper dir waits in ``path`` (moved out of the step's work dir) and serves as
     the layer's dir for the steps meanwhile; ``Builder._finish_commits`` moves it into
-    layers/ once it has its diff_id and no overlay uses it any more, then writes the cache
-    records of the step and of the metadata steps after it (``records``: key, config as
-    the step left it, how many layers the config's rootfs lists)."""
+    layers/ once it has its diff_id and no overlay uses it any more, then writes the
+    step's cache record (``key``, its history ``entry`` and the layer)."""
 
     layer: Layer  # digest, diff_id, media type and size filled in when finished
     path: str
     stage_dir: str  # the store tmp dir holding ``path``
-    records: list[tuple[str, dict, int]]
+    key: str
+    entry: dict
+    where: str  # the step, for its errors: "Containerfile:3: COPY big /big"
     thread: threading.Thread | None = None
     result: tuple[Descriptor, str] | None = None
     error: BaseException | None = None
@@ -141,6 +193,10 @@ def _now(epoch: int | None) -> str:
     return rfc3339(epoch if epoch is not None else time.time())
 
 
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+
+
 class Builder:
     def __init__(self, store: Store, opts: BuildOptions, out: TextIO | None = None):
         self.store = store
@@ -154,6 +210,8 @@ class Builder:
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
         self.cancelled = threading.Event()  # set on Ctrl-C: every thread stops at its next step
+        self.text_chars = 0  # counted against MAX_BUILD_TEXT (stages build in threads)
+        self._text_lock = threading.Lock()
 
     def context_for(self, inst):
         """The build context, scanned once (with its stat cache) when a COPY first needs it.
@@ -247,6 +305,7 @@ class Builder:
         plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target,
                            image_exists=self._image_exists)
         self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
+        self.text_chars = plan.text_chars  # what the global ARGs and FROM lines expanded to
         # a build arg that a global ARG declares is consumed (FROM may use it)
         self.used_args.update(set(self.opts.build_args) & set(plan.declared_globals))
         results = self._build_stages(plan)
@@ -328,21 +387,28 @@ class Builder:
                                                                   "diff_ids": []},
                       "history": []}
             return StageState(stage.name, stage.index, config, [], cache.step_key("", "scratch"),
-                              {}, dict(stage.args))
+                              {}, stage.args)
         if stage.base_stage is not None:
             parent = results[stage.base_stage]
-            return StageState(stage.name, stage.index, copy.deepcopy(parent.config),
-                              list(parent.layers), parent.key, {}, dict(stage.args),
-                              base_layer_count=len(parent.layers))
+            # history entries are never changed in place (see _squash): the list is copied,
+            # not each entry, so a stage costs the same however long its parent's history
+            config = copy.deepcopy({k: v for k, v in parent.config.items() if k != "history"})
+            config["history"] = list(parent.config.get("history") or [])
+            return StageState(stage.name, stage.index, config,
+                              list(parent.layers), parent.key, {}, stage.args,
+                              base_layer_count=len(parent.layers), env=dict(parent.env))
+        from builder.shell import env_from_list
+
         image = self._store_image(base)
         layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
         self.store.unpack_image(image)
         config = copy.deepcopy(image.config())
         config.setdefault("config", {})
         config.setdefault("history", [])
+        env = env_from_list(e for e in config["config"].get("Env") or [] if isinstance(e, str))
         return StageState(stage.name, stage.index, config, layers,
-                          cache.step_key("", "FROM " + image.digest), {}, dict(stage.args),
-                          base_layer_count=len(layers))
+                          cache.step_key("", "FROM " + image.digest), {}, stage.args,
+                          base_layer_count=len(layers), env=env)
 
     def _build_stages(self, plan) -> dict[int, StageState]:
         """Stages that do not depend on each other build at the same time, in threads."""
@@ -360,7 +426,9 @@ class Builder:
                 results[dep] = futures[dep].result()
             return self._build_stage(stage, plan, results)
 
-        with ThreadPoolExecutor(max_workers=len(plan.needed)) as pool:
+        # stages start in file order, so one waits only for stages already started: any
+        # number of workers is safe, and a few keep two cores busy
+        with ThreadPoolExecutor(max_workers=min(len(plan.needed), _MAX_STAGE_THREADS)) as pool:
             for stage in plan.needed:  # dependencies always come earlier in the file
                 futures[stage.index] = pool.submit(run, stage)
             for index, future in futures.items():
@@ -388,10 +456,16 @@ class Builder:
                     self._step(state, inst, plan, results, number)
             for inst in stage.instructions:
                 self._step(state, inst, plan, results, self._next_step())
+            try:
+                self.flush_metadata(state)
+            except OSError as e:
+                raise BuildError(f"{state.where}: writing the build cache: {_os_error(e)}"
+                                 ) from None
         except BaseException:
             self._finish_commits(state, quiet=True)  # the step's own error is the one to show
             raise
         self._finish_commits(state)
+        state.sync_env()
         return state
 
     # -- one step -----------------------------------------------------------------------
@@ -405,31 +479,94 @@ class Builder:
         handler = instructions.HANDLERS.get(inst.cmd)
         if handler is None:
             raise BuildError(f"{inst.path}:{inst.line}: {inst.cmd} is not supported by kiln yet")
-        handler(self, state, inst, plan, results)
+        state.inst = inst
+        try:
+            handler(self, state, inst, plan, results)
+        except OSError as e:  # the disk filled up, a file vanished: say which step met it
+            raise BuildError(f"{inst.path}:{inst.line}: {_step_text(inst)}: {_os_error(e)}"
+                             ) from None
         if inst.cmd not in METADATA:
             self.say(f"    ({time.monotonic() - t0:.2f}s)")
 
-    def history(self, state: StageState, created_by: str, *, empty: bool) -> None:
+    def history(self, state: StageState, created_by: str, *, empty: bool) -> dict:
         entry = {"created": _now(self.opts.epoch), "created_by": created_by}
         if empty:
             entry["empty_layer"] = True
         state.config.setdefault("history", []).append(entry)
+        return entry
+
+    def charge(self, state: StageState, chars: int) -> None:
+        """Count text a step adds (an expanded word, a history entry) against the build's
+        MAX_BUILD_TEXT; called as each piece is made, so memory stays bounded."""
+        with self._text_lock:
+            self.text_chars += chars
+            over = self.text_chars > MAX_BUILD_TEXT
+        if over:
+            raise BuildError(
+                f"{state.where}: the values this build expands and records add up to more "
+                f"than {MAX_BUILD_TEXT >> 20} MiB (kiln's limit); is an ARG, ENV or LABEL "
+                "value growing on every line?")
+
+    # -- metadata steps -----------------------------------------------------------------
+    def metadata_done(self, state: StageState, key: str, created_by: str) -> None:
+        """A config-only step. Its history entry waits (with those of the metadata steps
+        next to it) for flush_metadata, which takes their times from the cache when the
+        same steps ran before, so a rebuild from an unchanged Containerfile is the same
+        image, byte for byte."""
+        self.charge(state, len(created_by))
+        state.key = state.meta_key = key
+        state.meta.append(created_by)
+        state.meta_chars += len(created_by)
+        if len(state.meta) >= _META_RECORD_STEPS or state.meta_chars >= _META_RECORD_CHARS:
+            self.flush_metadata(state)
+
+    def flush_metadata(self, state: StageState) -> None:
+        """The waiting metadata steps go into the history: with the entries of the cache
+        record of the last one's key when it covers the same steps, else with new ones,
+        which make that record. Runs before every filesystem step and at the end of a
+        stage; one record read (or written) for the whole run of steps."""
+        if not state.meta:
+            return
+        texts, key = state.meta, state.meta_key
+        rec = None if self.opts.no_cache else cache.load(self.store, key, len(texts))
+        if rec is not None and cache.describes(rec, texts):
+            entries = rec["history"]
+        else:
+            now = _now(self.opts.epoch)
+            entries = [{"created": now, "created_by": t, "empty_layer": True} for t in texts]
+            cache.save(self.store, key, history=entries, layer=None)
+        state.meta, state.meta_chars = [], 0
+        state.config.setdefault("history", []).extend(entries)
 
     # -- filesystem steps -------------------------------------------------------------
-    def cached(self, state: StageState, key: str) -> bool:
+    def cached(self, state: StageState, key: str, created_by: str) -> bool:
+        """Whether the cache has the step of ``key`` (whose history says ``created_by``):
+        if so its history entry and layer are the stage's now."""
+        self.flush_metadata(state)
         if self.opts.no_cache:
             return False
-        rec = cache.load(self.store, key)
+        rec = cache.load(self.store, key, 1)
         if rec is None:
             return False
         self._finish_commits(state)
-        state.config = rec["config"]
+        if cache.describes(rec, [created_by]):
+            state.config.setdefault("history", []).extend(rec["history"])
+        else:  # the same step written another way: its layer, and its own history entry
+            self.history(state, created_by, empty=rec["layer"] is None)
         if rec["layer"] is not None:
             la = rec["layer"]
             state.layers.append(Layer(la["digest"], la["diff_id"], la["mediaType"], la["size"]))
         state.key = key
         self.say("--> CACHED")
         return True
+
+    def done_without_layer(self, state: StageState, key: str, created_by: str) -> None:
+        """A filesystem step that changed nothing (WORKDIR of a directory that exists): an
+        empty history entry, cached under the step's own key, which ``cached`` looks up."""
+        self.flush_metadata(state)
+        entry = self.history(state, created_by, empty=True)
+        state.key = key
+        cache.save(self.store, key, history=[entry], layer=None)
 
     def commit(self, state: StageState, key: str, upper: str, created_by: str) -> None:
         """``upper`` becomes the step's layer. Its blob is written by a thread meanwhile the
@@ -443,6 +580,7 @@ class Builder:
         from store import layer_writer  # noqa: F401
         from store.fsutil import remove_tree
 
+        self.flush_metadata(state)
         if len(state.pending) >= _MAX_PENDING:
             self._finish_commits(state)
         stage_dir = self.store.mkdtemp("pending-layer-")
@@ -455,10 +593,11 @@ class Builder:
         layer = Layer("", "", "", 0)
         state.layers.append(layer)
         state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-        self.history(state, created_by, empty=False)
+        entry = self.history(state, created_by, empty=False)
         state.key = key
-        pending = _PendingCommit(layer, path, stage_dir,
-                                 [(key, copy.deepcopy(state.config), len(state.layers))])
+        inst = state.inst
+        where = f"{state.where}: {_step_text(inst)}" if inst is not None else state.where
+        pending = _PendingCommit(layer, path, stage_dir, key, entry, where)
         pending.thread = threading.Thread(
             target=pending.run, args=(self.store, self.opts.compression, self.opts.epoch),
             name="kiln-commit")
@@ -471,56 +610,44 @@ class Builder:
 
     def _finish_commits(self, state: StageState, *, quiet: bool = False) -> None:
         """Wait for the stage's pending commits; their layers go into layers/ and their steps
-        into the cache. ``quiet``: a failure only cleans up (another error is on its way)."""
+        into the cache. ``quiet``: a failure only cleans up (another error is on its way).
+        A failure names the step whose layer it was (it shows up steps later)."""
         if not state.pending:
             return
         from store.fsutil import remove_tree
 
         pending, state.pending = state.pending, []
-        failed = None
+        failed: tuple[_PendingCommit, BaseException] | None = None
         try:
             for p in pending:
                 p.thread.join()
-                failed = failed or p.error
+                if failed is None and p.error is not None:
+                    failed = (p, p.error)
             for p in pending:
                 if failed is None:
-                    desc, diff_id = p.result
-                    self.store.adopt_layer_dir(p.path, diff_id)
-                    p.layer.digest, p.layer.diff_id = desc.digest, diff_id
-                    p.layer.media_type, p.layer.size = desc.media_type, desc.size
+                    try:
+                        desc, diff_id = p.result
+                        self.store.adopt_layer_dir(p.path, diff_id)
+                        p.layer.digest, p.layer.diff_id = desc.digest, diff_id
+                        p.layer.media_type, p.layer.size = desc.media_type, desc.size
+                        cache.save(self.store, p.key, history=[p.entry],
+                                   layer=p.layer.to_json())
+                    except Exception as e:  # noqa: BLE001 - raised below, naming the step
+                        failed = (p, e)
         finally:
             for p in pending:
                 remove_tree(p.stage_dir)
         if failed is not None:
             if quiet:
                 return
-            raise failed
+            p, e = failed
+            if not isinstance(e, (OSError, KilnError)):
+                raise e
+            reason = _os_error(e) if isinstance(e, OSError) else str(e)
+            raise BuildError(f"{p.where}: writing its layer: {reason}") from None
         diff_ids = [la.diff_id for la in state.layers]
         state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         state.config["rootfs"]["diff_ids"] = diff_ids
-        for p in pending:
-            for i, (key, config, count) in enumerate(p.records):
-                config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-                config["rootfs"]["diff_ids"] = diff_ids[:count]
-                cache.save(self.store, key, config=config,
-                           layer=p.layer.to_json() if i == 0 else None)
-
-    def metadata_done(self, state: StageState, key: str, created_by: str) -> None:
-        """A config-only step: the same key gives the cached config (history times and all),
-        so a rebuild from an unchanged Containerfile is the same image, byte for byte.
-        After a layer still being committed, the record waits for its diff_id."""
-        rec = None if self.opts.no_cache else cache.load(self.store, key)
-        if rec is not None:
-            state.config = rec["config"]
-            state.key = key
-            return
-        self.history(state, created_by, empty=True)
-        state.key = key
-        if state.pending:
-            state.pending[-1].records.append((key, copy.deepcopy(state.config),
-                                              len(state.layers)))
-        else:
-            cache.save(self.store, key, config=state.config, layer=None)
 
     def layer_dirs(self, state: StageState) -> list[str]:
         """The dirs of the stage's layers, bottom first. A layer still being committed is
@@ -571,8 +698,8 @@ class Builder:
             remove_tree(work)
         desc = Descriptor(blob.media_type, blob.digest, blob.size)
         self.store.ensure_layer_dir(BlobLayer(desc, blob.diff_id, self.store.open_blob))
-        for entry in state.config.get("history", []):
-            entry["empty_layer"] = True
+        state.config["history"] = [{**entry, "empty_layer": True}
+                                   for entry in state.config.get("history", [])]
         self.history(state, "kiln build --squash", empty=False)
         state.layers = [Layer(desc.digest, blob.diff_id, desc.media_type, desc.size)]
 
@@ -600,9 +727,9 @@ class Builder:
         finally:
             remove_tree(work)
         history = state.config.get("history", [])
-        non_empty = [h for h in history if not h.get("empty_layer")]
-        for h in non_empty[state.base_layer_count:-1]:
-            h["empty_layer"] = True  # the last one carries the merged layer
+        non_empty = [i for i, h in enumerate(history) if not h.get("empty_layer")]
+        for i in non_empty[state.base_layer_count:-1]:  # the last one carries the merged layer
+            history[i] = {**history[i], "empty_layer": True}
         state.layers = base + [Layer(desc.digest, diff_id, desc.media_type, desc.size)]
 
     def _outputs(self, desc: Descriptor) -> None:
@@ -629,7 +756,7 @@ class Builder:
 
                 remove_tree(work)
             state.layers.append(Layer(desc.digest, diff_id, desc.media_type, desc.size))
-        config = copy.deepcopy(state.config)
+        config = dict(state.config)  # only top-level keys change below
         config["rootfs"] = {"type": "layers", "diff_ids": [la.diff_id for la in state.layers]}
         # the last step's time: a rebuild served wholly from the cache is the same image
         history = config.get("history") or []
@@ -637,12 +764,23 @@ class Builder:
             else _now(self.opts.epoch)
         config.pop("container_config", None)
         config.pop("container", None)
-        config_desc = self.store.put_bytes(canonical_json(config), OCI_CONFIG)
+        raw = canonical_json(config)
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            self.say(f"[Warning] the image config is {len(raw)} bytes, over the "
+                     f"{MAX_DOCUMENT_BYTES} bytes kiln reads back as a document: the image "
+                     "is stored, but kiln inspect and kiln run will refuse it")
+        config_desc = self.store.put_bytes(raw, OCI_CONFIG)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                     "config": config_desc.to_json(),
                     "layers": [Descriptor(la.media_type, la.digest, la.size).to_json()
                                for la in state.layers]}
         return self.store.put_bytes(canonical_json(manifest), OCI_MANIFEST)
+
+
+def _step_text(inst) -> str:
+    """An instruction as an error names it: its first line, shortened."""
+    text = inst.original.strip().split("\n", 1)[0]
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Locked:

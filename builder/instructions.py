@@ -25,13 +25,12 @@ def _arg_pairs(inst) -> list[tuple[str, str | None]]:
     return pairs(inst)
 
 
-def _env(state: StageState) -> dict[str, str]:
-    """What word expansion sees: the stage's ARG values, then ENV (ENV wins, as docker)."""
-    env = dict(state.args)
-    for e in state.run_config.get("Env") or []:
-        k, _, v = e.partition("=")
-        env[k] = v
-    return env
+def _env(state: StageState):
+    """What word expansion sees: the stage's ENV, then its ARG values (ENV wins, as docker).
+    A view, not a copy: a step costs the same however many variables there are."""
+    from collections import ChainMap
+
+    return ChainMap(state.env, state.args)
 
 
 def _expand(b: Builder, state: StageState, word: str, inst) -> str:
@@ -41,14 +40,9 @@ def _expand(b: Builder, state: StageState, word: str, inst) -> str:
         value, names = expand_with_matches(word, _env(state), escape=b.escape)
     except ExpansionError as e:
         raise BuildError(f"{_where(inst)}: {e}") from None
+    b.charge(state, len(value))
     b.used_args.update(n for n in names if n in state.args)
     return value
-
-
-def _set_env(state: StageState, key: str, value: str) -> None:
-    env = [e for e in state.run_config.get("Env") or [] if e.partition("=")[0] != key]
-    env.append(f"{key}={value}")
-    state.run_config["Env"] = env
 
 
 def _meta_key(state: StageState, text: str) -> str:
@@ -61,7 +55,7 @@ def env(b: Builder, state: StageState, inst, plan, results) -> None:
     for k, v in inst.key_values():
         value = _expand(b, state, v, inst)
         key = _expand(b, state, k, inst)
-        _set_env(state, key, value)
+        state.set_env(key, value)
         parts.append(f"{key}={value}")
     text = "ENV " + " ".join(parts)
     b.metadata_done(state, _meta_key(state, text), text)
@@ -121,7 +115,7 @@ def workdir(b: Builder, state: StageState, inst, plan, results) -> None:
     text = f"WORKDIR {new}"
     # the directory is created (as docker) when a later RUN/COPY needs it, and here:
     key = cache.step_key(state.key, text)
-    if b.cached(state, key):
+    if b.cached(state, key, text):
         return
     work, upper = b.new_upper()
     try:
@@ -153,7 +147,7 @@ def workdir(b: Builder, state: StageState, inst, plan, results) -> None:
         if made:
             b.commit(state, key, upper, text)
         else:
-            b.metadata_done(state, key, text)
+            b.done_without_layer(state, key, text)
     finally:
         remove_tree(work)
 
@@ -173,19 +167,22 @@ def expose(b: Builder, state: StageState, inst, plan, results) -> None:
         words = expand_words(" ".join(inst.args), _env(state), escape=b.escape)
     except ExpansionError as e:
         raise BuildError(f"{_where(inst)}: {e}") from None
-    for p in words:
-        ports[p if "/" in p else f"{p}/tcp"] = {}
+    b.charge(state, sum(map(len, words)))
+    added = list(dict.fromkeys(p if "/" in p else f"{p}/tcp" for p in words))
+    for p in added:
+        ports[p] = {}
     state.run_config["ExposedPorts"] = ports
-    text = "EXPOSE " + " ".join(sorted(ports))
+    text = "EXPOSE " + " ".join(sorted(added))  # this step's ports, as BuildKit's history
     b.metadata_done(state, _meta_key(state, text), text)
 
 
 def volume(b: Builder, state: StageState, inst, plan, results) -> None:
     vols = state.run_config.setdefault("Volumes", {}) or {}
-    for word in inst.args:
-        vols[_expand(b, state, word, inst)] = {}
+    added = [_expand(b, state, word, inst) for word in inst.args]
+    for v in added:
+        vols[v] = {}
     state.run_config["Volumes"] = vols
-    text = "VOLUME " + json.dumps(list(vols))
+    text = "VOLUME " + json.dumps(added)  # this step's volumes, as BuildKit's history
     b.metadata_done(state, _meta_key(state, text), text)
 
 
@@ -330,7 +327,7 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
                            for i, m in enumerate(mounts)]
     key = cache.step_key(state.key, text, args={k: v for k, v in visible.items()
                                                  if k not in _proxy()}, extra=extra)
-    if b.cached(state, key):
+    if b.cached(state, key, history_text):
         return
     work, upper = b.new_upper()
     from builder.mounts import MountError, prepared_mounts
@@ -418,9 +415,7 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
 
     work = os.path.dirname(upper)
     env = dict(args)
-    for e in state.run_config.get("Env") or []:
-        k, _, v = e.partition("=")
-        env[k] = v
+    env.update(state.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     if prepared is not None:
         env.update(prepared.env)  # secrets given as env=: for this process only
@@ -477,7 +472,7 @@ def _expand_heredoc(b: Builder, state: StageState, body: str, inst) -> str:
     """A COPY/ADD heredoc body as BuildKit expands it: ``$VAR`` and ``${...}`` work, quotes are
     kept as written, backslash escapes are processed (``\\$`` is a literal ``$``), and the
     escape character is ``\\`` whatever the escape directive says."""
-    from builder.shell import ExpansionError, expand_with_matches
+    from builder.shell import MAX_WORD, ExpansionError, expand_with_matches
 
     out = []
     i, n = 0, len(body)
@@ -489,10 +484,12 @@ def _expand_heredoc(b: Builder, state: StageState, body: str, inst) -> str:
             continue
         out.append("\\" + ch if ch in "'\"" else ch)
         i += 1
-    try:
-        value, names = expand_with_matches("".join(out), _env(state), escape="\\")
+    try:  # the body is text of the file: its variables may add MAX_WORD to it
+        value, names = expand_with_matches("".join(out), _env(state), escape="\\",
+                                           limit=len(body) + MAX_WORD)
     except ExpansionError as e:
         raise BuildError(f"{_where(inst)}: heredoc: {e.reason}") from None
+    b.charge(state, len(value))
     b.used_args.update(n for n in names if n in state.args)
     return value
 
@@ -623,7 +620,8 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             "exclude": exclude or None, "checksum": checksum})
         content = hashlib.sha256(json.dumps(content_parts).encode()).hexdigest()
         key = cache.step_key(state.key, text, content=content, extra={"workdir": workdir_})
-        if b.cached(state, key):
+        created_by = f"{inst.cmd} " + " ".join(inst.args)
+        if b.cached(state, key, created_by):
             return
         if local and from_ref is None and context_actions is None:
             try:
@@ -654,7 +652,18 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                                     chmod, total > 1)))
         context_root = str(b.opts.context)
 
+        # where a missing source was looked for
+        source_name = "the build context" if from_ref is None else \
+            f"stage {from_ref}" if plan.lookup(from_ref) is not None else f"image {from_ref}"
+
         def do_copy(root: str, src_root: str | None = None) -> int:
+            try:
+                return copy_in(root, src_root)
+            except OSError as e:  # not a traceback from the workspace process
+                raise CopyError(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+                                ) from None
+
+        def copy_in(root: str, src_root: str | None) -> int:
             from builder.copy import source_entries_from_tree
             from runtime.users import resolve_user
 
@@ -667,7 +676,8 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             if src_root is not None and local:
                 actions = plan_copy(local, dest, source_entries_from_tree(src_root),
                                     workdir=workdir_, chmod=chmod, parents=parents,
-                                    exclude=exclude, force_dir=total > 1)
+                                    exclude=exclude, force_dir=total > 1,
+                                    source_name=source_name)
                 copied += apply_copy(root, src_root, actions, uid=uid, gid=gid)
             if context_actions is not None:
                 copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
@@ -680,7 +690,6 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             with_views(views, do_copy, work)
         except CopyError as e:
             raise BuildError(f"{_where(inst)}: {e}") from None
-        created_by = f"{inst.cmd} " + " ".join(inst.args)
         b.commit(state, key, upper, created_by)
     finally:
         remove_tree(work)

@@ -28,7 +28,10 @@ Heredoc bodies are stored on RUN/COPY/ADD (and on both an ONBUILD and its trigge
 byte otherwise, so a CRLF file yields ``\\r\\n`` inside heredocs, as in BuildKit.
 
 Limits: a physical line may hold at most 65535 bytes (BuildKit's scanner limit, same message),
-a logical line (continuations joined) at most 1 MiB, a whole file at most 16 MiB.
+a logical line (continuations joined) at most 1 MiB, a whole file at most 16 MiB and 250,000
+instructions. Real Containerfiles have tens or hundreds; the issue that set these limits asks
+that 100,000 ENV lines build in seconds, and the instruction limit keeps what a build holds
+per instruction (its history entry, its cache key) far below a GiB. BuildKit has none.
 
 Strict mode (the default) adds what BuildKit checks only later, in its instructions layer:
 unknown instructions, ``ONBUILD ONBUILD/FROM/MAINTAINER`` and an empty ONBUILD are errors.
@@ -56,6 +59,7 @@ from store.errors import KilnError
 MAX_PHYSICAL_LINE = 65535  # bytes, without the newline (Go bufio.MaxScanTokenSize - 1)
 MAX_LOGICAL_LINE = 1 << 20  # bytes, continuations joined
 MAX_FILE_SIZE = 16 << 20  # bytes
+MAX_INSTRUCTIONS = 250_000
 
 DIRECTIVES = ("syntax", "escape", "check")
 INSTRUCTIONS = (
@@ -680,6 +684,9 @@ def parse(text: str | bytes, path: str = "Containerfile", *, strict: bool = True
         end = dict(end_line=i, heredocs=tuple(bodies))
         if inst.onbuild is not None:
             end["onbuild"] = dataclasses.replace(inst.onbuild, **end)
+        if len(instructions) >= MAX_INSTRUCTIONS:
+            raise ParseError(path, start, f"more than {MAX_INSTRUCTIONS} instructions "
+                                          "(kiln's limit for one file)")
         instructions.append(dataclasses.replace(inst, **end))
 
     if not instructions:

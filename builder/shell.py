@@ -17,6 +17,12 @@ read from its lex.go, not run here:
 * A ``${<op>...}`` with no name at all (``${%x}``, ``${/a/b}``) is an error, not "".
 * :func:`expand_words` keeps text written before a ``${V<op>word}`` in the same word; BuildKit
   (since 2024) loses it through a shared buffer, e.g. ``a${X:-b}`` gives ``["b"]`` there.
+
+Limit: an expanded word may hold at most :data:`MAX_WORD` characters (1 MiB of ASCII), where
+BuildKit has none. ``ARG B=${A}${A}`` doubles a value per line, so forty such lines ask for a
+terabyte; the check runs on the pieces before they are joined (and before a ``${V//p/r}``
+builds its result), so such a file fails at the line that crosses the limit, using at most
+a few MiB. A caller expanding longer text (a heredoc body) passes its own ``limit``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ EXPANDED_INSTRUCTIONS: frozenset[str] = frozenset(
 
 _SPECIAL_PARAMETERS = frozenset("@*#?-$!0")
 
+MAX_WORD = 1 << 20  # characters in one expanded word
+
 # What expansion reads variables from; None, like a missing key, means unset.
 Env = Mapping[str, str | None]
 
@@ -63,37 +71,40 @@ class Expansion:
     unmatched: frozenset[str]
 
 
-def expand_word(word: str, env: Env, *, escape: str = "\\") -> str:
+def expand_word(word: str, env: Env, *, escape: str = "\\", limit: int = MAX_WORD) -> str:
     """Expand one word, removing quotes and escapes; never splits (BuildKit's ProcessWord).
 
     A name missing from ``env``, or mapped to None (an ARG with no value), is unset.
     """
-    return _Lexer(word, env, escape).expand()
+    return _Lexer(word, env, escape, limit).expand()
 
 
-def expand_words(text: str, env: Env, *, escape: str = "\\") -> list[str]:
+def expand_words(text: str, env: Env, *, escape: str = "\\", limit: int = MAX_WORD
+                 ) -> list[str]:
     """Expand and split into words on unquoted, unescaped whitespace (BuildKit's ProcessWords).
 
     Whitespace that comes out of an unquoted ``$VAR`` splits too. BuildKit uses this only for
     EXPOSE (and heredoc detection); every other instruction expands word by word.
     """
-    return _Lexer(text, env, escape).expand_split()
+    return _Lexer(text, env, escape, limit).expand_split()
 
 
-def expand_with_lookups(word: str, env: Env, *, escape: str = "\\") -> Expansion:
+def expand_with_lookups(word: str, env: Env, *, escape: str = "\\", limit: int = MAX_WORD
+                        ) -> Expansion:
     """Like :func:`expand_word`, also reporting which names were found and which were not.
 
     Every name the word mentions counts, even in a branch whose result is discarded
     (``${SET:-$OTHER}`` looks up OTHER), because BuildKit evaluates the word first.
     """
-    lexer = _Lexer(word, env, escape)
+    lexer = _Lexer(word, env, escape, limit)
     value = lexer.expand()
     return Expansion(value, frozenset(lexer.matched), frozenset(lexer.unmatched))
 
 
-def expand_with_matches(word: str, env: Env, *, escape: str = "\\") -> tuple[str, set[str]]:
+def expand_with_matches(word: str, env: Env, *, escape: str = "\\", limit: int = MAX_WORD
+                        ) -> tuple[str, set[str]]:
     """Expand one word; also return the names that were looked up and found in ``env``."""
-    result = expand_with_lookups(word, env, escape=escape)
+    result = expand_with_lookups(word, env, escape=escape, limit=limit)
     return result.value, set(result.matched)
 
 
@@ -148,13 +159,18 @@ def _is_name_char(ch: str) -> bool:
     return ch == "_" or ch.isalpha() or ch.isdecimal()
 
 
+class _TooLong(Exception):
+    """A result would pass the lexer's limit (raised before it is built)."""
+
+
 class _Lexer:
-    def __init__(self, text: str, env: Env, escape: str):
+    def __init__(self, text: str, env: Env, escape: str, limit: int = MAX_WORD):
         if escape not in ("\\", "`"):
             raise ValueError(f"escape must be '\\\\' or '`', not {escape!r}")
         self.text = text
         self.env = env
         self.escape = escape
+        self.limit = limit
         self.pos = 0
         self.matched: set[str] = set()
         self.unmatched: set[str] = set()
@@ -172,15 +188,21 @@ class _Lexer:
             return run()
         except RecursionError:
             raise self._error("${...} nested too deeply") from None
+        except _TooLong:
+            raise self._error(f"the expanded word would be longer than {self.limit} "
+                              "characters (kiln's limit; is a variable doubling itself?)"
+                              ) from None
 
     def _error(self, reason: str) -> ExpansionError:
-        return ExpansionError(self.text, reason)
+        shown = self.text if len(self.text) <= 200 else self.text[:200] + "..."
+        return ExpansionError(shown, reason)
 
     def _scan(self, stop: str | None, *, raw_escapes: bool, words: _Words | None) -> str:
         """Read up to ``stop`` (consumed) or the end; ``raw_escapes`` keeps escape characters,
         as ``#``/``%``/``/`` patterns need them."""
-        text, n, escape = self.text, len(self.text), self.escape
+        text, n, escape, limit = self.text, len(self.text), self.escape, self.limit
         out: list[str] = []
+        size = 0  # of the pieces in out: checked before a piece that is not text is kept
         while self.pos < n:
             ch = text[self.pos]
             if ch == stop:
@@ -188,11 +210,17 @@ class _Lexer:
                 return "".join(out)
             if ch == "'" or ch == '"':
                 piece = self._single_quoted() if ch == "'" else self._double_quoted(raw_escapes)
+                size += len(piece)
+                if size > limit:
+                    raise _TooLong
                 out.append(piece)
                 if words is not None:
                     words.add_raw(piece)
             elif ch == "$":
                 piece = self._dollar()
+                size += len(piece)
+                if size > limit:
+                    raise _TooLong
                 out.append(piece)
                 if words is not None:
                     words.add_splitting(piece)
@@ -221,6 +249,9 @@ class _Lexer:
                 end = self._plain_run_end(self.pos + 1, stop)
                 piece = text[self.pos : end]
                 self.pos = end
+                size += len(piece)
+                if size > limit:
+                    raise _TooLong
                 out.append(piece)
                 if words is not None:
                     words.add_splitting(piece)
@@ -246,6 +277,7 @@ class _Lexer:
         itself, and stays as written before anything else."""
         text, n, escape = self.text, len(self.text), self.escape
         out: list[str] = []
+        expanded = 0  # characters from $ pieces; the others are at most the text's length
         self.pos += 1
         while True:
             if self.pos >= n:
@@ -255,7 +287,11 @@ class _Lexer:
                 self.pos += 1
                 return "".join(out)
             if ch == "$":
-                out.append(self._dollar())
+                piece = self._dollar()
+                expanded += len(piece)
+                if expanded + len(out) > self.limit:
+                    raise _TooLong
+                out.append(piece)
                 continue
             self.pos += 1
             if ch == escape and self.pos < n and text[self.pos] in ('"', "$", escape):
@@ -353,7 +389,8 @@ class _Lexer:
                 raise
             replacement = self._scan("}", raw_escapes=True, words=None)
             value = self._lookup(name) or ""
-            return _Glob.parse(pattern, self.escape).replace(value, replacement, replace_all)
+            return _Glob.parse(pattern, self.escape).replace(value, replacement, replace_all,
+                                                             self.limit)
         raise self._error(f"unsupported modifier ({op}) in substitution")
 
     def _apply_default(
@@ -474,10 +511,25 @@ class _Glob:
         end = self._match_end(value, start, longest=True)
         return None if end is None else (start, end)
 
-    def replace(self, value: str, replacement: str, replace_all: bool) -> str:
+    def replace(self, value: str, replacement: str, replace_all: bool,
+                limit: int = MAX_WORD) -> str:
+        """Raises _TooLong, before building it, for a result that grows past ``limit``."""
+        grows = len(replacement)
         if len(self.segments) == 1:
             only = self.segments[0]
             if only.length == 0:  # the empty pattern matches before every character
+                count = len(value) + 1 if replace_all else 1
+            elif grows <= only.length:
+                count = 0  # the result is no longer than the value
+            elif only.literal is not None:
+                count = value.count(only.literal) if replace_all else int(only.literal in value)
+            elif replace_all:
+                count = sum(1 for _ in only.regex.finditer(value))
+            else:
+                count = int(only.regex.search(value) is not None)
+            if count and len(value) + count * (grows - only.length) > limit:
+                raise _TooLong
+            if only.length == 0:
                 return replacement.join(["", *value, ""]) if replace_all else replacement + value
             if only.literal is not None:
                 return value.replace(only.literal, replacement, -1 if replace_all else 1)
@@ -486,19 +538,25 @@ class _Glob:
             found = self._search(value, 0)
             if found is None:
                 return value
+            if len(value) - (found[1] - found[0]) + grows > limit:
+                raise _TooLong
             return value[: found[0]] + replacement + value[found[1] :]
         # Go's ReplaceAll: an empty match right after a match is not replaced, and the search
         # moves on by at least one character. With a "*" in the pattern each match ends at the
         # last possible place, so this loop runs at most a few times.
         out: list[str] = []
-        last_end = search = 0
+        size = last_end = search = 0
         while search <= len(value):
             found = self._search(value, search)
             if found is None:
                 break
             start, end = found
             out.append(value[last_end:start])
+            size += start - last_end
             if end > last_end or start == 0:
+                size += grows
+                if size > limit:
+                    raise _TooLong
                 out.append(replacement)
             last_end = end
             search = max(search + 1, end)

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from builder.engine import BuildError
 
+# Stages in one Containerfile. Real files have a handful, generated ones a few dozen; each
+# stage that is built costs a base image lookup and a copy of its parent's config, so a
+# file of 100,000 FROM lines is refused here rather than built for an hour.
+MAX_STAGES = 1000
+
 
 @dataclass
 class Stage:
@@ -15,7 +20,9 @@ class Stage:
     base_stage: int | None  # index of the stage FROM refers to, if any
     from_inst: object
     instructions: list = field(default_factory=list)
-    args: dict[str, str] = field(default_factory=dict)  # global ARGs this stage can re-declare
+    # global ARGs this stage can re-declare: the one dict of the plan, never changed once
+    # the first FROM is read
+    args: dict[str, str] = field(default_factory=dict)
     deps: set[int] = field(default_factory=set)
 
     @property
@@ -34,6 +41,7 @@ class Plan:
     needed: list[Stage]  # in build order
     global_args: dict[str, str]
     declared_globals: set[str] = field(default_factory=set)
+    text_chars: int = 0  # what expanding the global ARGs and FROM lines made
 
     def lookup(self, ref: str) -> Stage | None:
         for s in self.stages:
@@ -44,15 +52,34 @@ class Plan:
         return None
 
 
-def _check_platform(inst, wanted: str, args: dict[str, str], escape: str) -> None:
+class _Budget:
+    """What expanding the global ARGs and FROM lines makes: the first part of the build's
+    MAX_BUILD_TEXT."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def expand(self, word: str, args: dict[str, str], escape: str, inst, what: str = "") -> str:
+        from builder.engine import MAX_BUILD_TEXT
+        from builder.shell import ExpansionError, expand_word
+
+        try:
+            value = expand_word(word, args, escape=escape)
+        except ExpansionError as e:
+            raise BuildError(f"{_where(inst)}: {what}{e}") from None
+        self.chars += len(value)
+        if self.chars > MAX_BUILD_TEXT:
+            raise BuildError(f"{_where(inst)}: the global ARGs and FROM lines expand to more "
+                             f"than {MAX_BUILD_TEXT >> 20} MiB (kiln's limit); is an ARG value "
+                             "growing on every line?")
+        return value
+
+
+def _check_platform(inst, wanted: str, args: dict[str, str], escape: str,
+                    budget: _Budget) -> None:
     """FROM --platform: kiln builds for the host only (no emulation), so another platform
     is a clear error rather than a host image under the wrong name."""
-    from builder.shell import ExpansionError, expand_word
-
-    try:
-        value = expand_word(wanted, args, escape=escape)
-    except ExpansionError as e:
-        raise BuildError(f"{_where(inst)}: --platform: {e}") from None
+    value = budget.expand(wanted, args, escape, inst, "--platform: ")
     host = platform_args()["BUILDPLATFORM"]
     parts, have = value.split("/"), host.split("/")
     if parts[:2] != have[:2] or (len(parts) > 2 and len(have) > 2 and parts[2] != have[2]):
@@ -91,39 +118,43 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
     """``image_exists(ref) -> bool`` lets a ``--from`` that is neither a stage nor a known
     image fail here, with its file:line, before any step runs."""
     from builder.parser import parse_flags
-    from builder.shell import ExpansionError, expand_word
 
     global_args: dict[str, str] = platform_args()
+    budget = _Budget()
     declared: set[str] = set()
     stages: list[Stage] = []
+    by_name: dict[str, Stage] = {}  # stages named so far
+    # where each name is first given to a stage: a --from to a name given later is circular
+    named_at = {inst.args[2].lower(): i for i, inst in reversed(list(enumerate(df.instructions)))
+                if inst.cmd == "FROM" and len(inst.args) == 3}
     current: Stage | None = None
-    for inst in df.instructions:
+    for position, inst in enumerate(df.instructions):
         if inst.cmd == "FROM":
             words = list(inst.args)
             wanted = parse_flags(inst, {"platform": str})["platform"]
             if wanted:
-                _check_platform(inst, wanted, global_args, df.escape)
+                _check_platform(inst, wanted, global_args, df.escape, budget)
             if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
                 raise BuildError(f"{_where(inst)}: FROM takes IMAGE [AS NAME]")
-            try:
-                base = expand_word(words[0], global_args, escape=df.escape)
-            except ExpansionError as e:
-                raise BuildError(f"{_where(inst)}: {e}") from None
+            base = budget.expand(words[0], global_args, df.escape, inst)
             if not base:
                 raise BuildError(f"{_where(inst)}: FROM names no image (an ARG expanded to "
                                  "nothing?)")
             name = words[2].lower() if len(words) == 3 else None
-            if name is not None and any(s.name == name for s in stages):
+            if name is not None and name in by_name:
                 raise BuildError(f"{_where(inst)}: duplicate stage name {name!r}")
-            base_stage = None
-            for s in stages:
-                if s.name is not None and s.name == base.lower():
-                    base_stage = s.index
+            parent = by_name.get(base.lower())
+            base_stage = parent.index if parent is not None else None
+            if len(stages) >= MAX_STAGES:
+                raise BuildError(f"{_where(inst)}: more than {MAX_STAGES} stages (kiln's "
+                                 "limit for one Containerfile)")
             current = Stage(len(stages), name, base if base_stage is None else base.lower(),
-                            base_stage, inst, args=dict(global_args))
+                            base_stage, inst, args=global_args)
             if base_stage is not None:
                 current.deps.add(base_stage)
             stages.append(current)
+            if name is not None:
+                by_name[name] = current
             continue
         if current is None:
             if inst.cmd != "ARG":
@@ -134,18 +165,18 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
                 if name in build_args:
                     global_args[name] = build_args[name]
                 elif default is not None:
-                    global_args[name] = expand_word(default, global_args, escape=df.escape)
+                    global_args[name] = budget.expand(default, global_args, df.escape, inst)
             continue
         current.instructions.append(inst)
         for ref in _stage_refs(inst):
-            dep = _find(stages[:-1], ref)
+            dep = _find_before(stages, by_name, ref)
             if dep is None and ref.isdigit():
                 raise BuildError(f"{_where(inst)}: --from={ref}: there is no stage {ref} "
                                  "before this one")
-            if dep is None and _find(stages, ref) is current:
+            if dep is None and current.name is not None and current.name == ref.lower():
                 raise BuildError(f"{_where(inst)}: --from={ref} refers to its own stage "
                                  "(circular dependency)")
-            if dep is None and _later_stage_named(df, ref, current):
+            if dep is None and named_at.get(ref.lower(), -1) > position:
                 raise BuildError(f"{_where(inst)}: --from={ref} refers to a later stage "
                                  "(circular dependency)")
             if dep is not None:
@@ -171,7 +202,7 @@ def plan_stages(df, *, build_args: dict[str, str], target: str | None,
         needed_ix.add(i)
         todo.extend(stages[i].deps)
     needed = [s for s in stages if s.index in needed_ix]
-    return Plan(stages, chosen, needed, global_args, declared)
+    return Plan(stages, chosen, needed, global_args, declared, budget.chars)
 
 
 def _find(stages: list[Stage], ref: str) -> Stage | None:
@@ -183,16 +214,14 @@ def _find(stages: list[Stage], ref: str) -> Stage | None:
     return None
 
 
-def _later_stage_named(df, ref: str, current: Stage) -> bool:
-    seen = False
-    for inst in df.instructions:
-        if inst is current.from_inst:
-            seen = True
-            continue
-        if seen and inst.cmd == "FROM" and len(inst.args) == 3 and \
-                inst.args[2].lower() == ref.lower():
-            return True
-    return False
+def _find_before(stages: list[Stage], by_name: dict[str, Stage], ref: str) -> Stage | None:
+    """The stage ``ref`` names among those before the last one (the current stage)."""
+    s = by_name.get(ref.lower())
+    if s is not None and s is not stages[-1]:
+        return s
+    if ref.isdigit() and int(ref) < len(stages) - 1:
+        return stages[int(ref)]
+    return None
 
 
 def _stage_refs(inst) -> list[str]:

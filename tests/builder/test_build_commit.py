@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.copy import CopyAction, apply_copy
+from builder.copy import CopyAction, CopyError, apply_copy
 from tests.builder.conftest import build_context as _ctx
 
 
@@ -153,5 +153,5 @@ def test_copy_through_a_symlinked_parent_stays_inside_root(src, root):
 
 
 def test_a_missing_source_fails_and_names_it(src, root):
-    with pytest.raises(FileNotFoundError, match="nosuch"):
+    with pytest.raises(CopyError, match="copying nosuch to /dst/old: No such file"):
         apply_copy(str(root), str(src), [_file("nosuch", "/dst/old")])
