@@ -29,6 +29,7 @@ from typing import TextIO
 
 from builder import cache
 from store.documents import (
+    MAX_CONFIG_BYTES,
     MAX_DOCUMENT_BYTES,
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -765,10 +766,13 @@ class Builder:
         config.pop("container_config", None)
         config.pop("container", None)
         raw = canonical_json(config)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise BuildError(f"{self._containerfile()}: the image config would be {len(raw)} "
+                             f"bytes, over the {MAX_CONFIG_BYTES} byte limit for configs "
+                             "(each instruction adds a history entry)")
         if len(raw) > MAX_DOCUMENT_BYTES:
-            self.say(f"[Warning] the image config is {len(raw)} bytes, over the "
-                     f"{MAX_DOCUMENT_BYTES} bytes kiln reads back as a document: the image "
-                     "is stored, but kiln inspect and kiln run will refuse it")
+            self.say(f"[Warning] the image config is {len(raw)} bytes: kiln reads it, but "
+                     f"podman and skopeo refuse configs over {MAX_DOCUMENT_BYTES} bytes")
         config_desc = self.store.put_bytes(raw, OCI_CONFIG)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                     "config": config_desc.to_json(),

@@ -54,6 +54,7 @@ ERRPIPE_FD = 3  # where the exec stub finds the start-error pipe
 STUB_FAILED = b"\xff"  # the stub's report of a failed exec: this byte, then errno as one byte
 _MFD_EXEC = 0x10  # memfd_create: executable even where vm.memfd_noexec defaults otherwise
 _STUBS = STUBS.get(os.uname().machine)  # None: no stub here, the exec is direct
+_STUB_REFUSED = (errno.EPERM, errno.EACCES, errno.ENOSYS)  # the stub, not the program
 
 
 class ContainerStartError(KilnError):
@@ -247,12 +248,15 @@ def _exec(program: str, spec: ContainerSpec, errpipe: int, stub: int | None) -> 
         argv = [program, *spec.process.args]
         try:
             os.execve(stub, argv, env)  # fexecve: execveat(AT_EMPTY_PATH), or /proc/self/fd
+        except OSError as e:
+            if e.errno not in _STUB_REFUSED:  # E2BIG, ENOMEM: the program would fail alike
+                _fail_child(errpipe, f"{spec.process.args[0]}: {e.strerror}",
+                            EXIT_NOT_EXECUTABLE)
+        try:  # a seccomp profile that denies execveat but allows execve
+            os.execve(f"/proc/self/fd/{stub}", argv, env)
         except OSError:
-            try:  # a seccomp profile that denies execveat but allows execve
-                os.execve(f"/proc/self/fd/{stub}", argv, env)
-            except OSError as e:
-                _fail_child(errpipe, f"cannot start the container: cannot run kiln's exec "
-                                     f"stub: {e.strerror}", 125)
+            pass  # memfds cannot be executed here (vm.memfd_noexec=2): exec directly
+        os.set_inheritable(errpipe, False)
     try:
         os.execve(program, spec.process.args, env)
     except OSError as e:

@@ -22,6 +22,7 @@ from store.digest import digest_hex, sha256_digest
 from store.documents import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
+    MAX_CONFIG_BYTES,
     MAX_DOCUMENT_BYTES,
     Descriptor,
     canonical_json,
@@ -84,7 +85,7 @@ class _ArchiveImage:
         layer_names = entry.get("Layers")
         if not isinstance(config_name, str) or not isinstance(layer_names, list):
             raise StoreError(f"{where} needs Config and Layers")
-        self._raw_config = archive.read_member(config_name, limit=MAX_DOCUMENT_BYTES)
+        self._raw_config = archive.read_member(config_name, limit=MAX_CONFIG_BYTES)
         self._config = parse_config(self._raw_config, media_type=DOCKER_CONFIG)
         diff_ids = self._config["rootfs"]["diff_ids"]
         if len(diff_ids) != len(layer_names):

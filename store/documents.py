@@ -64,6 +64,10 @@ INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 CONFIG_MEDIA_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+# An image config carries the whole history: a Containerfile of 100,000 ENV lines makes one
+# of about 11 MiB. kiln reads configs up to this size (containers/image, and so podman and
+# skopeo, stop at 4 MiB: the builder warns past that).
+MAX_CONFIG_BYTES = 32 * 1024 * 1024
 # Real documents nest 4-6 levels. json.loads itself stops near 1000, but a document that
 # deep breaks whatever walks it later (copy.deepcopy of a base config in a build, json.dumps
 # from a deeper stack): 128, serde_json's default, leaves all of them far from the limit.
@@ -149,14 +153,13 @@ def _refuse_constant(name: str) -> None:
     raise ManifestError(f"{name} is not valid JSON")
 
 
-def decode_document(raw: bytes, *, what: str = "document", top: type = dict) -> Any:
+def decode_document(raw: bytes, *, what: str = "document", top: type = dict,
+                    limit: int = MAX_DOCUMENT_BYTES) -> Any:
     """Decode one JSON document under kiln's rules; the top level must be a ``top``."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise TypeError(f"{what}: expected bytes, got {type(raw).__name__}")
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise ManifestError(
-            f"{what}: {len(raw)} bytes is over the {MAX_DOCUMENT_BYTES} byte limit for documents"
-        )
+    if len(raw) > limit:
+        raise ManifestError(f"{what}: {len(raw)} bytes is over the {limit} byte limit")
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -623,7 +626,7 @@ def parse_index(raw: bytes, *, media_type: str | None = None) -> dict:
 
 def parse_config(raw: bytes, *, media_type: str | None = None) -> dict:
     """An image config; OCI rules unless ``media_type`` is DOCKER_CONFIG."""
-    doc = decode_document(raw, what="config")
+    doc = decode_document(raw, what="config", limit=MAX_CONFIG_BYTES)
     _validate_config(doc, _bare_media_type(media_type))
     return doc
 

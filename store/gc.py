@@ -15,7 +15,13 @@ import os
 from dataclasses import dataclass
 
 from store.digest import digest_hex, validate_digest
-from store.documents import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, parse_any
+from store.documents import (
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
+    MAX_CONFIG_BYTES,
+    parse_any,
+    parse_config,
+)
 from store.errors import DigestError, KilnError
 from store.fsutil import remove_tree
 from store.store import Store
@@ -47,7 +53,8 @@ def _walk(store: Store, digest: str, blobs: set[str], diff_ids: set[str]) -> Non
         for layer in doc.get("layers", []):
             blobs.add(layer["digest"])
         try:
-            _, config = parse_any(store.read_blob(doc["config"]["digest"]))
+            config = parse_config(store.layout.read_blob(doc["config"]["digest"],
+                                                         max_size=MAX_CONFIG_BYTES))
             diff_ids.update(config.get("rootfs", {}).get("diff_ids", []))
         except KilnError:
             pass

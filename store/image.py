@@ -22,6 +22,8 @@ from store.documents import (
     CONFIG_MEDIA_TYPES,
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
+    MAX_CONFIG_BYTES,
+    MAX_DOCUMENT_BYTES,
     OCI_CONFIG,
     OCI_MANIFEST,
     Descriptor,
@@ -141,7 +143,17 @@ class ManifestImage:
     def raw_config(self) -> bytes:
         if self._raw_config is None:
             cd = self.config_descriptor()
-            self._raw_config = self._read_blob(cd.digest, cd.size)
+            if cd.size <= MAX_DOCUMENT_BYTES:
+                self._raw_config = self._read_blob(cd.digest, cd.size)
+            elif cd.size <= MAX_CONFIG_BYTES:  # a long history: read as a (verified) stream
+                with self._open_blob(cd.digest, cd.size) as stream:
+                    self._raw_config = stream.read()
+                if len(self._raw_config) != cd.size:
+                    raise ManifestError(f"config {cd.digest}: {len(self._raw_config)} bytes, "
+                                        f"declared {cd.size}")
+            else:
+                raise ManifestError(f"config {cd.digest}: {cd.size} bytes is over the "
+                                    f"{MAX_CONFIG_BYTES} byte limit")
         return self._raw_config
 
     def config(self) -> dict:

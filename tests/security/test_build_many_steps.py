@@ -83,6 +83,17 @@ def test_100k_metadata_instructions_build_in_seconds_into_a_small_cache(broot, t
     assert again == image  # the cache gave back every history entry, times and all
     assert noop < BOUND, noop
     assert _cache_bytes(broot) == (new_records, new_size)
+    # its config (~11 MiB of history) is over the 4 MiB of other documents, yet kiln reads it,
+    # and prune keeps its layers
+    kiln = KilnCLI(broot)
+    history = json.loads(kiln("inspect", "many:1").out)[0]["History"]
+    assert len(history) == n + 1
+    kiln("prune")
+    if kind != "ENV":  # 100,000 variables are more than an exec takes, here as under docker
+        assert kiln("run", "--rm", "many:1", "echo", "ran").out == "ran\n"
+    else:
+        p = kiln("run", "--rm", "many:1", "true", check=False)
+        assert (p.returncode, p.err) == (126, "kiln: error: true: Argument list too long\n")
 
 
 def test_steps_after_a_long_run_of_metadata_stay_cached(kb, broot, tmp_path):
