@@ -178,8 +178,9 @@ class Builder:
 
     # -- output ---------------------------------------------------------------------
     def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.out, flush=True)
+        if not self.opts.quiet:  # one write: print's two mix the lines of parallel stages
+            self.out.write(text + "\n")
+            self.out.flush()
 
     # -- entry point ------------------------------------------------------------------
     def build(self) -> Descriptor:
