@@ -190,6 +190,7 @@ class Builder:
         if threading.current_thread() is not threading.main_thread():
             return self._build()
         from runtime.children import now
+        from store.interrupt import Interrupted  # what the CLI's signal handler raises
 
         started = now()
         outcome: list = []
@@ -209,7 +210,7 @@ class Builder:
         try:
             while not finished.wait(0.1):  # a SIGINT another thread took is seen at a turn
                 pass
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             self.stop(finished, started)
             raise
         if isinstance(outcome[0], BaseException):

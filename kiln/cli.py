@@ -105,25 +105,29 @@ def fail(message: str) -> None:
 
 # -- Ctrl-C -----------------------------------------------------------------------------
 # A Ctrl-C is no failure of kiln's: kiln says so in one line and exits 130. Under click
-# (every command but the fast ``kiln run``) the first SIGINT raises KeyboardInterrupt, so
-# that the command stops and cleans up; an error on that way out (a helper killed mid-copy,
-# a clean-up racing a thread) is the interrupt too. Further SIGINTs change nothing, and
-# however the clean-up goes (a thread blocked on a silent registry, a big layer being
-# compressed) kiln leaves INTERRUPT_GRACE seconds later: what it leaves in tmp/ goes at
-# the store's next use. ``_signal``: the signal module's enums would cost every start-up.
+# (every command but the fast ``kiln run``) the first SIGINT raises store.interrupt's
+# Interrupted, so that the command stops and cleans up: not a KeyboardInterrupt, which
+# click answers with a blank line on stderr before its Abort. An error on that way out (a
+# helper killed mid-copy, a clean-up racing a thread) is the interrupt too. Further SIGINTs
+# change nothing, and however the clean-up goes (a thread blocked on a silent registry, a
+# big layer being compressed) kiln leaves INTERRUPT_GRACE seconds later: what it leaves in
+# tmp/ goes at the store's next use. ``_signal``: the signal module's enums would cost
+# every start-up.
 INTERRUPT_GRACE = 3.0
 _interrupt = {"seen": False, "unreported": True}
 
 
-def _on_sigint(_signum, _frame) -> None:
+def _on_sigint(signum, _frame) -> None:
     if _interrupt["seen"]:
         return
     _interrupt["seen"] = True
     import threading
 
+    from store.interrupt import Interrupted  # imported with the handler's installation
+
     threading.Thread(target=_leave_after, args=(INTERRUPT_GRACE,), name="kiln-interrupted",
                      daemon=True).start()
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def _leave_after(seconds: float) -> None:
@@ -191,6 +195,11 @@ def _main(argv: list[str] | None) -> None:
         if isinstance(e, OSError):
             fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
         raise
+    except BaseException as e:  # SystemExit, or our signal handler's Interrupted
+        stop = sys.modules.get("store.interrupt")  # imported with the handler, not for run
+        if stop is not None and isinstance(e, stop.Interrupted):
+            interrupted()
+        raise
     sys.exit(0)
 
 
@@ -198,6 +207,8 @@ def _click_main(args: list[str]) -> None:
     import _signal
 
     import click
+
+    import store.interrupt  # noqa: F401 - for _on_sigint, which should not import
 
     if "cli" not in globals():
         _define_click_group()
