@@ -1,8 +1,8 @@
-"""Stopping when kiln is told to (a Ctrl-C)."""
+"""Stopping when kiln is told to (a Ctrl-C, a CI system's SIGTERM)."""
 
 from __future__ import annotations
 
-SIGINT = 2  # the number, without the signal module's start-up cost
+SIGINT, SIGTERM = 2, 15  # the numbers, without the signal module's start-up cost
 
 
 class Interrupted(BaseException):
