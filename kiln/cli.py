@@ -107,13 +107,14 @@ def fail(message: str) -> None:
 # Being stopped is no failure of kiln's: kiln says so in one line and exits 128 + the
 # signal, 130 (`kiln: interrupted`) for a Ctrl-C, 143 (`kiln: terminated`) for the SIGTERM
 # with which CI systems cancel a job. Under click (every command but the fast `kiln run`,
-# which forwards both to its container, as docker does) the first of them raises
-# store.interrupt.Interrupted in the main thread: it unwinds through every clean-up, and
-# click, which answers a KeyboardInterrupt with a blank line and an Abort, lets it pass.
-# An error on that way out (a helper killed mid-copy, a clean-up racing a thread) is the
-# interrupt too. Further signals change nothing, and however the clean-up goes (a thread
-# blocked on a silent registry, a big layer being compressed) kiln leaves INTERRUPT_GRACE
-# seconds later: what it leaves in tmp/ goes at the store's next use.
+# which forwards both to its container, as docker does) the first of them stops kiln's
+# threads (store.interrupt: each at its next chunk, a blocked read or a retry's wait at
+# once) and raises store.interrupt.Interrupted in the main thread: it unwinds through
+# every clean-up, and click, which answers a KeyboardInterrupt with a blank line and an
+# Abort, lets it pass. An error on that way out (a helper killed mid-copy, a clean-up
+# racing a thread) is the interrupt too. Further signals change nothing, and however the
+# clean-up goes (a thread blocked in a connect, a big layer being compressed) kiln leaves
+# INTERRUPT_GRACE seconds later: what it leaves in tmp/ goes at the store's next use.
 # `_signal`: the signal module's enums would cost every start-up.
 INTERRUPT_GRACE = 3.0
 STOPPED_BY = {2: "kiln: interrupted", 15: "kiln: terminated"}  # SIGINT, SIGTERM
@@ -130,6 +131,7 @@ def _on_signal(signum, _frame) -> None:
 
     threading.Thread(target=_leave_after, args=(INTERRUPT_GRACE,), name="kiln-interrupted",
                      daemon=True).start()
+    interrupt.stop(signum)
     raise interrupt.Interrupted(signum)
 
 
