@@ -237,8 +237,9 @@ class Builder:
 
     # -- output ---------------------------------------------------------------------
     def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.out, flush=True)
+        if not self.opts.quiet:  # one write: print's two mix the lines of parallel stages
+            self.out.write(text + "\n")
+            self.out.flush()
 
     # -- entry point ------------------------------------------------------------------
     def build(self) -> Descriptor:
@@ -248,6 +249,7 @@ class Builder:
         if threading.current_thread() is not threading.main_thread():
             return self._build()
         from runtime.children import now
+        from store.interrupt import Interrupted  # what the CLI's signal handler raises
 
         started = now()
         outcome: list = []
@@ -267,7 +269,7 @@ class Builder:
         try:
             while not finished.wait(0.1):  # a SIGINT another thread took is seen at a turn
                 pass
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             self.stop(finished, started)
             raise
         if isinstance(outcome[0], BaseException):

@@ -103,45 +103,58 @@ def fail(message: str) -> None:
     sys.exit(EXIT_KILN_ERROR)
 
 
-# -- Ctrl-C -----------------------------------------------------------------------------
-# A Ctrl-C is no failure of kiln's: kiln says so in one line and exits 130. Under click
-# (every command but the fast ``kiln run``) the first SIGINT raises KeyboardInterrupt, so
-# that the command stops and cleans up; an error on that way out (a helper killed mid-copy,
-# a clean-up racing a thread) is the interrupt too. Further SIGINTs change nothing, and
-# however the clean-up goes (a thread blocked on a silent registry, a big layer being
-# compressed) kiln leaves INTERRUPT_GRACE seconds later: what it leaves in tmp/ goes at
-# the store's next use. ``_signal``: the signal module's enums would cost every start-up.
+# -- Ctrl-C and SIGTERM -----------------------------------------------------------------
+# Being stopped is no failure of kiln's: kiln says so in one line and exits 128 + the
+# signal, 130 (`kiln: interrupted`) for a Ctrl-C, 143 (`kiln: terminated`) for the SIGTERM
+# with which CI systems cancel a job. Under click (every command but the fast `kiln run`,
+# which forwards both to its container, as docker does) the first of them stops kiln's
+# threads (store.interrupt: each at its next chunk, a blocked read or a retry's wait at
+# once) and raises store.interrupt.Interrupted in the main thread: it unwinds through
+# every clean-up, and click, which answers a KeyboardInterrupt with a blank line and an
+# Abort, lets it pass. An error on that way out (a helper killed mid-copy, a clean-up
+# racing a thread) is the interrupt too. Further signals change nothing, and however the
+# clean-up goes (a thread blocked in a connect, a big layer being compressed) kiln leaves
+# INTERRUPT_GRACE seconds later: what it leaves in tmp/ goes at the store's next use.
+# `_signal`: the signal module's enums would cost every start-up.
 INTERRUPT_GRACE = 3.0
-_interrupt = {"seen": False, "unreported": True}
+STOPPED_BY = {2: "kiln: interrupted", 15: "kiln: terminated"}  # SIGINT, SIGTERM
+_interrupt = {"signum": 0, "unreported": True}
 
 
-def _on_sigint(_signum, _frame) -> None:
-    if _interrupt["seen"]:
+def _on_signal(signum, _frame) -> None:
+    if _interrupt["signum"]:
         return
-    _interrupt["seen"] = True
+    _interrupt["signum"] = signum
     import threading
+
+    from store import interrupt  # imported with the handler's installation
 
     threading.Thread(target=_leave_after, args=(INTERRUPT_GRACE,), name="kiln-interrupted",
                      daemon=True).start()
-    raise KeyboardInterrupt
+    interrupt.stop(signum)
+    raise interrupt.Interrupted(signum)
 
 
 def _leave_after(seconds: float) -> None:
     import time
 
     time.sleep(seconds)
+    signum = _interrupt["signum"]
     if _interrupt.pop("unreported", False):  # pop: one thread only says it
-        os.write(2, b"kiln: interrupted\n")
-    os._exit(EXIT_INTERRUPTED)
+        os.write(2, STOPPED_BY[signum].encode() + b"\n")
+    os._exit(128 + signum)
 
 
-def interrupted() -> None:
+def interrupted(signum: int | None = None) -> None:
+    """Report the signal that stopped kiln (the first one) and exit with 128 + it."""
     import _signal
 
-    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # another Ctrl-C changes nothing now
+    for sig in STOPPED_BY:  # another signal changes nothing now
+        _signal.signal(sig, _signal.SIG_IGN)
+    signum = _interrupt["signum"] or signum or _signal.SIGINT
     if _interrupt.pop("unreported", False):
-        echo_error("kiln: interrupted")
-    sys.exit(EXIT_INTERRUPTED)
+        echo_error(STOPPED_BY[signum])
+    sys.exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,12 +197,17 @@ def _main(argv: list[str] | None) -> None:
     except Exception as e:  # KilnError and OSError become one line; anything else is a bug
         from store.errors import KilnError
 
-        if _interrupt["seen"]:
+        if _interrupt["signum"]:
             interrupted()
         if isinstance(e, KilnError):
             fail(str(e))
         if isinstance(e, OSError):
             fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
+        raise
+    except BaseException as e:  # SystemExit, or our signal handler's Interrupted
+        stop = sys.modules.get("store.interrupt")  # imported with the handler, not for run
+        if stop is not None and isinstance(e, stop.Interrupted):
+            interrupted(e.signum)
         raise
     sys.exit(0)
 
@@ -199,16 +217,21 @@ def _click_main(args: list[str]) -> None:
 
     import click
 
+    import store.interrupt  # noqa: F401 - for _on_signal, which should not import
+
     if "cli" not in globals():
         _define_click_group()
+    # not where the signal is ignored (nohup, a shell's background job without job control)
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-        _signal.signal(_signal.SIGINT, _on_sigint)
+        _signal.signal(_signal.SIGINT, _on_signal)
+    if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+        _signal.signal(_signal.SIGTERM, _on_signal)
     try:
         globals()["cli"].main(args=args, prog_name="kiln", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort as e:  # click's word for a KeyboardInterrupt (or EOF at a prompt)
-        if _interrupt["seen"] or isinstance(e.__cause__, KeyboardInterrupt):
+        if _interrupt["signum"] or isinstance(e.__cause__, KeyboardInterrupt):
             interrupted()
         fail("aborted")
     except click.ClickException as e:

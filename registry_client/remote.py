@@ -21,6 +21,7 @@ import requests
 
 from registry_client.errors import NotFoundOnRegistry, RegistryError
 from registry_client.transport import RegistryOptions, RegistryTransport, read_body
+from store import interrupt
 from store.digest import VerifyingReader, sha256_digest, validate_digest
 from store.documents import (
     DOCKER_MANIFEST,
@@ -300,6 +301,7 @@ class _Bounded:
     def __iter__(self):
         try:
             while self.sent < self._n:
+                interrupt.check()
                 data = self._f.read(min(1 << 20, self._n - self.sent))
                 if not data:
                     raise DigestError(f"blob {self._desc.digest} is shorter than expected")
@@ -390,16 +392,18 @@ class _BlobStream(io.RawIOBase):
         if self._resp is not None:
             self._resp.close()
             self._resp = None
+        interrupt.check()  # the stop shut the connection: nothing to resume
         self._resumes += 1
         if self._resumes > max(1, self._repo.options.retries):
             raise RegistryError(f"blob transfer failed {self._resumes} times ({why}) at byte "
                                 f"{self._pos}", url=self._url, digest=self._digest)
-        time.sleep(min(2.0, 0.1 * self._resumes))
+        interrupt.wait(min(2.0, 0.1 * self._resumes))
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = 1 << 20
         while True:
+            interrupt.check()
             if time.monotonic() > self._deadline:
                 raise RegistryError(f"blob transfer timed out after "
                                     f"{self._repo.options.deadline_for(self._size):.0f} s at "

@@ -17,12 +17,16 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import ProxyManager
 
 from registry_client.auth import (
     Challenge,
@@ -33,6 +37,7 @@ from registry_client.auth import (
     same_origin,
 )
 from registry_client.errors import AuthError, NotFoundOnRegistry, RegistryError, UnreachableError
+from store import interrupt
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # answers that can heal
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -99,7 +104,81 @@ def insecure_registries(path: str) -> set[str]:
     return out
 
 
-class _TLSAdapter(HTTPAdapter):
+# -- stopping at once -----------------------------------------------------------------
+# When kiln is stopped (store.interrupt: its Ctrl-C or SIGTERM) every socket its transports
+# have open is shut, so that a thread blocked reading a response (a silent registry) or
+# sending a body wakes at once; its retry loop then raises Interrupted instead of asking
+# again. A TCP connect still in progress is not reached (the CLI's grace period ends it).
+_open_sockets: weakref.WeakSet = weakref.WeakSet()
+_open_sockets_lock = threading.Lock()
+
+
+def _opened(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with _open_sockets_lock:
+            _open_sockets.add(sock)
+
+
+def _shut_open_sockets() -> None:
+    with _open_sockets_lock:
+        sockets = list(_open_sockets)
+    for sock in sockets:
+        try:  # socket's own shutdown: SSLSocket's would unwrap it under its reader's feet
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # closed meanwhile
+            pass
+
+
+interrupt.on_stop(_shut_open_sockets)
+
+
+class _Stoppable:
+    """An urllib3 connection whose sockets are known to ``_shut_open_sockets``."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _opened(sock)  # the TCP socket: shut, it ends a TLS handshake too
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _opened(self.sock)  # https: the TLS socket, which took over the TCP one's fd
+
+
+class _StoppableHTTPConnection(_Stoppable, HTTPConnection):
+    pass
+
+
+class _StoppableHTTPSConnection(_Stoppable, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _StoppableHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _StoppableHTTPSConnection
+
+
+_STOPPABLE_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, with connections whose sockets a stop shuts."""
+
+    def init_poolmanager(self, *args, **kw):
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = _STOPPABLE_POOLS
+
+    def proxy_manager_for(self, proxy, **kw):
+        manager = super().proxy_manager_for(proxy, **kw)
+        if isinstance(manager, ProxyManager):  # not SOCKS's, whose connections differ
+            manager.pool_classes_by_scheme = _STOPPABLE_POOLS
+        return manager
+
+
+class _TLSAdapter(_Adapter):
     def __init__(self, context: ssl.SSLContext | None, **kw):
         self._context = context
         super().__init__(**kw)
@@ -172,8 +251,8 @@ class RegistryTransport:
         pool = max(4, self.options.concurrency + 2)
         adapter = _TLSAdapter(ctx, pool_connections=2, pool_maxsize=pool, max_retries=0)
         self._session.mount("https://", adapter)
-        self._session.mount("http://", HTTPAdapter(pool_connections=2, pool_maxsize=pool,
-                                                   max_retries=0))
+        self._session.mount("http://", _Adapter(pool_connections=2, pool_maxsize=pool,
+                                                max_retries=0))
 
     # -- where and how ---------------------------------------------------
     @functools.cached_property
@@ -393,9 +472,11 @@ class RegistryTransport:
         waited = 0.0
         attempt = 0
         while True:
+            interrupt.check()
             try:
                 resp = self._follow(method, url, headers, body, auth_origin)
             except requests.RequestException as e:
+                interrupt.check()  # the stop shut the socket: no failure of the registry's
                 failure = classify(e)
                 if not failure.retry and failure.connect:
                     raise UnreachableError(_host_port(url), failure.reason, url=url,
@@ -417,7 +498,7 @@ class RegistryTransport:
                 if attempt >= self.options.retries or waited + delay > self.options.retry_budget:
                     return resp  # the caller reports the status
                 resp.close()
-            time.sleep(delay)
+            interrupt.wait(delay)
             waited += delay
             attempt += 1
 
@@ -593,6 +674,7 @@ def read_body(resp: requests.Response, *, limit: int, deadline: float, what: str
     chunks: list[bytes] = []
     total = 0
     while True:
+        interrupt.check()
         if time.monotonic() > deadline:
             raise RegistryError(f"{what}: timed out while reading the body", url=resp.url)
         try:

@@ -54,8 +54,10 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
             sc.prctl(sc.PR_SET_PDEATHSIG, _signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)
-            # a terminal's Ctrl-C is kiln's to act on (it kills this helper), not a failure
+            # a terminal's Ctrl-C, a CI runner's SIGTERM to the job's process group: kiln's
+            # to act on (it kills this helper), not a failure of the copy
             _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+            _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
             sc.unshare(sc.CLONE_NEWNS)
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             points = []

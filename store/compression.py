@@ -356,14 +356,23 @@ class ExpansionBudget:
     ratio_from: int
 
 
-class CountingReader:
-    """Passes ``read`` through, counting the (compressed) bytes it hands out."""
+class Stopped(Exception):
+    """The reader was told to stop: whoever wanted the bytes is gone."""
 
-    def __init__(self, raw: BinaryIO):
+
+class CountingReader:
+    """Passes ``read`` through, counting the (compressed) bytes it hands out. Once ``stop``
+    (an Event) is set, the next read raises Stopped: a decompressor waiting for a whole
+    output chunk from a slow source ends there, not when the chunk is complete."""
+
+    def __init__(self, raw: BinaryIO, stop=None):
         self._raw = raw
+        self._stop = stop
         self.count = 0
 
     def read(self, n: int = -1) -> bytes:
+        if self._stop is not None and self._stop.is_set():
+            raise Stopped("the reader was stopped")
         data = self._raw.read(n)
         if data:
             self.count += len(data)

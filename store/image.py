@@ -34,6 +34,7 @@ from store.documents import (
 from store.errors import ManifestError
 
 Progress = Callable[[Descriptor, int], None]  # (blob being moved, bytes moved so far)
+STOP_WAIT = 1.0  # seconds an interrupted copy_image waits for its moves to stop
 
 
 class Layer(Protocol):
@@ -269,22 +270,32 @@ def copy_image(src: Image, dst: ImageSink, *, tags: Sequence[str] = (),
         results = [move(layer) for layer in layers]
     else:
         from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import wait as wait_for
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="kiln-copy") as pool:
-            futures = [pool.submit(move, layer) for layer in layers]
-            try:
-                results = [f.result() for f in futures]
-            except BaseException as first:
-                abort.set()
-                for f in futures:
-                    f.cancel()
-                # the first real failure, not a sibling's _Aborted
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="kiln-copy")
+        futures = [pool.submit(move, layer) for layer in layers]
+        try:
+            results = [f.result() for f in futures]
+        except BaseException as first:
+            abort.set()  # the other moves stop at their next read
+            pool.shutdown(wait=False, cancel_futures=True)
+            if not isinstance(first, Exception):
+                # Interrupted: when kiln is (store.interrupt), a read or a retry's wait
+                # that blocks ends too. The moves are waited for only that long, so that
+                # their temp files are gone when this returns; never for a transfer or a
+                # wait to end.
+                wait_for(futures, timeout=STOP_WAIT)
+                raise
+            try:  # the first real failure, not a sibling's _Aborted
                 for f in futures:
                     if f.done() and not f.cancelled():
                         e = f.exception()
                         if e is not None and not isinstance(e, _Aborted):
                             raise e from None
-                raise first
+                raise
+            finally:
+                wait_for(futures)
+        pool.shutdown()
     moved = {layer.digest: result for layer, result in zip(layers, results, strict=True)}
     new_layers = [moved[layer.digest][0] for layer in all_layers]
     changed = any(c for _, c in results)

@@ -177,7 +177,9 @@ class _Pump:
     def _read(self) -> None:
         stop = self.stop
         try:
-            blob = CountingReader(self._blob)  # compressed bytes in, for the ratio check
+            # compressed bytes in, counted for the ratio check; stops at the next chunk
+            # once the pump is shut down (its parser failed, or was interrupted)
+            blob = CountingReader(self._blob, stop)
             head = read_some(blob, IN_CHUNK)
             if not head:
                 raise StreamError("layer blob is empty")

@@ -160,6 +160,13 @@ def slow_drip(interval: float, chunk: int = 1, *, method: str | None = "GET", pa
                  {"interval": interval, "chunk": chunk, "give_up_after": give_up_after})
 
 
+def stall(seconds: float = 60.0, *, method: str | None = None, path: str = "",
+          times: int | None = 1) -> Fault:
+    """Take the request and answer nothing for `seconds` (then cut the connection): a
+    registry that hangs, with the client blocked waiting for the status line."""
+    return Fault("stall", method, path, times, {"seconds": seconds})
+
+
 def _pieces(total: int, size: int = CHUNK) -> Iterator[int]:
     while total > 0:
         yield min(size, total)
@@ -531,9 +538,14 @@ def _answer_body(handler: _Handler, fault: Fault) -> None:
     handler._send_simple(p["code"], data, p["headers"], p["content_type"])
 
 
+def _answer_stall(handler: _Handler, fault: Fault) -> None:
+    handler.server_owner._stop.wait(fault.params["seconds"])
+    handler._abort()
+
+
 _ANSWERED_HERE = {"status": _answer_status, "redirect_to": _answer_redirect,
                   "auth_loop": _answer_auth_loop, "oversize_manifest": _answer_oversize,
-                  "reset": _answer_reset, "body": _answer_body}
+                  "reset": _answer_reset, "body": _answer_body, "stall": _answer_stall}
 
 
 # --------------------------------------------------------------------------- blob host

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 
 import pytest
 import zstandard
@@ -269,6 +270,46 @@ def test_wrong_diff_id_removes_the_layer(tree, tmp_path):
     with pytest.raises(LayerError, match="diff_id mismatch") as info:
         kiln_extract(_compress("zstd-cli", data), OCI_ZST, got, expected_diff_id=wrong)
     assert info.value.layer == LAYER
+    assert not os.path.lexists(got)
+
+
+class _Dripping(io.RawIOBase):
+    """``fast`` at once, then ``slow`` a byte every 10 ms (a slow registry), giving up
+    after ``patience`` seconds of dripping."""
+
+    def __init__(self, fast: bytes, slow: bytes, patience: float):
+        self._fast, self._slow, self._patience = fast, slow, patience
+        self._until: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._fast:
+            data, self._fast = self._fast, b""
+            return data
+        self._until = self._until or time.monotonic() + self._patience
+        if not self._slow or time.monotonic() > self._until:
+            return b""
+        time.sleep(0.01)
+        data, self._slow = self._slow[:1], self._slow[1:]
+        return data
+
+
+def test_a_refused_layer_stops_reading_a_slow_source_at_once(tmp_path):
+    """The first header is refused while the reader waits, inside libzstd, for a whole
+    output chunk from a source that sends a byte at a time: extract_layer returns at once,
+    not when that chunk (or the source's patience) is complete."""
+    zstd = zstandard.ZstdCompressor()
+    not_a_header = b"\xff" * 512
+    fast = zstd.compress(not_a_header + bytes((1 << 20) - 512))  # the reader's first chunk
+    slow = zstd.compress(os.urandom(1 << 20))  # its second: a MiB it never gets
+    got = tmp_path / "got"
+    started = time.monotonic()
+    with pytest.raises(LayerError):
+        extract_layer(_Dripping(fast, slow, patience=5), OCI_ZST, got, expected_diff_id=None)
+    took = time.monotonic() - started
+    assert took < 1, f"extract_layer took {took:.1f}s"
     assert not os.path.lexists(got)
 
 
