@@ -78,6 +78,9 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
         except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
             if isinstance(e, KilnError):
                 result = ("err", e)
+            elif isinstance(e, OSError):  # a full disk, a missing dir: one line, no trace
+                where = f": {e.filename}" if e.filename else ""
+                result = ("err", WorkspaceError(f"{e.strerror or e}{where}"))
             else:
                 result = ("err", WorkspaceError(f"{e.__class__.__name__}: {e}\n"
                                                 f"{traceback.format_exc(limit=5)}"))

@@ -26,6 +26,10 @@ from store.errors import DigestError, KilnError
 from store.fsutil import remove_tree
 from store.store import Store
 
+# A record holds the history text of its steps, which a build bounds at 64 MiB in all
+# (builder.shell.MAX_BUILD_TEXT): one RUN line of more than 1 MiB is a record of that size.
+MAX_RECORD_BYTES = 128 << 20
+
 
 @dataclass
 class PruneReport:
@@ -79,7 +83,7 @@ def _cache_roots(store: Store) -> tuple[set[str], set[str]]:
                 continue
             try:
                 with open(os.path.join(dirpath, name), "rb") as f:
-                    rec = json.loads(f.read(1 << 20))
+                    rec = json.loads(f.read(MAX_RECORD_BYTES))
             except (OSError, ValueError):
                 continue
             if isinstance(rec, dict):

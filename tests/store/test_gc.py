@@ -87,3 +87,17 @@ def test_prune_removes_what_a_killed_writer_left_outside_tmp(busybox_store):
     assert os.listdir(store.cache_dir / "blobinfo") == []
     assert sorted(os.listdir(store.containers_dir)) == [".cache", "live4567"]
     assert check_store(store) == 1
+
+
+def test_a_cache_record_of_a_long_run_line_is_a_root_too(busybox_store, tmp_path):
+    """A RUN line of more than 1 MiB (words up to 1 MiB each) makes a record that size: prune
+    used to read only its first MiB, found no JSON, and dropped the step's layer."""
+    store = busybox_store
+    cached = import_rootfs(store, _tree(tmp_path, "cached", "k"), "cached:1", epoch=0)
+    layer = store.image_for(cached).layers()[0]
+    (store.cache_dir / "long.json").write_text(json.dumps(
+        {"history": [{"created_by": "RUN echo " + "x" * (3 << 20)}],
+         "blobs": [layer.digest], "diff_ids": [layer.diff_id]}))
+    store.untag("cached:1")
+    prune(store)
+    assert store.has_blob(layer.digest) and store.has_layer_dir(layer.diff_id)
