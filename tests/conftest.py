@@ -38,6 +38,29 @@ def busybox_store(store, busybox_rootfs):
     return store
 
 
+def in_private_mount_ns(fn) -> str:
+    """``fn()`` run in a forked child with a mount namespace of its own (so the mounts it
+    makes vanish with it); its string result, or ``error: ...`` if it raised."""
+    from runtime import syscalls as sc
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            os.write(w, fn().encode())
+        except BaseException as e:
+            os.write(w, f"error: {e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
 class KilnCLI:
     def __init__(self, root: Path):
         self.root = root

@@ -11,7 +11,7 @@ import pytest
 
 from store.store import Store
 from store.transfer import load
-from tests.conftest import KilnCLI
+from tests.conftest import KilnCLI, in_private_mount_ns
 from tests.runtime.conftest import kiln_argv
 from tests.store.test_hostile_images import make_layout
 from tests.store.test_layers import _tar
@@ -131,21 +131,11 @@ def test_classic_overlay_fallback_with_150_layers(many_layers_root, tmp_path):
     layers = [str(store.layer_dir(la.diff_id)) for la in store.image("evil:1").layers()]
     for d in ("upper", "work", "merged", "scratch"):
         (tmp_path / d).mkdir()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            sc.unshare(sc.CLONE_NEWNS)
-            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-            rootfs._mount_overlay_classic(list(reversed(layers)), str(tmp_path / "upper"),
-                                          str(tmp_path / "work"), str(tmp_path / "merged"),
-                                          str(tmp_path / "scratch"), sc.MS_NODEV)
-            os.write(w, str(len([n for n in os.listdir(tmp_path / "merged")
-                                 if n.startswith("layer")])).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    out = os.read(r, 100)
-    os.waitpid(pid, 0)
-    assert out == b"149"
-    time.sleep(0)
+
+    def mount_and_count() -> str:
+        rootfs._mount_overlay_classic(list(reversed(layers)), str(tmp_path / "upper"),
+                                      str(tmp_path / "work"), str(tmp_path / "merged"),
+                                      str(tmp_path / "scratch"), sc.MS_NODEV)
+        return str(len([n for n in os.listdir(tmp_path / "merged") if n.startswith("layer")]))
+
+    assert in_private_mount_ns(mount_and_count) == "149"

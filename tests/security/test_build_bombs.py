@@ -18,22 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.builder.conftest import build_context
-from tests.conftest import PROJECT, KilnCLI
-from tests.security.tmpfs import tmpfs_store
+from tests.conftest import PROJECT
+from tests.security.tmpfs import tmpfs_store_fixtures
 
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs):
-    """The store of these builds: on a tmpfs of 512 MiB, which is all a regression could fill
-    (the first of these files wrote 26 GB of cache records)."""
-    mount = tmp_path_factory.mktemp("bombs") / "store"
-    with tmpfs_store(mount, "512m", busybox_rootfs) as kiln:
-        yield kiln.root
-
-
-@pytest.fixture
-def kb(broot) -> KilnCLI:
-    return KilnCLI(broot)
+# The store of these builds: on a tmpfs of 512 MiB, which is all a regression could fill
+# (the first of these files wrote 26 GB of cache records).
+broot, kb = tmpfs_store_fixtures("bombs", "512m")
 
 
 MEMORY_LIMIT = 3 << 30  # address space of the kiln process: a few GB, far below the 24 GB
@@ -108,6 +98,14 @@ def _assert_refused(p, elapsed: float, peak: int, line: int, *reasons: str) -> N
     assert peak < 1 << 30, f"peak RSS {peak >> 20} MiB"
 
 
+def _assert_build_limit_hit(p, elapsed: float, peak: int) -> None:
+    """Refused for the build's 64 MiB of text, at whichever line the error names."""
+    last = p.err.strip().splitlines()[-1]
+    assert "more than 64 MiB" in last, last[:500]
+    line = int(last.split("/Containerfile:")[1].split(":")[0])
+    _assert_refused(p, elapsed, peak, line)
+
+
 def _doubling(n: int, first: str = "x" * 64, kind: str = "ARG") -> str:
     lines = [f"{kind} A0={first}"]
     lines += [f"{kind} A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, n)]
@@ -167,11 +165,7 @@ def test_many_stages_each_under_the_limit_hit_it_together(broot, tmp_path):
     cf = "".join(f"FROM busybox AS s{n}\n{stage}" for n in range(20))
     cf += "FROM busybox\n" + "".join(f"COPY --from=s{n} /bin/true /t{n}\n" for n in range(20))
     ctx = build_context(tmp_path, cf)
-    p, elapsed, peak = _limited_build(broot, ctx)
-    last = p.err.strip().splitlines()[-1]
-    assert "more than 64 MiB" in last, last[:500]
-    line = int(last.split("/Containerfile:")[1].split(":")[0])
-    _assert_refused(p, elapsed, peak, line)
+    _assert_build_limit_hit(*_limited_build(broot, ctx))
 
 
 def test_a_replacement_that_multiplies_a_value_is_refused(broot, tmp_path):
@@ -187,11 +181,7 @@ def test_global_args_that_grow_hit_the_limit_before_from(broot, tmp_path):
     cf = _doubling(5, "x" * 60_000) + "".join(f"ARG B{i}=${{A4}}\n" for i in range(300)) \
         + "FROM busybox\n"
     ctx = build_context(tmp_path, cf)
-    p, elapsed, peak = _limited_build(broot, ctx)
-    last = p.err.strip().splitlines()[-1]
-    assert "more than 64 MiB" in last, last[:500]
-    line = int(last.split("/Containerfile:")[1].split(":")[0])
-    _assert_refused(p, elapsed, peak, line)
+    _assert_build_limit_hit(*_limited_build(broot, ctx))
 
 
 def test_values_under_the_limits_still_build(kb, broot, tmp_path):

@@ -18,21 +18,11 @@ import pytest
 
 from tests.builder.conftest import build_context
 from tests.conftest import PROJECT, KilnCLI
-from tests.security.tmpfs import tmpfs_store
+from tests.security.tmpfs import tmpfs_store_fixtures
 
-
-@pytest.fixture(scope="module")
-def broot(tmp_path_factory, busybox_rootfs):
-    """The store of these builds: on a tmpfs of 1 GiB (cache records used to grow with the
-    square of the steps: 1.4 GB for 5,000 ENV lines), which is all a regression could fill."""
-    mount = tmp_path_factory.mktemp("many") / "store"
-    with tmpfs_store(mount, "1g", busybox_rootfs) as kiln:
-        yield kiln.root
-
-
-@pytest.fixture
-def kb(broot) -> KilnCLI:
-    return KilnCLI(broot)
+# The store of these builds: on a tmpfs of 1 GiB (cache records used to grow with the square
+# of the steps: 1.4 GB for 5,000 ENV lines), which is all a regression could fill.
+broot, kb = tmpfs_store_fixtures("many", "1g")
 
 
 BOUND = 60  # seconds for a build of 100,000 instructions on this slow 2-core machine

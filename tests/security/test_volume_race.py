@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import in_private_mount_ns
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -120,28 +122,6 @@ def test_a_file_in_the_way_is_a_clear_error_in_container_terms(krun, tmp_path):
     assert "rootfs" not in p.err and "Traceback" not in p.err
 
 
-def _in_private_mount_ns(fn) -> str:
-    """Run ``fn()`` in a forked child with its own mount namespace; its string result back."""
-    from runtime import syscalls as sc
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            sc.unshare(sc.CLONE_NEWNS)
-            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-            os.write(w, fn().encode())
-        except BaseException as e:
-            os.write(w, f"error: {e!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
-
-
 def test_classic_bind_remounts_the_new_mount_only_after_checking_it(tmp_path):
     """Kernels without mount_setattr bind then remount: the remount must reach the new mount,
     found again by fd, and never something swapped in meanwhile."""
@@ -167,9 +147,9 @@ def test_classic_bind_remounts_the_new_mount_only_after_checking_it(tmp_path):
             return f"write: {e.strerror}"
         return "writable"
 
-    assert _in_private_mount_ns(lambda: bind_ro("/t")) == "write: Read-only file system"
+    assert in_private_mount_ns(lambda: bind_ro("/t")) == "write: Read-only file system"
     (root / "elsewhere").mkdir()
-    assert _in_private_mount_ns(lambda: bind_ro("/elsewhere")).startswith("refused: ")
+    assert in_private_mount_ns(lambda: bind_ro("/elsewhere")).startswith("refused: ")
     assert not list(src.iterdir())
 
 
@@ -208,7 +188,7 @@ def test_cache_mount_source_is_made_by_fd_under_attack(swapper, tmp_path):
                     refused += 1
             return str(refused)
 
-        refused = int(_in_private_mount_ns(mount_all))
+        refused = int(in_private_mount_ns(mount_all))
     assert not list(outside.iterdir()), f"created on the host: {list(outside.iterdir())}"
     assert refused < len(binds)
 

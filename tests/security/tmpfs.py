@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import KilnCLI
 
 
@@ -23,3 +25,19 @@ def tmpfs_store(mount: Path, size: str, busybox_rootfs: Path) -> Iterator[KilnCL
         yield kiln
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def tmpfs_store_fixtures(name: str, size: str):
+    """(broot, kb) fixtures for a test module: a store root on its own tmpfs of ``size``
+    (one per module), and a KilnCLI on it."""
+
+    @pytest.fixture(scope="module")
+    def broot(tmp_path_factory, busybox_rootfs):
+        with tmpfs_store(tmp_path_factory.mktemp(name) / "store", size, busybox_rootfs) as k:
+            yield k.root
+
+    @pytest.fixture
+    def kb(broot) -> KilnCLI:
+        return KilnCLI(broot)
+
+    return broot, kb
