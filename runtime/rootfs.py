@@ -30,8 +30,13 @@ def mount_overlay(layers: list[str], upper: str, work: str, target: str,
 
     ``scratch`` is a per-container dir for the fallback: short symlinks to the
     layer dirs, so even 150 layers fit the one-page option string.
+
+    A layer dir that is in the stack twice (steps with the same diff, such as two
+    ``RUN true``) is mounted once, at its highest place: overlayfs refuses a lowerdir
+    twice (ELOOP), and the lower copy changes nothing the higher one does not redo
+    (its files, whiteouts and opaque dirs are all applied again above what lies between).
     """
-    lowers = list(reversed(layers)) or [_empty_dir(scratch)]
+    lowers = list(dict.fromkeys(reversed(layers))) or [_empty_dir(scratch)]
     try:
         fd = sc.fsopen("overlay")
     except OSError:
