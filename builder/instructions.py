@@ -584,11 +584,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         elif local:
             ctx = b.context_for(inst)
             try:
-                selected = ctx.select(local)
-                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target) for f in selected]
+                selected = ctx.select(local, parents=parents)
+                dirs = _context_dirs(ctx, local, selected, parents)
+                if parents:  # recreated with their modes: part of what the step copies
+                    selected = sorted(selected + dirs, key=lambda f: f.path.encode(
+                        "utf-8", "surrogateescape"))
+                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target)
+                           for f in (selected if parents else selected + dirs)]
                 if parents or exclude:
-                    if parents:
-                        entries += _context_parent_dirs(str(b.opts.context), local, entries)
                     context_actions = plan_copy(local, dest, entries, workdir=workdir_,
                                                 chmod=chmod, parents=parents, exclude=exclude,
                                                 unpack=add, force_dir=total > 1)
@@ -702,30 +705,28 @@ def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmo
                      chmod=chmod, force_dir=force_dir)
 
 
-def _context_parent_dirs(root: str, sources: list[str], entries: list) -> list:
-    """--parents: the context directories between the root (or a /./ pivot) and each source,
-    which a COPY recreates with their modes."""
-    import stat as stat_
+def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> list:
+    """Context directories a COPY plan needs that ``select`` does not name: the one each glob
+    is matched in (an empty wildcard there is no error) and, with --parents, every directory
+    above a selected entry (the copy recreates them with their modes)."""
+    from builder import globs
 
-    from builder.copy import SourceEntry
-
-    have = {e.path for e in entries}
-    out = []
+    want: set[str] = set()
     for src in sources:
-        path = posixpath.normpath("/" + src.replace("/./", "/")).lstrip("/")
-        parts = path.split("/")[:-1]
-        for i in range(len(parts)):
-            sub = "/".join(parts[:i + 1])
-            if sub in have or any(c in sub for c in "*?["):
-                continue
-            try:
-                st = os.lstat(os.path.join(root, sub))
-            except OSError:
-                continue
-            if stat_.S_ISDIR(st.st_mode):
-                have.add(sub)
-                out.append(SourceEntry(sub, "dir", stat_.S_IMODE(st.st_mode)))
-    return out
+        if parents:
+            pivot, sep, _ = src.partition("/./")
+            want.add(globs.split_wildcards(globs.clean(pivot if sep else ""))[0])
+        elif globs.has_wildcards(src):
+            want.add(globs.split_wildcards(globs.clean(src))[0])
+    if parents:
+        for f in selected:
+            parent = f.path.rpartition("/")[0]
+            while parent and parent not in want:
+                want.add(parent)
+                parent = parent.rpartition("/")[0]
+    have = {f.path for f in selected}
+    found = [ctx.entry(d) for d in sorted(want - have) if d]
+    return [f for f in found if f is not None and f.kind == "dir"]
 
 
 def _from_layers(b: Builder, ref: str, plan, results, inst) -> list[str]:
