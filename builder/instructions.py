@@ -301,13 +301,9 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
             check_secrets(mounts, b.opts.secrets)
         except MountError as e:
             raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
+    scripts: dict[str, str] = {}  # heredoc files the command runs from /dev/pipes
     if inst.heredocs and not inst.json:
-        words = " ".join(inst.args).split()
-        if len(inst.heredocs) != 1 or len(words) != 1 or not words[0].startswith("<<"):
-            raise BuildError(f"{_where(inst)}: only `RUN <<EOF` (a script run by the shell) is "
-                             "supported among heredoc forms so far")
-        shell_cmd = state.run_config.get("Shell") or DEFAULT_SHELL
-        argv = [*shell_cmd, inst.heredocs[0].content]
+        argv, scripts = _heredoc_command(state, inst)
     else:
         argv = _command(state, inst)
     visible = {k: v for k, v in state.args.items()}
@@ -321,6 +317,8 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
     sources = {i: _bind_source(b, m, plan, results, inst) for i, m in enumerate(mounts)
                if m.type == "bind"}
     extra: dict = {"network": network}
+    if scripts:
+        extra["scripts"] = scripts
     if mounts:
         # a secret is in the key by its id only; a bind by what it shows
         extra["mounts"] = [_mount_key(b, m, sources.get(i), plan, results, inst)
@@ -339,12 +337,62 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
         with prepared_mounts(mounts, sources, work=work, store_root=str(b.store.root),
                              context_root=str(b.opts.context), secrets=b.opts.secrets,
                              seed=seed) as prepared:
-            _run_in_sandbox(b, state, argv, visible, upper, network, inst, prepared)
+            _run_in_sandbox(b, state, argv, visible, upper, network, inst, prepared,
+                            _script_binds(work, scripts, b.opts.epoch))
         b.commit(state, key, upper, history_text)
     except MountError as e:
         raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
     finally:
         remove_tree(work)
+
+
+def _heredoc_command(state: StageState, inst) -> tuple[list[str], dict[str, str]]:
+    """(argv, script files) of a shell-form RUN with heredocs, as BuildKit runs it.
+
+    A line that is a lone heredoc (``RUN <<EOF``) runs its body as the shell's command string,
+    or, when the body starts with ``#!``, as an executable file /dev/pipes/<name> that the
+    kernel hands to that interpreter. Any other line (``cat <<'EOF' > /f``, ``python3 <<EOF``,
+    several heredocs) goes to the shell with its bodies put back below it, so the shell feeds
+    them and expands an unquoted one at run time, as a shell does."""
+    from builder.parser import parse_heredoc_word
+
+    shell_cmd = state.run_config.get("Shell") or DEFAULT_SHELL
+    line = inst.args[0] if inst.args else ""
+    full = line + "".join(f"\n{d.content}{d.name}" for d in inst.heredocs)
+    try:
+        alone = parse_heredoc_word(line.strip(_SPACE)) if len(inst.heredocs) == 1 else None
+    except ValueError:
+        alone = None
+    if alone is None:
+        return [*shell_cmd, full], {}
+    doc = inst.heredocs[0]
+    if not doc.content.startswith("#!"):
+        return [*shell_cmd, doc.content], {}
+    if "/" in doc.name or doc.name in (".", ".."):
+        raise BuildError(f"{_where(inst)}: heredoc name {doc.name!r} cannot be a file name")
+    return [*shell_cmd, f"/dev/pipes/{doc.name}"], {doc.name: doc.content}
+
+
+_SPACE = " \t\r\n\v\f"
+
+
+def _script_binds(work: str, scripts: dict[str, str], epoch: int | None) -> list:
+    """The heredoc scripts of a RUN, written 0755 in a directory the sandbox shows read-only at
+    /dev/pipes (where BuildKit mounts them)."""
+    if not scripts:
+        return []
+    from runtime.spec import BindMount
+
+    directory = os.path.join(work, "pipes")
+    os.mkdir(directory, 0o755)
+    for name, body in scripts.items():
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(body)
+        os.chmod(path, 0o755)
+        if epoch is not None:
+            os.utime(path, (epoch, epoch))
+    return [BindMount(directory, "/dev/pipes", readonly=True)]
 
 
 def _bind_source(b: Builder, m, plan, results, inst):
@@ -405,7 +453,8 @@ def _seed_cache(b: Builder, m, directory: str, plan, results, inst, work: str) -
 
 
 def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[str, str],
-                    upper: str, network: str, inst, prepared=None) -> None:
+                    upper: str, network: str, inst, prepared=None,
+                    extra_binds: list | None = None) -> None:
     from builder.mounts import drop_mount_stubs
     from runtime.capabilities import resolve
     from runtime.cgroups import Limits, create_cgroup
@@ -440,7 +489,7 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
                             user=state.run_config.get("User") or ""),
         hostname="kiln-build", etc_files={"/etc/hosts": hosts, "/etc/resolv.conf": resolv},
         network=network, capabilities=caps, seccomp=profile_for(None, set(caps)),
-        binds=list(prepared.binds) if prepared is not None else [],
+        binds=[*(prepared.binds if prepared is not None else ()), *(extra_binds or ())],
         tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
     cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
