@@ -10,7 +10,7 @@ import os
 import posixpath
 
 from builder import cache
-from builder.engine import DEFAULT_SHELL, Builder, BuildError, StageState
+from builder.engine import DEFAULT_PATH, DEFAULT_SHELL, Builder, BuildError, StageState
 from store.errors import KilnError
 from store.fsutil import remove_tree
 
@@ -110,7 +110,10 @@ def maintainer(b: Builder, state: StageState, inst, plan, results) -> None:
 def workdir(b: Builder, state: StageState, inst, plan, results) -> None:
     path = _expand(b, state, " ".join(inst.args), inst)
     current = state.run_config.get("WorkingDir") or "/"
-    new = posixpath.normpath(posixpath.join(current, path))
+    # Docker keeps an absolute path as written (``/tmp/`` stays ``/tmp/``: BuildKit's
+    # NormalizeWorkdir, the classic builder's normalizeWorkdir); a relative one is joined to
+    # the current directory and cleaned
+    new = path if path.startswith("/") else posixpath.normpath(posixpath.join(current, path))
     state.run_config["WorkingDir"] = new
     text = f"WORKDIR {new}"
     # the directory is created (as docker) when a later RUN/COPY needs it, and here:
@@ -465,7 +468,7 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
     work = os.path.dirname(upper)
     env = dict(args)
     env.update(state.env)
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("PATH", DEFAULT_PATH)
     if prepared is not None:
         env.update(prepared.env)  # secrets given as env=: for this process only
     os.makedirs(os.path.join(work, "work"), exist_ok=True)
