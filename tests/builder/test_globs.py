@@ -118,3 +118,23 @@ def test_parents_wildcard_pivots(kb, tmp_path):
                  "di/d/e/baz", "di/d/e2/baz", "di/c/d/e/bar"]:
         assert path in got, (path, got)
     assert "di/d/e/bay" not in got and "dw/c/d/foo" not in got
+
+
+# -- the matcher itself -----------------------------------------------------------------------
+def test_split_and_match_as_fsutil_does():
+    from builder.globs import has_wildcards, match_parents, match_wildcards, split_wildcards
+
+    assert split_wildcards("e/a/*/x?.txt") == ("e/a", "*/x?.txt")
+    assert split_wildcards("a\\?b/c*") == ("a\\?b", "c*")  # an escaped one is no wildcard
+    assert split_wildcards("plain/path") == ("plain/path", "")
+    assert not has_wildcards("a\\*b") and has_wildcards("a\\\\*b")
+    kinds = {"d": "dir", "d/x": "dir", "d/x/y": "file", "d/x/x": "file", "d/xy": "file",
+             "f": "file"}
+    kind = kinds.get
+    assert match_wildcards("plain", kinds, kind) is None
+    assert match_wildcards("d/[x/]*", kinds, kind) == ["d/x", "d/xy"]  # '/' only in a class
+    assert match_wildcards("f/*", kinds, kind) == []  # a file has nothing below it
+    assert match_parents("d/./**/y", kinds, kind) == [("d/x/y", "d")]
+    assert match_parents("*/./x", kinds, kind) == [("d/x", "d")]
+    # a matched directory is taken whole: nothing below it is matched again
+    assert match_parents("**/x", kinds, kind) == [("d/x", "")]
