@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.ignore import IgnoreError, IgnoreMatcher, clean_path, compile_glob, has_glob
+from builder.ignore import IgnoreMatcher, clean_path
 from store.errors import KilnError
 from store.fsutil import fsync_dir
 
@@ -266,52 +266,76 @@ class Context:
             raise ContextError(f"COPY source {source!r}: cannot copy {first!r}, a "
                                f"{self._specials[first]}")
 
-    def select(self, sources: list[str]) -> list[ContextFile]:
+    def select(self, sources: list[str], *, parents: bool = False) -> list[ContextFile]:
         """The entries a COPY/ADD source list names, sorted, without duplicates.
 
-        A directory brings its whole subtree (and itself); globs use filepath.Match rules; a
-        glob that matches nothing selects nothing (as BuildKit), a plain path that is missing or
-        excluded is an error; so is a path that leaves the context.
+        A directory brings its whole subtree (and itself). Globs match as BuildKit's do
+        (builder.globs; with ``parents``, as ``COPY --parents`` patterns): a glob that matches
+        nothing selects nothing, but the directory it is matched in must exist. A plain path
+        that is missing or excluded is an error; so is a path that leaves the context.
         """
+        from builder import globs
+
         nodes = self._scan()
+        kind = self._kind
         chosen: set[str] = set()
+        # special files take part in matching only to be refused when a source names one
+        candidates = self._order + list(self._specials) if self._specials else self._order
         for source in sources:
             rel = _clean_source(source)
-            if rel == "":
-                self._refuse_specials(source, list(self._specials))
-                chosen.update(self._order)
-                continue
-            if has_glob(rel):
-                try:
-                    matcher = compile_glob(rel)
-                except IgnoreError as e:
-                    raise ContextError(f"COPY source {source!r}: {e}") from None
-                hits = [p for p in self._order if matcher(p)]
-                self._refuse_specials(source, [p for p in self._specials if matcher(p)])
-            elif rel in nodes:
+            try:
+                if parents:  # the source itself: cleaning would lose a /./ pivot
+                    hits = [p for p, _ in globs.match_parents(source, candidates, kind)]
+                else:
+                    hits = globs.match_wildcards(rel, candidates, kind)
+            except globs.GlobError as e:
+                raise ContextError(f"COPY source {source!r}: {e}") from None
+            except globs.SourceMissing as e:
+                raise ContextError(self._missing_reason(source, e.path)) from None
+            if hits is None:  # a plain path
+                if rel == "":
+                    self._refuse_specials(source, list(self._specials))
+                    chosen.update(self._order)
+                    continue
+                if rel not in nodes and rel not in self._specials:
+                    raise ContextError(self._missing_reason(source, rel))
                 hits = [rel]
-            elif rel in self._specials:
-                self._refuse_specials(source, [rel])
-            else:
-                raise ContextError(self._missing_reason(source, rel))
+            self._refuse_specials(source, [p for p in hits if p in self._specials])
             for p in hits:
+                if p == "":
+                    self._refuse_specials(source, list(self._specials))
+                    chosen.update(self._order)
+                    continue
                 chosen.add(p)
                 if nodes[p].kind == "dir":
                     self._refuse_specials(source, self._specials_under(p))
                     chosen.update(self._subtree(p))
         return [self._entry(nodes[p]) for p in sorted(chosen, key=_fs)]
 
+    def _kind(self, path: str) -> str | None:
+        node = self._nodes.get(path) if self._nodes is not None else None
+        if node is not None:
+            return node.kind
+        return "special" if path in self._specials else None
+
+    def entry(self, path: str) -> ContextFile | None:
+        """The entry at ``path`` (relative, clean), or None; hashes it if it is a file."""
+        node = self._scan().get(path)
+        return self._entry(node) if node is not None else None
+
     def _missing_reason(self, source: str, rel: str) -> str:
         if (self._ignore is not None and self._ignore.matches(rel)
                 and os.path.lexists(os.path.join(self._root_str, rel))):
             return (f"COPY source {source!r} is excluded by the ignore file "
                     "(.containerignore/.dockerignore)")
-        parent = rel.rpartition("/")[0]
+        parent = rel  # a glob's directory may be the symlink itself
         while parent:
             if os.path.islink(os.path.join(self._root_str, parent)):
                 return (f"COPY source {source!r}: {parent!r} is a symlink, and paths through "
                         "symlinks in the build context are not followed")
             parent = parent.rpartition("/")[0]
+        if rel != _clean_source(source):  # the directory a glob or a --parents pivot needs
+            return f"COPY source {source!r}: {rel!r}: no such directory in the build context"
         return f"COPY source {source!r}: no such file or directory in the build context"
 
     def digest_of(self, entries: list[ContextFile], *,

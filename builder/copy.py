@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import fnmatch
 import io
 import lzma
 import os
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+from builder import globs
 from store.compression import (
     IN_CHUNK,
     OUT_CHUNK,
@@ -71,24 +71,19 @@ def _clean(path: str) -> str:
     return "" if cleaned == "." else cleaned
 
 
-def _matches(pattern: str, path: str) -> bool:
-    pp, parts = pattern.split("/"), path.split("/")
-    return len(pp) == len(parts) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pp,
-                                                                                    strict=True))
-
-
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
               chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
               unpack: bool = False, force_dir: bool = False,
               source_name: str = "the build context") -> list[CopyAction]:
     """Docker's COPY rules: directory sources copy their contents, a trailing '/' or several
     sources (``force_dir``: counted by the caller across source kinds) make ``dest`` a
-    directory, globs match within one path level each.
+    directory, globs match within one path level each (builder.globs).
 
     ``parents`` (BuildKit's --parents) keeps each match's path below the context root, or
-    below a ``/./`` pivot in the source. ``exclude`` patterns (.dockerignore syntax) drop
-    entries, matched against the path below the source directory (with ``parents``: below the
-    pivot), and a glob's own matches against their path below the glob's fixed part.
+    below a ``/./`` pivot in the source; its sources are include patterns, where ``**`` spans
+    directories. ``exclude`` patterns (.dockerignore syntax) drop entries, matched against the
+    path below the source directory (with ``parents``: below the pivot), and a glob's own
+    matches against their path below the glob's fixed part.
     ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
     ``source_name`` says where a missing source was looked for ("stage build").
     """
@@ -99,26 +94,30 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
     by_path = {e.path: e for e in entries}
     excluded = _exclusion(exclude)
     matched: list[tuple[str, SourceEntry | None, str]] = []  # (path, entry, base it hangs from)
+    kind = _kinds(by_path)
     for src in sources:
-        base = ""
-        if parents and "/./" in src:
-            pivot, _, rest = src.partition("/./")
-            base = _clean(pivot)
-            src = pivot + "/" + rest
-        pattern = _clean(src)
-        if pattern in ("", "."):
+        try:
+            if parents:
+                found = globs.match_parents(src, by_path, kind)
+                if globs.has_wildcards(src):
+                    found = [(p, pivot) for p, pivot in found if not excluded(_below(p, pivot))]
+                # a whole pivot (``dir/./``) brings its contents, as the root does
+                matched += [(p, by_path.get(p) if p != pivot else None, pivot)
+                            for p, pivot in found]
+                continue
+            pattern = _clean(src)
+            hits = globs.match_wildcards(pattern, by_path, kind)
+        except globs.GlobError as e:
+            raise CopyError(f"{src}: {e}") from None
+        except globs.SourceMissing as e:
+            raise CopyError(f"{e.path}: no such file or directory in {source_name}") from None
+        if hits is not None:
+            glob_base = globs.split_wildcards(pattern)[0]
+            matched += [(p, by_path[p], "") for p in hits if not excluded(_below(p, glob_base))]
+        elif pattern == "":
             matched.append(("", None, ""))  # the whole source root
-            continue
-        if any(c in pattern for c in "*?["):
-            hits = [e for e in entries if _matches(pattern, e.path)]
-            glob_base = _fixed_part(pattern)
-            hits = [h for h in hits if not excluded(_below(h.path, base if parents else
-                                                            glob_base))]
-            if not hits and not exclude:
-                raise CopyError(f"no source files were specified: {src!r} matches nothing")
-            matched += [(h.path, h, base) for h in sorted(hits, key=lambda h: h.path)]
         elif pattern in by_path:
-            matched.append((pattern, by_path[pattern], base))
+            matched.append((pattern, by_path[pattern], ""))
         else:
             raise CopyError(f"{src}: no such file or directory in {source_name}")
     several = len(matched) > 1
@@ -130,7 +129,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
     for path, entry, base in matched:
         if parents:
             actions += _parent_dirs(path, base, dest, by_path, made)
-            target = posixpath.join(dest, _below(path, base)) if path else dest
+            target = posixpath.join(dest, _below(path, base)) if path != base else dest
         else:
             target = dest
         if entry is None or entry.kind == "dir":
@@ -168,17 +167,17 @@ def _exclusion(patterns: list[str] | None):
     return lambda path: bool(path) and matcher.matches(path)
 
 
-def _fixed_part(pattern: str) -> str:
-    """The leading path components of a glob without wildcards (BuildKit's splitWildcards)."""
-    fixed = []
-    for part in pattern.split("/"):
-        if any(c in part for c in "*?[\\"):
-            break
-        fixed.append(part)
-    return "/".join(fixed)
+def _kinds(by_path: dict[str, SourceEntry]):
+    def kind(path: str) -> str | None:
+        entry = by_path.get(path)
+        return entry.kind if entry is not None else None
+
+    return kind
 
 
 def _below(path: str, base: str) -> str:
+    if path == base:
+        return ""
     if not base:
         return path
     return path[len(base) + 1:] if path.startswith(base + "/") else path

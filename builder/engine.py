@@ -40,6 +40,8 @@ from store.errors import KilnError
 from store.store import Store, host_platform
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
+# What BuildKit puts in the Env of an image whose base has no PATH (scratch among them)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROXY_ARGS = frozenset({"HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY",
                         "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"})
 METADATA = {"ENV", "ARG", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "VOLUME",
@@ -386,11 +388,12 @@ class Builder:
     def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
         base = stage.base
         if base == "scratch":
-            config = {**host_platform(), "config": {}, "rootfs": {"type": "layers",
-                                                                  "diff_ids": []},
-                      "history": []}
+            # BuildKit's emptyImage: the root as working directory and the default PATH
+            config = {**host_platform(),
+                      "config": {"Env": [f"PATH={DEFAULT_PATH}"], "WorkingDir": "/"},
+                      "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
             return StageState(stage.name, stage.index, config, [], cache.step_key("", "scratch"),
-                              {}, stage.args)
+                              {}, stage.args, env={"PATH": DEFAULT_PATH})
         if stage.base_stage is not None:
             parent = results[stage.base_stage]
             # history entries are never changed in place (see _squash): the list is copied,
@@ -409,9 +412,12 @@ class Builder:
         config.setdefault("config", {})
         config.setdefault("history", [])
         env = env_from_list(e for e in config["config"].get("Env") or [] if isinstance(e, str))
-        return StageState(stage.name, stage.index, config, layers,
-                          cache.step_key("", "FROM " + image.digest), {}, stage.args,
-                          base_layer_count=len(layers), env=env)
+        state = StageState(stage.name, stage.index, config, layers,
+                           cache.step_key("", "FROM " + image.digest), {}, stage.args,
+                           base_layer_count=len(layers), env=env)
+        if "PATH" not in env:  # BuildKit makes sure every stage has one, after the image's
+            state.set_env("PATH", DEFAULT_PATH)
+        return state
 
     def _build_stages(self, plan) -> dict[int, StageState]:
         """Stages that do not depend on each other build at the same time, in threads."""

@@ -408,17 +408,14 @@ def compile_glob(pattern: str) -> Callable[[str], bool]:
     return lambda path: regex.fullmatch(path) is not None
 
 
-def has_glob(pattern: str) -> bool:
-    """True if ``pattern`` has an unescaped ``*``, ``?`` or ``[``."""
-    i = 0
-    while i < len(pattern):
-        if pattern[i] == "\\":
-            i += 2
-            continue
-        if pattern[i] in "*?[":
-            return True
-        i += 1
-    return False
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """One pattern of .dockerignore syntax (``**`` spans directories), cleaned as
+    patternmatcher cleans it, as a predicate on a path itself (not on its parents). Raises
+    IgnoreError on a malformed pattern."""
+    compiled = _compile_pattern(clean_path(go_trim_space(pattern)), False, pattern)
+    if compiled.error:
+        raise IgnoreError(compiled.error)
+    return compiled.match
 
 
 # ---------------------------------------------------------------------------------------------

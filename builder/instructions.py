@@ -10,7 +10,7 @@ import os
 import posixpath
 
 from builder import cache
-from builder.engine import DEFAULT_SHELL, Builder, BuildError, StageState
+from builder.engine import DEFAULT_PATH, DEFAULT_SHELL, Builder, BuildError, StageState
 from store.errors import KilnError
 from store.fsutil import remove_tree
 
@@ -110,7 +110,10 @@ def maintainer(b: Builder, state: StageState, inst, plan, results) -> None:
 def workdir(b: Builder, state: StageState, inst, plan, results) -> None:
     path = _expand(b, state, " ".join(inst.args), inst)
     current = state.run_config.get("WorkingDir") or "/"
-    new = posixpath.normpath(posixpath.join(current, path))
+    # Docker keeps an absolute path as written (``/tmp/`` stays ``/tmp/``: BuildKit's
+    # NormalizeWorkdir, the classic builder's normalizeWorkdir); a relative one is joined to
+    # the current directory and cleaned
+    new = path if path.startswith("/") else posixpath.normpath(posixpath.join(current, path))
     state.run_config["WorkingDir"] = new
     text = f"WORKDIR {new}"
     # the directory is created (as docker) when a later RUN/COPY needs it, and here:
@@ -301,13 +304,9 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
             check_secrets(mounts, b.opts.secrets)
         except MountError as e:
             raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
+    scripts: dict[str, str] = {}  # heredoc files the command runs from /dev/pipes
     if inst.heredocs and not inst.json:
-        words = " ".join(inst.args).split()
-        if len(inst.heredocs) != 1 or len(words) != 1 or not words[0].startswith("<<"):
-            raise BuildError(f"{_where(inst)}: only `RUN <<EOF` (a script run by the shell) is "
-                             "supported among heredoc forms so far")
-        shell_cmd = state.run_config.get("Shell") or DEFAULT_SHELL
-        argv = [*shell_cmd, inst.heredocs[0].content]
+        argv, scripts = _heredoc_command(state, inst)
     else:
         argv = _command(state, inst)
     visible = {k: v for k, v in state.args.items()}
@@ -321,6 +320,8 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
     sources = {i: _bind_source(b, m, plan, results, inst) for i, m in enumerate(mounts)
                if m.type == "bind"}
     extra: dict = {"network": network}
+    if scripts:
+        extra["scripts"] = scripts
     if mounts:
         # a secret is in the key by its id only; a bind by what it shows
         extra["mounts"] = [_mount_key(b, m, sources.get(i), plan, results, inst)
@@ -339,12 +340,62 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
         with prepared_mounts(mounts, sources, work=work, store_root=str(b.store.root),
                              context_root=str(b.opts.context), secrets=b.opts.secrets,
                              seed=seed) as prepared:
-            _run_in_sandbox(b, state, argv, visible, upper, network, inst, prepared)
+            _run_in_sandbox(b, state, argv, visible, upper, network, inst, prepared,
+                            _script_binds(work, scripts, b.opts.epoch))
         b.commit(state, key, upper, history_text)
     except MountError as e:
         raise BuildError(f"{_where(inst)}: RUN --mount: {e}") from None
     finally:
         remove_tree(work)
+
+
+def _heredoc_command(state: StageState, inst) -> tuple[list[str], dict[str, str]]:
+    """(argv, script files) of a shell-form RUN with heredocs, as BuildKit runs it.
+
+    A line that is a lone heredoc (``RUN <<EOF``) runs its body as the shell's command string,
+    or, when the body starts with ``#!``, as an executable file /dev/pipes/<name> that the
+    kernel hands to that interpreter. Any other line (``cat <<'EOF' > /f``, ``python3 <<EOF``,
+    several heredocs) goes to the shell with its bodies put back below it, so the shell feeds
+    them and expands an unquoted one at run time, as a shell does."""
+    from builder.parser import parse_heredoc_word
+
+    shell_cmd = state.run_config.get("Shell") or DEFAULT_SHELL
+    line = inst.args[0] if inst.args else ""
+    full = line + "".join(f"\n{d.content}{d.name}" for d in inst.heredocs)
+    try:
+        alone = parse_heredoc_word(line.strip(_SPACE)) if len(inst.heredocs) == 1 else None
+    except ValueError:
+        alone = None
+    if alone is None:
+        return [*shell_cmd, full], {}
+    doc = inst.heredocs[0]
+    if not doc.content.startswith("#!"):
+        return [*shell_cmd, doc.content], {}
+    if "/" in doc.name or doc.name in (".", ".."):
+        raise BuildError(f"{_where(inst)}: heredoc name {doc.name!r} cannot be a file name")
+    return [*shell_cmd, f"/dev/pipes/{doc.name}"], {doc.name: doc.content}
+
+
+_SPACE = " \t\r\n\v\f"
+
+
+def _script_binds(work: str, scripts: dict[str, str], epoch: int | None) -> list:
+    """The heredoc scripts of a RUN, written 0755 in a directory the sandbox shows read-only at
+    /dev/pipes (where BuildKit mounts them)."""
+    if not scripts:
+        return []
+    from runtime.spec import BindMount
+
+    directory = os.path.join(work, "pipes")
+    os.mkdir(directory, 0o755)
+    for name, body in scripts.items():
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(body)
+        os.chmod(path, 0o755)
+        if epoch is not None:
+            os.utime(path, (epoch, epoch))
+    return [BindMount(directory, "/dev/pipes", readonly=True)]
 
 
 def _bind_source(b: Builder, m, plan, results, inst):
@@ -405,7 +456,8 @@ def _seed_cache(b: Builder, m, directory: str, plan, results, inst, work: str) -
 
 
 def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[str, str],
-                    upper: str, network: str, inst, prepared=None) -> None:
+                    upper: str, network: str, inst, prepared=None,
+                    extra_binds: list | None = None) -> None:
     from builder.mounts import drop_mount_stubs
     from runtime.capabilities import resolve
     from runtime.cgroups import Limits, create_cgroup
@@ -416,7 +468,7 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
     work = os.path.dirname(upper)
     env = dict(args)
     env.update(state.env)
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("PATH", DEFAULT_PATH)
     if prepared is not None:
         env.update(prepared.env)  # secrets given as env=: for this process only
     os.makedirs(os.path.join(work, "work"), exist_ok=True)
@@ -440,7 +492,7 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
                             user=state.run_config.get("User") or ""),
         hostname="kiln-build", etc_files={"/etc/hosts": hosts, "/etc/resolv.conf": resolv},
         network=network, capabilities=caps, seccomp=profile_for(None, set(caps)),
-        binds=list(prepared.binds) if prepared is not None else [],
+        binds=[*(prepared.binds if prepared is not None else ()), *(extra_binds or ())],
         tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
     cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
@@ -584,11 +636,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         elif local:
             ctx = b.context_for(inst)
             try:
-                selected = ctx.select(local)
-                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target) for f in selected]
+                selected = ctx.select(local, parents=parents)
+                dirs = _context_dirs(ctx, local, selected, parents)
+                if parents:  # recreated with their modes: part of what the step copies
+                    selected = sorted(selected + dirs, key=lambda f: f.path.encode(
+                        "utf-8", "surrogateescape"))
+                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target)
+                           for f in (selected if parents else selected + dirs)]
                 if parents or exclude:
-                    if parents:
-                        entries += _context_parent_dirs(str(b.opts.context), local, entries)
                     context_actions = plan_copy(local, dest, entries, workdir=workdir_,
                                                 chmod=chmod, parents=parents, exclude=exclude,
                                                 unpack=add, force_dir=total > 1)
@@ -702,30 +757,28 @@ def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmo
                      chmod=chmod, force_dir=force_dir)
 
 
-def _context_parent_dirs(root: str, sources: list[str], entries: list) -> list:
-    """--parents: the context directories between the root (or a /./ pivot) and each source,
-    which a COPY recreates with their modes."""
-    import stat as stat_
+def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> list:
+    """Context directories a COPY plan needs that ``select`` does not name: the one each glob
+    is matched in (an empty wildcard there is no error) and, with --parents, every directory
+    above a selected entry (the copy recreates them with their modes)."""
+    from builder import globs
 
-    from builder.copy import SourceEntry
-
-    have = {e.path for e in entries}
-    out = []
+    want: set[str] = set()
     for src in sources:
-        path = posixpath.normpath("/" + src.replace("/./", "/")).lstrip("/")
-        parts = path.split("/")[:-1]
-        for i in range(len(parts)):
-            sub = "/".join(parts[:i + 1])
-            if sub in have or any(c in sub for c in "*?["):
-                continue
-            try:
-                st = os.lstat(os.path.join(root, sub))
-            except OSError:
-                continue
-            if stat_.S_ISDIR(st.st_mode):
-                have.add(sub)
-                out.append(SourceEntry(sub, "dir", stat_.S_IMODE(st.st_mode)))
-    return out
+        if parents:
+            pivot, sep, _ = src.partition("/./")
+            want.add(globs.split_wildcards(globs.clean(pivot if sep else ""))[0])
+        elif globs.has_wildcards(src):
+            want.add(globs.split_wildcards(globs.clean(src))[0])
+    if parents:
+        for f in selected:
+            parent = f.path.rpartition("/")[0]
+            while parent and parent not in want:
+                want.add(parent)
+                parent = parent.rpartition("/")[0]
+    have = {f.path for f in selected}
+    found = [ctx.entry(d) for d in sorted(want - have) if d]
+    return [f for f in found if f is not None and f.kind == "dir"]
 
 
 def _from_layers(b: Builder, ref: str, plan, results, inst) -> list[str]:
