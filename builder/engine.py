@@ -129,8 +129,7 @@ class StageState:
         return self.config.setdefault("config", {})
 
     def set_env(self, key: str, value: str) -> None:
-        self.env.pop(key, None)  # a key set again moves to the end, as it always did
-        self.env[key] = value
+        self.env[key] = value  # a key set again keeps its place (BuildKit's addEnv)
         self.env_changed = True
 
     def sync_env(self) -> None:

@@ -62,3 +62,12 @@ def test_workdir_keeps_an_absolute_path_as_written(kb, tmp_path):
     kb("build", "-q", "-t", "wd-slash:3", str(ctx))
     assert _config(kb, "wd-slash:3")["WorkingDir"] == "/app/y"
     assert kb("run", "--rm", "wd-slash:3", "cat", "/p").out == "/app\n"
+
+
+def test_env_set_again_keeps_its_place(kb, tmp_path):
+    """BuildKit's addEnv (and buildah) replace a key where it stands in Env."""
+    ctx = _ctx(tmp_path, "FROM busybox\nENV A=1 B=2\nENV A=3\nENV PATH=/x:$PATH\n")
+    kb("build", "-t", "envorder:1", str(ctx))
+    env = json.loads(kb("inspect", "envorder:1").out)[0]["Config"]["Env"]
+    assert env == ["PATH=/x:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "A=3", "B=2"]
