@@ -471,6 +471,7 @@ class _Refused(Exception):
 class _Extraction:
     root_host: str  # the destination directory (host path inside the merged view)
     owner: tuple[int, int] | None
+    image_root: str = ""  # the merged view's root: where a symlink may point
     entries: int = 0
     written: int = 0
     dirs: list[tuple[str, int]] = field(default_factory=list)  # (host path, mtime) to restamp
@@ -552,7 +553,7 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
     _makedirs(root, dest_host, *(owner or (0, 0)))
     if owner is not None and not os.path.islink(dest_host):
         os.chown(dest_host, *owner)
-    x = _Extraction(dest_host, owner)
+    x = _Extraction(dest_host, owner, root)
     shown = name or os.path.basename(path)
     member_name = ""
     try:
@@ -618,7 +619,8 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
             os.chmod(name, mode, dir_fd=pfd)
             x.dirs.append((os.readlink(f"/proc/self/fd/{pfd}") + "/" + name, int(m.mtime)))
         elif m.issym():
-            _check_link_target(parts, m.linkname)
+            _check_link_target(parts, m.linkname, os.readlink(f"/proc/self/fd/{pfd}"),
+                               x.image_root)
             os.symlink(m.linkname, name, dir_fd=pfd)
             pfd = x.reopen(parts[:-1])
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
@@ -663,16 +665,24 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
         raise _Refused(f"cannot create it: {e.strerror}") from None
 
 
-def _check_link_target(parts: list[str], target: str) -> None:
-    """docker: a symlink may point anywhere inside the destination (absolute targets are read
-    inside it), not above it."""
+def _check_link_target(parts: list[str], target: str, parent_host: str,
+                       image_root: str) -> None:
+    """A symlink may point anywhere inside the image: above the ADD destination too (docker
+    keeps ``symldir1 -> ..``, and names through it resolve inside the destination, docker's
+    chroot), but not above the image's root (docker would keep that too, clamped; kiln
+    refuses it). Absolute targets are read inside the image."""
     if target.startswith("/"):
         return
-    try:
-        _clean_member("/".join([*parts[:-1], target]))
-    except _Refused:
-        raise _Refused(f"symlink {'/'.join(parts)} -> {target} points outside of the "
-                       "destination") from None
+    rel = os.path.relpath(parent_host, image_root)
+    depth = 0 if rel == "." else len(rel.split(os.sep))
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise _Refused(f"symlink {'/'.join(parts)} -> {target} points outside of the "
+                               "image's root")
+        elif part not in ("", "."):
+            depth += 1
 
 
 def _xattrs(pfd: int, name: str, m: tarfile.TarInfo) -> None:
