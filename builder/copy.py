@@ -389,9 +389,10 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
 
     Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
     moby/moby#38599) by their owner in the source; directories the copy makes for the
-    destination are 0755 and owned by ``uid:gid`` (0:0 unless --chown), as BuildKit's;
-    directories get their source's times once filled. Destination symlinks resolve inside
-    ``root``.
+    destination are 0755 and owned by ``uid:gid`` (0:0 unless --chown), as BuildKit's.
+    Extended attributes (user.*, security.capability...) come along, best effort as
+    BuildKit's; directories get their source's times once filled. Destination symlinks
+    resolve inside ``root``.
     An action with ``unpack_to`` whose source is a tar archive (plain, gzip, bzip2, xz or
     zstd) is extracted there instead, its entries owned as the archive says unless
     ``archive_owner`` (ADD --chown) is given.
@@ -459,6 +460,7 @@ class _Writer:
             st = os.lstat(src) if src is not None else None
             os.chown(target, *self._owner(st), follow_symlinks=False)
             if st is not None:
+                _copy_xattrs(src, target)
                 os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
             return 0
         assert src is not None
@@ -507,8 +509,8 @@ class _Writer:
 
     def _inside_dir(self, a: CopyAction, target: str, src: str | None) -> None:
         """A directory inside a copied one: made, or merged into a directory there, which
-        takes the source's mode and owner (as BuildKit's); anything else there fails the
-        copy."""
+        takes the source's mode, owner and attributes (as BuildKit's); anything else there
+        fails the copy."""
         try:
             st = os.lstat(target)
         except FileNotFoundError:
@@ -524,6 +526,7 @@ class _Writer:
         os.chown(target, *self._owner(src_st), follow_symlinks=False)
         os.chmod(target, stat.S_IMODE(a.mode))
         if src is not None:
+            _copy_xattrs(src, target)
             self.stamps.append((target, src))
 
     def stamp_dirs(self) -> None:
@@ -559,13 +562,30 @@ def _clear(target: str, a: CopyAction, *, forget: Callable[[str], None] | None =
     return target
 
 
+def _copy_xattrs(src: str | int, target: str | int) -> None:
+    """The extended attributes of ``src`` onto ``target`` (paths are not followed), but
+    trusted.* (overlayfs' own among them); best effort, as BuildKit's copy."""
+    follow = not isinstance(src, str)
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("trusted."):
+            continue
+        with contextlib.suppress(OSError):
+            value = os.getxattr(src, name, follow_symlinks=follow)
+            os.setxattr(target, name, value, follow_symlinks=not isinstance(target, str))
+
+
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _copy_file(src: str, target: str, mode: int,
                owner: tuple[int, int] | Callable[[os.stat_result], tuple[int, int]],
                mtime: int | None, make_room: Callable[[], str] | None = None) -> int:
-    """One file, all by descriptors: content (sendfile), owner, mode, times.
+    """One file, all by descriptors: content (sendfile), owner, mode, extended attributes
+    (after the owner: a chown drops file capabilities), times.
 
     ``owner`` is a pair, or a function of the source's stat. If ``target`` exists,
     ``make_room()`` says where the file goes instead (or clears the way) and the file is
@@ -588,6 +608,7 @@ def _copy_file(src: str, target: str, mode: int,
                 done += n
             os.fchown(fout, *(owner(st) if callable(owner) else owner))
             os.fchmod(fout, mode)
+            _copy_xattrs(fin, fout)
             os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
                      (mtime * 10**9, mtime * 10**9))
         finally:
