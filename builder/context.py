@@ -338,6 +338,16 @@ class Context:
             return f"COPY source {source!r}: {rel!r}: no such directory in the build context"
         return f"COPY source {source!r}: no such file or directory in the build context"
 
+    def link_target(self, rel: str) -> str | None:
+        """The target of the symlink at ``rel`` ('/'-separated, clean), or None if there is no
+        symlink there (or it is excluded)."""
+        node = self._scan().get(rel)
+        return node.link_target if node is not None and node.kind == "symlink" else None
+
+    def has(self, rel: str) -> bool:
+        """Whether ``rel`` ('' the root) is in the context (not excluded)."""
+        return rel == "" or rel in self._scan()
+
     def digest_of(self, entries: list[ContextFile], *,
                   dest_names: list[str] | None = None) -> str:
         """One sha256 over the names, kinds, modes, symlink targets and content digests of

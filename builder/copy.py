@@ -5,6 +5,16 @@ its own; ``apply_copy`` runs inside the build workspace (a forked child with
 the image's merged filesystem mounted), resolving the destination's symlinks
 inside that root, never outside.
 
+Symlinks, as BuildKit's COPY (fsutil's copy with FollowLinks): a source path's own symlinks
+(its last component and its parents) are followed inside the source root, and the file or
+directory they lead to is copied under the name the source was given; symlinks inside a
+copied directory stay symlinks. The destination as written has its symlinks followed inside
+the image (fs.RootPath). Below it, a directory merges into a directory and a file or symlink
+replaces a file or symlink, but neither replaces the other kind: BuildKit refuses that
+("cannot replace to directory", "cannot copy to non-directory"; moby/buildkit#2626), where
+the classic builder and buildah replace (moby/moby#41035 calls that a bug: a usrmerged /bin
+symlink became a directory).
+
 ADD's local archives (tar, plain or gzip/bzip2/xz/zstd compressed) are extracted here too,
 with docker's semantics rather than a layer's: ``.wh.`` names are ordinary files, entries
 merge into what the image has, and every path stays inside the destination directory.
@@ -58,12 +68,87 @@ class SourceEntry:
 
 @dataclass(frozen=True)
 class CopyAction:
-    src: str | None  # relative to the source root; None for a directory made by the copy
+    src: str | None  # relative to the source root ('' the root); None: a directory made here
     dest: str  # absolute path in the image
     kind: str
     mode: int
     link_target: str | None = None
     unpack_to: str | None = None  # ADD: extract here instead if the file is a tar archive
+    # the destination as the user wrote it: its symlinks are followed (BuildKit resolves it
+    # in the image), a file goes into a directory found there, and a directory found there
+    # keeps its owner and mode. Else the action is an entry below it, which replaces what
+    # is in its way.
+    at_dest: bool = True
+    name: str | None = None  # the source's name as given (a followed symlink's, not its target's)
+
+
+MAX_SYMLINKS = 40  # as the kernel's
+
+
+@dataclass(frozen=True)
+class Followed:
+    path: str  # the resolved path, relative to the source root ('' is the root)
+    links: tuple[tuple[str, str], ...]  # (symlink, its target) followed on the way
+
+
+def follow(path: str, link_target: Callable[[str], str | None]) -> Followed:
+    """``path`` (relative to a source root) with its symlinks followed as if the root were '/'
+    (BuildKit's FollowLinks: an absolute target starts again at the root, '..' stops there).
+
+    ``link_target(rel)`` gives the target of the symlink at ``rel``, or None."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links: list[tuple[str, str]] = []
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        rel = "/".join([*resolved, part])
+        target = link_target(rel)
+        if target is None:
+            resolved.append(part)
+            continue
+        links.append((rel, target))
+        if len(links) > MAX_SYMLINKS:
+            raise CopyError(f"{path}: too many levels of symbolic links")
+        if target.startswith("/"):
+            resolved = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return Followed("/".join(resolved), tuple(links))
+
+
+def _climbs_out(link: str, target: str) -> bool:
+    """Whether ``target``, read from the directory of the symlink ``link``, leaves the root:
+    an absolute path, or more '..' than the link is deep."""
+    if target.startswith("/"):
+        return True
+    depth = link.count("/")
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+def missing_through_links(source: str, followed: Followed, source_name: str) -> str:
+    """Why ``source`` is not there although it names something: the symlinks it went through.
+    For the build context, a symlink that points out of it is named as such: BuildKit
+    follows it inside the context (and fails: "failed to compute cache key: ... not found"),
+    never on the host."""
+    outside = source_name == _CONTEXT
+    for link, target in followed.links:
+        if outside and _climbs_out(link, target):
+            return (f"{source}: the symlink {link} -> {target} points outside the build context "
+                    f"(symlinks are followed inside the context, as Docker does, and there is "
+                    f"no /{followed.path} in it)")
+    link, target = followed.links[-1]
+    return (f"{source}: the symlink {link} -> {target} leads to /{followed.path}, which is not "
+            f"in {source_name}")
 
 
 def _clean(path: str) -> str:
@@ -74,26 +159,47 @@ def _clean(path: str) -> str:
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
               chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
               unpack: bool = False, force_dir: bool = False,
-              source_name: str = "the build context") -> list[CopyAction]:
+              source_name: str = "the build context",
+              follow_links: bool | None = None) -> list[CopyAction]:
     """Docker's COPY rules: directory sources copy their contents, a trailing '/' or several
     sources (``force_dir``: counted by the caller across source kinds) make ``dest`` a
     directory, globs match within one path level each (builder.globs).
 
-    ``parents`` (BuildKit's --parents) keeps each match's path below the context root, or
-    below a ``/./`` pivot in the source; its sources are include patterns, where ``**`` spans
-    directories. ``exclude`` patterns (.dockerignore syntax) drop entries, matched against the
+    ``follow_links`` (default: not ``parents``, as BuildKit, whose --parents copies what its
+    patterns match as it is) follows each source's symlinks inside the source root: the
+    entries must hold the symlinks on the way and what they lead to. ``parents`` (BuildKit's
+    --parents) keeps each match's path below the context root, or below a ``/./`` pivot in
+    the source; its sources are include patterns, where ``**`` spans directories.
+    ``exclude`` patterns (.dockerignore syntax) drop entries, matched against the
     path below the source directory (with ``parents``: below the pivot), and a glob's own
     matches against their path below the glob's fixed part.
     ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
     ``source_name`` says where a missing source was looked for ("stage build").
     """
+    if follow_links is None:
+        follow_links = not parents
     if not dest.startswith("/"):
         dest = posixpath.join(workdir or "/", dest)
     dest_is_dir = dest.endswith("/") or dest.endswith("/.") or force_dir or parents
     dest = posixpath.normpath(dest)
     by_path = {e.path: e for e in entries}
     excluded = _exclusion(exclude)
-    matched: list[tuple[str, SourceEntry | None, str]] = []  # (path, entry, base it hangs from)
+    def link_target(rel: str) -> str | None:
+        e = by_path.get(rel)
+        return e.link_target if e is not None and e.kind == "symlink" else None
+
+    def followed(src: str, rel: str) -> tuple[str, SourceEntry | None]:
+        if not follow_links:
+            return rel, by_path[rel]
+        f = follow(rel, link_target)
+        entry = by_path.get(f.path)
+        if f.path and entry is None:
+            raise CopyError(missing_through_links(src, f, source_name) if f.links else
+                            f"{src}: no such file or directory in {source_name}")
+        return f.path, entry
+
+    # (path whose entries are copied, its entry, base it hangs from, the name it is copied as)
+    matched: list[tuple[str, SourceEntry | None, str, str]] = []
     kind = _kinds(by_path)
     for src in sources:
         try:
@@ -102,22 +208,34 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                 if globs.has_wildcards(src):
                     found = [(p, pivot) for p, pivot in found if not excluded(_below(p, pivot))]
                 # a whole pivot (``dir/./``) brings its contents, as the root does
-                matched += [(p, by_path.get(p) if p != pivot else None, pivot)
-                            for p, pivot in found]
+                matched += [(p, by_path.get(p) if p != pivot else None, pivot,
+                             posixpath.basename(p)) for p, pivot in found]
                 continue
             pattern = _clean(src)
+            glob_base = globs.split_wildcards(pattern)[0]
+            if follow_links and glob_base and glob_base != pattern:
+                # the fixed part's symlinks lead to where the wildcard is matched
+                resolved = follow(glob_base, link_target).path
+                pattern = posixpath.join(resolved, pattern[len(glob_base):].lstrip("/"))
+                glob_base = resolved
             hits = globs.match_wildcards(pattern, by_path, kind)
         except globs.GlobError as e:
             raise CopyError(f"{src}: {e}") from None
         except globs.SourceMissing as e:
             raise CopyError(f"{e.path}: no such file or directory in {source_name}") from None
         if hits is not None:
-            glob_base = globs.split_wildcards(pattern)[0]
-            matched += [(p, by_path[p], "") for p in hits if not excluded(_below(p, glob_base))]
+            for p in hits:
+                if excluded(_below(p, glob_base)):
+                    continue
+                entry = by_path[p]
+                if follow_links and entry.kind == "symlink":
+                    matched.append((*followed(src, p), "", posixpath.basename(p)))
+                else:
+                    matched.append((p, entry, "", posixpath.basename(p)))
         elif pattern == "":
-            matched.append(("", None, ""))  # the whole source root
-        elif pattern in by_path:
-            matched.append((pattern, by_path[pattern], ""))
+            matched.append(("", None, "", ""))  # the whole source root
+        elif pattern in by_path or follow_links:
+            matched.append((*followed(src, pattern), "", posixpath.basename(pattern)))
         else:
             raise CopyError(f"{src}: no such file or directory in {source_name}")
     several = len(matched) > 1
@@ -126,7 +244,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                         f"must be a directory and end with a / (got {dest!r})")
     actions: list[CopyAction] = []
     made: set[str] = set()
-    for path, entry, base in matched:
+    for path, entry, base, name in matched:
         if parents:
             actions += _parent_dirs(path, base, dest, by_path, made)
             target = posixpath.join(dest, _below(path, base)) if path != base else dest
@@ -134,8 +252,12 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             target = dest
         if entry is None or entry.kind == "dir":
             # the directory's contents (with --parents: the directory itself, then them)
-            if entry is not None:
-                actions.append(CopyAction(None, target, "dir", chmod or entry.mode))
+            if parents:
+                if entry is not None:
+                    actions.append(CopyAction(path, target, "dir", chmod or entry.mode,
+                                              at_dest=False))
+            else:  # BuildKit: made 0755 if missing (its owner --chown's), else kept as it is
+                actions.append(CopyAction(path, target, "dir", chmod or 0o755))
             prefix = path + "/" if path else ""
             for e in sorted(entries, key=lambda e: e.path):
                 if path and not e.path.startswith(prefix):
@@ -144,14 +266,59 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                 if excluded(_below(e.path, base) if parents else rel):
                     continue
                 actions.append(CopyAction(e.path, posixpath.join(target, rel), e.kind,
-                                          _mode(e, chmod), e.link_target))
+                                          _mode(e, chmod), e.link_target, at_dest=False))
         else:
-            if not parents and (dest_is_dir or several):
-                target = posixpath.join(dest, posixpath.basename(path))
+            named = parents or dest_is_dir or several
+            if not parents and named:
+                target = posixpath.join(dest, name)
             unpack_to = dest if unpack and entry.kind == "file" and not parents else None
             actions.append(CopyAction(entry.path, target, entry.kind, _mode(entry, chmod),
-                                      entry.link_target, unpack_to))
+                                      entry.link_target, unpack_to, at_dest=not named,
+                                      name=name))
     return actions
+
+
+def select_from_context(ctx, sources: list[str], *, follow_links: bool = True,
+                        parents: bool = False) -> list:
+    """The build context's entries (hashed ContextFiles) that COPY ``sources`` need. With
+    ``follow_links`` a source's symlinks are followed inside the context, as BuildKit's COPY
+    does (never on the host): the links on its way are selected with what they lead to, and
+    so are the symlinks a glob matches. One that leads nowhere fails here, by name."""
+    if not follow_links:
+        return ctx.select(sources, parents=parents)
+    from builder.ignore import clean_path
+
+    def resolved(source: str, rel: str) -> list[str]:
+        f = follow(rel, ctx.link_target)
+        if not f.links:
+            return [source]
+        if not ctx.has(f.path) and not os.path.lexists(os.path.join(ctx.root, f.path)):
+            raise CopyError("COPY source " + missing_through_links(repr(source), f, _CONTEXT))
+        return [link for link, _ in f.links] + [f.path or "."]
+
+    wanted: list[str] = []
+    wildcards: list[tuple[str, str]] = []
+    for src in sources:
+        rel = clean_path(src.lstrip("/") or ".") if src.strip() else ".."
+        if rel == ".." or rel.startswith("../"):
+            wanted.append(src)  # refused by select, which says why
+        elif globs.has_wildcards(rel):
+            fixed = globs.split_wildcards(rel)[0]
+            f = follow(fixed, ctx.link_target) if fixed else Followed("", ())
+            pattern = posixpath.join(f.path, rel[len(fixed):].lstrip("/"))
+            wanted += [link for link, _ in f.links] + [pattern]
+            wildcards.append((src, pattern))
+        else:
+            wanted += resolved(src, "" if rel == "." else rel)
+    selected = ctx.select(wanted)
+    more = []
+    for src, pattern in wildcards:
+        more += [p for e in selected if e.kind == "symlink" and globs.matches(pattern, e.path)
+                 for p in resolved(src, e.path)]
+    return ctx.select(wanted + more) if more else selected
+
+
+_CONTEXT = "the build context"
 
 
 def _exclusion(patterns: list[str] | None):
@@ -196,7 +363,8 @@ def _parent_dirs(path: str, base: str, dest: str, by_path: dict[str, SourceEntry
             continue
         made.add(target)
         src = by_path.get(posixpath.join(base, sub) if base else sub)
-        out.append(CopyAction(None, target, "dir", src.mode if src else 0o755))
+        out.append(CopyAction(src.path if src else None, target, "dir",
+                              src.mode if src else 0o755, at_dest=False))
     return out
 
 
@@ -214,87 +382,213 @@ def resolve_dest(root: str, path: str) -> str:
 
 def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: int = 0,
                gid: int = 0, mtime: int | None = None,
-               archive_owner: tuple[int, int] | None = None) -> int:
+               archive_owner: tuple[int, int] | None = None, keep_owner: bool = False) -> int:
     """Write ``actions`` into ``root`` (the merged view); returns bytes copied.
 
-    Parent directories the image lacks are made 0755 and, like every copied entry,
-    owned by ``uid:gid``. Destination symlinks resolve inside ``root``.
+    Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
+    moby/moby#38599) by their owner in the source; directories the copy makes for the
+    destination are 0755 and owned by ``uid:gid`` (0:0 unless --chown), as BuildKit's.
+    Extended attributes (user.*, security.capability...) come along, best effort as
+    BuildKit's; directories get their source's times once filled. Destination symlinks
+    resolve inside ``root``.
     An action with ``unpack_to`` whose source is a tar archive (plain, gzip, bzip2, xz or
     zstd) is extracted there instead, its entries owned as the archive says unless
     ``archive_owner`` (ADD --chown) is given.
     """
+    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner)
     copied = 0
-    parents: dict[str, str] = {}  # destination dir -> its resolved, existing host dir
     for a in actions:
         try:
-            copied += _apply_one(root, source_root, a, parents, uid, gid, mtime, archive_owner)
+            copied += w.apply(a)
         except OSError as e:  # a full disk, a source that vanished: say which file
-            what = f"copying {a.src} to {a.dest}" if a.src else f"making {a.dest}"
+            what = f"copying {a.src} to {a.dest}" if a.src is not None and a.kind != "dir" \
+                else f"making {a.dest}"
             raise CopyError(f"{what}: {e.strerror or e}") from None
+    try:
+        w.stamp_dirs()
+    except OSError as e:
+        raise CopyError(f"setting the times of the copied directories: {e.strerror or e}"
+                        ) from None
     return copied
 
 
-def _apply_one(root: str, source_root: str, a: CopyAction, parents: dict[str, str], uid: int,
-               gid: int, mtime: int | None, archive_owner: tuple[int, int] | None) -> int:
-    """One action of apply_copy; returns bytes copied."""
-    if a.unpack_to is not None and a.src is not None:
-        path = os.path.join(source_root, a.src)
-        kind = archive_kind(path)
-        if kind is not None:
-            copied = extract_archive(path, kind, root, a.unpack_to, owner=archive_owner,
-                                     name=a.src)
-            parents.clear()  # an archive may have put anything anywhere
-            return copied
-    dest_dir = posixpath.dirname(a.dest) or "/"
-    parent = parents.get(dest_dir)
-    if parent is None:
-        parent = resolve_dest(root, dest_dir)
-        _makedirs(root, parent, uid, gid)
-        parents[dest_dir] = parent
-    target = os.path.join(parent, posixpath.basename(a.dest)) if a.dest != "/" else root
-    if a.kind == "dir":
-        if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
-            os.unlink(target)
-        if not os.path.isdir(target):
+@dataclass
+class _Writer:
+    """apply_copy's state: where resolved destination directories are, which directories
+    get their source's times at the end."""
+
+    root: str
+    source_root: str
+    uid: int
+    gid: int
+    mtime: int | None
+    archive_owner: tuple[int, int] | None
+    keep_owner: bool
+    parents: dict[str, str] = field(default_factory=dict)  # image dir -> host dir
+    stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
+
+    def apply(self, a: CopyAction) -> int:
+        if a.unpack_to is not None and a.src is not None:
+            path = os.path.join(self.source_root, a.src)
+            kind = archive_kind(path)
+            if kind is not None:
+                copied = extract_archive(path, kind, self.root, a.unpack_to,
+                                         owner=self.archive_owner, name=a.src)
+                self.parents.clear()  # an archive may have put anything anywhere
+                return copied
+        if a.kind == "dir" and a.at_dest:
+            return self._dest_dir(a)
+        if a.at_dest:
+            host = resolve_dest(self.root, a.dest)  # its symlinks followed, as BuildKit's
+            if _is_dir(host):
+                target = os.path.join(host, a.name or posixpath.basename(a.src or a.dest))
+            else:
+                _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+                target = host
+        else:
+            target = os.path.join(self._parent(a.dest), posixpath.basename(a.dest))
+        src = os.path.join(self.source_root, a.src) if a.src is not None else None
+        if a.kind == "dir":
+            self._inside_dir(a, target, src)
+            return 0
+        if a.kind == "symlink":
+            _clear(target, a)
+            os.symlink(a.link_target or "", target)
+            self._forget_below(a.dest)  # paths below a new symlink resolve anew
+            st = os.lstat(src) if src is not None else None
+            os.chown(target, *self._owner(st), follow_symlinks=False)
+            if st is not None:
+                _copy_xattrs(src, target)
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            return 0
+        assert src is not None
+        # most destinations are new: _clear's checks run only when one is not
+        return _copy_file(src, target, stat.S_IMODE(a.mode), self._owner, self.mtime,
+                          make_room=lambda: _clear(target, a, forget=self._forget_below))
+
+    def _owner(self, st: os.stat_result | None) -> tuple[int, int]:
+        if self.keep_owner and st is not None:
+            return st.st_uid, st.st_gid
+        return self.uid, self.gid
+
+    def _parent(self, dest: str) -> str:
+        dest_dir = posixpath.dirname(dest) or "/"
+        parent = self.parents.get(dest_dir)
+        if parent is None:
+            parent = resolve_dest(self.root, dest_dir)
+            _makedirs(self.root, parent, self.uid, self.gid)
+            self.parents[dest_dir] = parent
+        return parent
+
+    def _forget_below(self, dest: str) -> None:
+        stale = dest.rstrip("/")
+        for key in [k for k in self.parents if k == stale or k.startswith(stale + "/")]:
+            del self.parents[key]
+
+    def _dest_dir(self, a: CopyAction) -> int:
+        """The directory a directory source's contents go into: followed if a symlink; made
+        0755 (or --chmod's mode) if missing; else left with its owner and mode."""
+        host = resolve_dest(self.root, a.dest)
+        try:
+            st = os.lstat(host)
+        except FileNotFoundError:
+            _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+            os.mkdir(host)
+            os.chmod(host, stat.S_IMODE(a.mode))
+            os.chown(host, self.uid, self.gid)
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise CopyError(f"cannot copy a directory to {a.dest}: it is not a directory "
+                                "in the image")
+        self.parents[posixpath.normpath(a.dest)] = host
+        if a.src is not None:
+            self.stamps.append((host, os.path.join(self.source_root, a.src)))
+        return 0
+
+    def _inside_dir(self, a: CopyAction, target: str, src: str | None) -> None:
+        """A directory inside a copied one: made, or merged into a directory there, which
+        takes the source's mode, owner and attributes (as BuildKit's); anything else there
+        fails the copy."""
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            what = "symlink" if stat.S_ISLNK(st.st_mode) else "file"
+            raise CopyError(f"cannot copy the directory {a.src} to {a.dest}: {a.dest} is a "
+                            f"{what} in the image (Docker refuses to replace it with a "
+                            "directory too)")
+        if st is None:
             os.mkdir(target)
+        src_st = os.lstat(src) if src is not None else None
+        os.chown(target, *self._owner(src_st), follow_symlinks=False)
         os.chmod(target, stat.S_IMODE(a.mode))
-        os.chown(target, uid, gid, follow_symlinks=False)
-        return 0
-    if a.kind == "symlink":
-        target = _make_room(target, a)
-        os.symlink(a.link_target or "", target)
-        os.chown(target, uid, gid, follow_symlinks=False)
-        stale = a.dest.rstrip("/")
-        for key in [k for k in parents if k == stale or k.startswith(stale + "/")]:
-            del parents[key]  # paths below a new symlink resolve anew
-        return 0
-    assert a.src is not None
-    # most destinations are new: _make_room's checks run only when one is not
-    return _copy_file(os.path.join(source_root, a.src), target, stat.S_IMODE(a.mode),
-                      uid, gid, mtime, make_room=lambda: _make_room(target, a))
+        if src is not None:
+            _copy_xattrs(src, target)
+            self.stamps.append((target, src))
+
+    def stamp_dirs(self) -> None:
+        """Directories get their source's times after their contents are in (deepest first),
+        as BuildKit's copy does."""
+        for host, src in reversed(self.stamps):
+            st = os.lstat(src)
+            os.utime(host, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _make_room(target: str, a: CopyAction) -> str:
-    """Where a file or symlink goes when something is at ``target`` already: into an
-    existing directory, or in place of anything else (which is removed)."""
-    if os.path.isdir(target) and not os.path.islink(target):
-        # an existing directory at the destination: the file goes into it
-        target = os.path.join(target, posixpath.basename(a.src or a.dest))
-    if os.path.lexists(target) and not os.path.isdir(target):
-        os.unlink(target)
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _clear(target: str, a: CopyAction, *, forget: Callable[[str], None] | None = None
+           ) -> str:
+    """Make room at ``target`` for a file or symlink: a file or symlink there goes; a
+    directory stays, and the copy fails (as BuildKit's)."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    if stat.S_ISDIR(st.st_mode):
+        dest = a.dest if not a.at_dest else f"{a.dest.rstrip('/')}/{os.path.basename(target)}"
+        raise CopyError(f"cannot copy {a.src} to {dest}: {dest} is a directory in the image "
+                        f"(Docker refuses to replace it with a {a.kind} too)")
+    os.unlink(target)
+    if forget is not None and not stat.S_ISREG(st.st_mode):
+        forget(a.dest)  # paths below a symlink that was there resolve anew
     return target
+
+
+def _copy_xattrs(src: str | int, target: str | int) -> None:
+    """The extended attributes of ``src`` onto ``target`` (paths are not followed), but
+    trusted.* (overlayfs' own among them); best effort, as BuildKit's copy."""
+    follow = not isinstance(src, str)
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("trusted."):
+            continue
+        with contextlib.suppress(OSError):
+            value = os.getxattr(src, name, follow_symlinks=follow)
+            os.setxattr(target, name, value, follow_symlinks=not isinstance(target, str))
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _copy_file(src: str, target: str, mode: int, uid: int, gid: int, mtime: int | None,
-               make_room: Callable[[], str] | None = None) -> int:
-    """One file, all by descriptors: content (sendfile), owner, mode, times.
+def _copy_file(src: str, target: str, mode: int,
+               owner: tuple[int, int] | Callable[[os.stat_result], tuple[int, int]],
+               mtime: int | None, make_room: Callable[[], str] | None = None) -> int:
+    """One file, all by descriptors: content (sendfile), owner, mode, extended attributes
+    (after the owner: a chown drops file capabilities), times.
 
-    If ``target`` exists, ``make_room()`` says where the file goes instead (or clears the
-    way) and the file is created there."""
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    ``owner`` is a pair, or a function of the source's stat. If ``target`` exists,
+    ``make_room()`` says where the file goes instead (or clears the way) and the file is
+    created there."""
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fin)
         try:
@@ -310,8 +604,9 @@ def _copy_file(src: str, target: str, mode: int, uid: int, gid: int, mtime: int 
                 if n == 0:
                     break  # the file shrank while being copied
                 done += n
-            os.fchown(fout, uid, gid)
+            os.fchown(fout, *(owner(st) if callable(owner) else owner))
             os.fchmod(fout, mode)
+            _copy_xattrs(fin, fout)
             os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
                      (mtime * 10**9, mtime * 10**9))
         finally:
@@ -341,22 +636,77 @@ def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
                             "not a directory")
 
 
-def source_entries_from_tree(root: str) -> list[SourceEntry]:
-    """Entries of a directory tree (another stage's rootfs, an extracted archive)."""
+def source_entries_from_tree(root: str, under: str = "") -> list[SourceEntry]:
+    """Entries of a directory tree (another stage's rootfs, an extracted archive), or of
+    its subtree ``under`` (that directory included, paths still relative to ``root``)."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    top = os.path.join(root, under) if under else root
+    if under:
+        entry = _tree_entry(root, top)
+        if entry is None:
+            return []
+        out.append(entry)
+        if entry.kind != "dir":
+            return out
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            if stat.S_ISLNK(st.st_mode):
-                out.append(SourceEntry(rel, "symlink", 0o777, os.readlink(full)))
-            elif stat.S_ISDIR(st.st_mode):
-                out.append(SourceEntry(rel, "dir", stat.S_IMODE(st.st_mode)))
-            elif stat.S_ISREG(st.st_mode):
-                out.append(SourceEntry(rel, "file", stat.S_IMODE(st.st_mode)))
+            entry = _tree_entry(root, os.path.join(dirpath, name))
+            if entry is not None:
+                out.append(entry)
     return out
+
+
+def _tree_entry(root: str, full: str) -> SourceEntry | None:
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return None
+    rel = os.path.relpath(full, root).replace(os.sep, "/")
+    if stat.S_ISLNK(st.st_mode):
+        return SourceEntry(rel, "symlink", 0o777, os.readlink(full))
+    if stat.S_ISDIR(st.st_mode):
+        return SourceEntry(rel, "dir", stat.S_IMODE(st.st_mode))
+    if stat.S_ISREG(st.st_mode):
+        return SourceEntry(rel, "file", stat.S_IMODE(st.st_mode))
+    return None
+
+
+def tree_entries_for(root: str, sources: list[str]) -> list[SourceEntry]:
+    """The entries of a stage's (or image's) tree that COPY ``sources`` need, their symlinks
+    followed inside ``root``: each source's subtree, the symlinks on its way and what they
+    lead to; a glob's fixed directory (and where its symlinks lead). Not the whole tree."""
+
+    def link_target(rel: str) -> str | None:
+        full = os.path.join(root, rel)
+        return os.readlink(full) if os.path.islink(full) else None
+
+    found: dict[str, SourceEntry] = {}
+    walked: set[str] = set()
+
+    def take(rel: str) -> None:
+        f = follow(rel, link_target)
+        for link, target in f.links:
+            found[link] = SourceEntry(link, "symlink", 0o777, target)
+        if f.path in walked or any(f.path.startswith(w + "/") or not w for w in walked):
+            return
+        walked.add(f.path)
+        for e in source_entries_from_tree(root, f.path):
+            found[e.path] = e
+
+    for src in sources:
+        pattern = _clean(src)
+        if not globs.has_wildcards(pattern):
+            take(pattern)
+            continue
+        fixed = globs.split_wildcards(pattern)[0]
+        take(fixed)
+        resolved = follow(fixed, link_target).path
+        pattern = posixpath.join(resolved, pattern[len(fixed):].lstrip("/"))
+        for e in list(found.values()):  # a symlink the glob matches is followed too
+            if e.kind == "symlink" and globs.matches(pattern, e.path):
+                take(e.path)
+    return sorted(found.values(), key=lambda e: e.path)
 
 
 # -- ADD: local archives ----------------------------------------------------------------------
@@ -470,6 +820,7 @@ class _Refused(Exception):
 class _Extraction:
     root_host: str  # the destination directory (host path inside the merged view)
     owner: tuple[int, int] | None
+    image_root: str = ""  # the merged view's root: where a symlink may point
     entries: int = 0
     written: int = 0
     dirs: list[tuple[str, int]] = field(default_factory=list)  # (host path, mtime) to restamp
@@ -551,7 +902,7 @@ def extract_archive(path: str, kind: str, root: str, dest: str, *,
     _makedirs(root, dest_host, *(owner or (0, 0)))
     if owner is not None and not os.path.islink(dest_host):
         os.chown(dest_host, *owner)
-    x = _Extraction(dest_host, owner)
+    x = _Extraction(dest_host, owner, root)
     shown = name or os.path.basename(path)
     member_name = ""
     try:
@@ -617,7 +968,8 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
             os.chmod(name, mode, dir_fd=pfd)
             x.dirs.append((os.readlink(f"/proc/self/fd/{pfd}") + "/" + name, int(m.mtime)))
         elif m.issym():
-            _check_link_target(parts, m.linkname)
+            _check_link_target(parts, m.linkname, os.readlink(f"/proc/self/fd/{pfd}"),
+                               x.image_root)
             os.symlink(m.linkname, name, dir_fd=pfd)
             pfd = x.reopen(parts[:-1])
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
@@ -662,16 +1014,24 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, x: _Extraction,
         raise _Refused(f"cannot create it: {e.strerror}") from None
 
 
-def _check_link_target(parts: list[str], target: str) -> None:
-    """docker: a symlink may point anywhere inside the destination (absolute targets are read
-    inside it), not above it."""
+def _check_link_target(parts: list[str], target: str, parent_host: str,
+                       image_root: str) -> None:
+    """A symlink may point anywhere inside the image: above the ADD destination too (docker
+    keeps ``symldir1 -> ..``, and names through it resolve inside the destination, docker's
+    chroot), but not above the image's root (docker would keep that too, clamped; kiln
+    refuses it). Absolute targets are read inside the image."""
     if target.startswith("/"):
         return
-    try:
-        _clean_member("/".join([*parts[:-1], target]))
-    except _Refused:
-        raise _Refused(f"symlink {'/'.join(parts)} -> {target} points outside of the "
-                       "destination") from None
+    rel = os.path.relpath(parent_host, image_root)
+    depth = 0 if rel == "." else len(rel.split(os.sep))
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise _Refused(f"symlink {'/'.join(parts)} -> {target} points outside of the "
+                               "image's root")
+        elif part not in ("", "."):
+            depth += 1
 
 
 def _xattrs(pfd: int, name: str, m: tarfile.TarInfo) -> None:

@@ -97,6 +97,15 @@ def _filepath_match(pattern: str) -> Callable[[str], bool]:
         raise GlobError(f"invalid pattern {pattern!r}: syntax error in pattern") from None
 
 
+def matches(pattern: str, path: str) -> bool:
+    """Whether the clean relative ``path`` matches ``pattern`` whole (``*`` stays within a
+    component); a malformed pattern matches nothing."""
+    try:
+        return _filepath_match(pattern)(path)
+    except GlobError:
+        return False
+
+
 def _require_dir(path: str, kind: KindOf) -> str | None:
     """The kind of the directory a wildcard is matched in; raises SourceMissing when it is
     absent or a symlink (kiln follows no symlink in a source path)."""

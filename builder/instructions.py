@@ -552,7 +552,13 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
     BuildKit for."""
     import hashlib
 
-    from builder.copy import CopyError, SourceEntry, apply_copy, plan_copy
+    from builder.copy import (
+        CopyError,
+        SourceEntry,
+        apply_copy,
+        plan_copy,
+        select_from_context,
+    )
     from builder.fetch import FetchError, fetch, is_git, is_url, parse_checksum, url_filename
     from builder.parser import parse_flags, parse_heredoc_word
     from runtime.workspace import View, with_views
@@ -636,7 +642,10 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         elif local:
             ctx = b.context_for(inst)
             try:
-                selected = ctx.select(local, parents=parents)
+                # the sources' own symlinks are followed inside the context (BuildKit),
+                # but not by --parents, which copies what its patterns match as it is
+                selected = select_from_context(ctx, local, follow_links=not parents,
+                                               parents=parents)
                 dirs = _context_dirs(ctx, local, selected, parents)
                 if parents:  # recreated with their modes: part of what the step copies
                     selected = sorted(selected + dirs, key=lambda f: f.path.encode(
@@ -719,7 +728,7 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                 ) from None
 
         def copy_in(root: str, src_root: str | None) -> int:
-            from builder.copy import source_entries_from_tree
+            from builder.copy import source_entries_from_tree, tree_entries_for
             from runtime.users import resolve_user
 
             uid = gid = 0
@@ -729,11 +738,15 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                 uid, gid = u.uid, u.gid
             copied = 0
             if src_root is not None and local:
-                actions = plan_copy(local, dest, source_entries_from_tree(src_root),
-                                    workdir=workdir_, chmod=chmod, parents=parents,
-                                    exclude=exclude, force_dir=total > 1,
+                # --parents needs the directories above its sources: the whole tree
+                tree = source_entries_from_tree(src_root) if parents else \
+                    tree_entries_for(src_root, local)
+                actions = plan_copy(local, dest, tree, workdir=workdir_, chmod=chmod,
+                                    parents=parents, exclude=exclude, force_dir=total > 1,
                                     source_name=source_name)
-                copied += apply_copy(root, src_root, actions, uid=uid, gid=gid)
+                # another stage's files keep their owners unless --chown (moby/moby#38599)
+                copied += apply_copy(root, src_root, actions, uid=uid, gid=gid,
+                                     keep_owner=not chown)
             if context_actions is not None:
                 copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
                                      archive_owner=(uid, gid) if chown else None)
@@ -762,14 +775,15 @@ def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> lis
     is matched in (an empty wildcard there is no error) and, with --parents, every directory
     above a selected entry (the copy recreates them with their modes)."""
     from builder import globs
+    from builder.copy import follow
 
     want: set[str] = set()
     for src in sources:
         if parents:
             pivot, sep, _ = src.partition("/./")
             want.add(globs.split_wildcards(globs.clean(pivot if sep else ""))[0])
-        elif globs.has_wildcards(src):
-            want.add(globs.split_wildcards(globs.clean(src))[0])
+        elif globs.has_wildcards(src):  # where its fixed part's symlinks lead (as COPY does)
+            want.add(follow(globs.split_wildcards(globs.clean(src))[0], ctx.link_target).path)
     if parents:
         for f in selected:
             parent = f.path.rpartition("/")[0]

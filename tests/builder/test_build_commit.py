@@ -129,11 +129,26 @@ def test_copy_creates_new_files_with_their_modes(src, root):
     assert (root / "made").stat().st_uid == 12
 
 
-def test_copy_replaces_files_and_symlinks_without_following_them(src, root):
+def test_copy_to_a_symlink_writes_where_it_leads_inside_root(src, root):
+    # the destination as written has its symlinks followed inside the root, as BuildKit's
+    # (fs.RootPath): the link stays, what it points to gets the file, never the host's
     apply_copy(str(root), str(src), [_file("a", "/dst/old", 0o600), _file("a", "/dst/tolink"),
                                      _file("b", "/dst/dangling")])
     assert (root / "dst" / "old").read_text() == "new a"
     assert (root / "dst" / "old").stat().st_mode & 0o777 == 0o600
+    assert os.readlink(root / "dst" / "tolink") == "/elsewhere/victim"
+    assert (root / "elsewhere" / "victim").read_text() == "new a"
+    assert os.readlink(root / "dst" / "dangling") == "nowhere"
+    assert (root / "dst" / "nowhere").read_text() == "new b"
+    assert not os.path.exists("/elsewhere/victim")
+
+
+def test_an_entry_below_the_destination_replaces_a_symlink(src, root):
+    # a file inside a copied directory (or named after its source in a destination dir)
+    # takes the place of a symlink there, which is not followed
+    apply_copy(str(root), str(src), [
+        CopyAction("a", "/dst/tolink", "file", 0o644, at_dest=False),
+        CopyAction("b", "/dst/dangling", "file", 0o644, at_dest=False)])
     for name, text in (("tolink", "new a"), ("dangling", "new b")):
         p = root / "dst" / name
         assert not p.is_symlink() and p.read_text() == text

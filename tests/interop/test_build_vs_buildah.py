@@ -153,6 +153,10 @@ def _config_view(config: dict) -> dict:
     # buildah stamps its own version on every image it commits; not from the Containerfile
     labels.pop("io.buildah.version", None)
     view["Labels"] = labels or None
+    # A key ENV sets again keeps its place in BuildKit (dockerfile2llb's addEnv, as the legacy
+    # builder's dispatchEnv) but moves to the end in buildah (Builder.SetEnv): Env is compared
+    # as a set here; tests/builder/test_scratch_workdir.py holds kiln to docker's order.
+    view["Env"] = sorted(view["Env"] or []) or None
     return view
 
 
