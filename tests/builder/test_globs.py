@@ -138,3 +138,17 @@ def test_split_and_match_as_fsutil_does():
     assert match_parents("*/./x", kinds, kind) == [("d/x", "d")]
     # a matched directory is taken whole: nothing below it is matched again
     assert match_parents("**/x", kinds, kind) == [("d/x", "")]
+
+
+def test_a_wildcard_below_a_symlinked_directory_matches_where_it_leads(kb, tmp_path):
+    """BuildKit follows the fixed part's symlinks (inside the source root) before matching,
+    in the context and in a stage alike."""
+    import os
+
+    ctx = _ctx(tmp_path, "FROM busybox AS st\nCOPY e /e\nRUN ln -s e/a /lnk\n"
+                         "FROM busybox\nCOPY lnk/*sub/ /c/\nCOPY --from=st lnk/*sub/ /s/\n",
+               TREE)
+    os.symlink("e/a", ctx / "lnk")
+    kb("build", "-q", "-t", "globlink:1", str(ctx))
+    out = kb("run", "--rm", "globlink:1", "sh", "-c", "cd / && find c s | sort").out.split()
+    assert out == ["c", "c/two.txt", "s", "s/two.txt"]
