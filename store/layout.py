@@ -229,6 +229,8 @@ class OCILayout:
 
     def add_untagged(self, desc: Descriptor) -> None:
         """Keep ``desc`` in the index without a name, unless an entry already holds it."""
+        if any(m.digest == desc.digest for m in self.read_index()):
+            return  # a rebuild of the same image: nothing to check or write
         self.require_whole(desc.digest, desc)
         entry = Descriptor(desc.media_type, desc.digest, desc.size, platform=desc.platform)
         with self.editing_index() as manifests:
