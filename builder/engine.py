@@ -63,10 +63,23 @@ class BuildError(KilnError):
     pass
 
 
+class PullError(BuildError):
+    """Pulling a base image failed (the registry's own error); FROM names its line."""
+
+
 @dataclass
 class BuildOptions:
     context: Path
     containerfile: Path | None = None
+    # the Containerfile itself (`kiln build -f -` reads it from stdin); the context's
+    # ignore file still applies
+    containerfile_text: bytes | None = None
+    # how errors name the Containerfile: "<stdin>" for containerfile_text, the path given
+    # by default (a context from stdin names its files relative to the context)
+    containerfile_name: str | None = None
+    # keep the context's stat cache in the store (False for a context made for this build
+    # alone: from stdin)
+    context_cache: bool = True
     tags: list[str] = field(default_factory=list)
     build_args: dict[str, str] = field(default_factory=dict)
     target: str | None = None
@@ -77,13 +90,22 @@ class BuildOptions:
     quiet: bool = False
     iidfile: str | None = None
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> {src|env: ...}
-    outputs: list[dict[str, str]] = field(default_factory=list)  # {"type": ..., "dest": ...}
+    # {"type": oci|oci-archive|docker-archive, "dest": ..., "name": ... (default: tags[0])}
+    outputs: list[dict[str, str]] = field(default_factory=list)
     squash: bool = False
     layers: bool = True  # False: each stage's new layers become one, on top of its base
     pids_limit: int | None = None  # of each RUN step's processes (<= 0 or None: no limit)
-    # Called with a base image's name when the store lacks it (the CLI pulls it from its
-    # registry); the builder itself never talks HTTP.
+    # Called with a base image's name to pull it (the CLI pulls it from its registry; the
+    # builder itself never talks HTTP): when the store lacks it, and as ``pull`` says
     fetch_image: Callable[[str], None] | None = None
+    # --pull: "missing" (pull what the store lacks), "always" (pull each base image once per
+    # build, even when the store has it), "newer" (pull when the registry's digest, from
+    # ``remote_digest``, is not the stored one; registry errors leave the stored image in
+    # use, with a warning), "never" (no fetch_image: a missing image is an error)
+    pull: str = "missing"
+    # "newer": the digest the registry has for a name (None when it has none); raises a
+    # KilnError when the registry cannot be asked
+    remote_digest: Callable[[str], str | None] | None = None
     # Called with each base image's name before it is used: raises when its signatures
     # do not hold (kiln build --verify-key / --signature-policy).
     check_base: Callable[[str], None] | None = None
@@ -123,6 +145,7 @@ class StageState:
     meta_chars: int = 0
     meta_key: str = ""
     inst: object = field(default=None, repr=False)  # the instruction running, for errors
+    step: int = 0  # its number in the build's "STEP n/total" lines
 
     @property
     def run_config(self) -> dict:
@@ -205,13 +228,16 @@ class Builder:
         self.opts = opts
         self.out = out or sys.stderr
         self.used_args: set[str] = set()
-        self.step_no = 0
         self.total_steps = 0
         self.context = None
         self.escape = "\\"
         self._lock = threading.Lock()
         self._fetch_lock = threading.Lock()
-        self.cancelled = threading.Event()  # set on Ctrl-C: every thread stops at its next step
+        self._pull_done: set[str] = set()  # names --pull has been applied to (full references)
+        # set on Ctrl-C, or when a stage fails: every thread stops at its next step
+        self.cancelled = threading.Event()
+        self._out_lock = threading.Lock()  # one line at a time on kiln's stdout/stderr
+        self.stages_at_once = False  # RUN output is prefixed with its stage (builder.output)
         self.text_chars = 0  # counted against MAX_BUILD_TEXT (stages build in threads)
         self._text_lock = threading.Lock()
 
@@ -228,19 +254,44 @@ class Builder:
             from builder.context import Context
             from builder.ignore import IgnoreMatcher, read_ignore_file
 
-            patterns = read_ignore_file(self.opts.context, self._containerfile())
+            patterns = read_ignore_file(self.opts.context, None if self.opts.containerfile_text
+                                        is not None else self._containerfile())
             context_id = hashlib.sha256(os.fsencode(os.path.abspath(self.opts.context)))
             cache_path = self.store.cache_dir / "context" / (context_id.hexdigest() + ".json")
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             self.context = Context(self.opts.context, ignore=IgnoreMatcher(patterns),
-                                   cache_path=str(cache_path))
+                                   cache_path=str(cache_path) if self.opts.context_cache
+                                   else None)
         return self.context
 
     # -- output ---------------------------------------------------------------------
     def say(self, text: str) -> None:
         if not self.opts.quiet:  # one write: print's two mix the lines of parallel stages
-            self.out.write(text + "\n")
+            with self._out_lock:
+                self.out.write(text + "\n")
+                self.out.flush()
+
+    def say_stage(self, state: StageState, text: str) -> None:
+        """A line about a step of ``state``: prefixed with the stage when several build."""
+        self.say(f"[{state.name or state.index}] {text}" if self.stages_at_once else text)
+
+    def show_output(self, data: bytes) -> None:
+        """A failed RUN step's output, which -q kept back: shown before its error."""
+        text = data.decode("utf-8", "replace")
+        with self._out_lock:
+            self.out.write(text if text.endswith("\n") else text + "\n")
             self.out.flush()
+
+    def run_output(self, state: StageState):
+        """Where a RUN step of ``state`` writes (builder.output): None for kiln's own stdout
+        and stderr, a relay that prefixes each line with the stage when several stages
+        build, or one that keeps the output for an error (-q)."""
+        if not self.opts.quiet and not self.stages_at_once:
+            return None
+        from builder.output import RunOutput
+
+        prefix = None if self.opts.quiet else f"[{state.name or state.index}] ".encode()
+        return RunOutput(prefix=prefix, lock=self._out_lock)
 
     # -- entry point ------------------------------------------------------------------
     def build(self) -> Descriptor:
@@ -299,16 +350,16 @@ class Builder:
             raise KeyboardInterrupt
 
     def _build(self) -> Descriptor:
-        from builder.parser import parse_file
+        from builder.parser import parse, parse_file
         from builder.stages import plan_stages
 
         started = time.monotonic()
-        path = self._containerfile()
-        df = parse_file(path)
+        df = self._parse(parse, parse_file)
         self.escape = df.escape
         plan = plan_stages(df, build_args=self.opts.build_args, target=self.opts.target,
                            image_exists=self._image_exists)
         self.total_steps = sum(len(s.instructions) + 1 for s in plan.needed)
+        self.stages_at_once = len(plan.needed) > 1
         self.text_chars = plan.text_chars  # what the global ARGs and FROM lines expanded to
         # a build arg that a global ARG declares is consumed (FROM may use it)
         self.used_args.update(set(self.opts.build_args) & set(plan.declared_globals))
@@ -328,6 +379,8 @@ class Builder:
         self.check_cancelled()
         for tag in self.opts.tags:
             self.store.tag(tag, desc)
+        if not self.opts.tags:  # listed as <none> until named, removed or pruned
+            self.store.keep_untagged(desc)
         self._outputs(desc)
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
@@ -340,41 +393,88 @@ class Builder:
         from store.errors import NotFoundError, ReferenceError_
 
         try:
+            self._apply_pull_policy(ref)
             self.store.resolve(ref)
             return True
-        except ReferenceError_:
+        except (ReferenceError_, NotFoundError):
             return False
-        except NotFoundError:
-            if self.opts.fetch_image is None:
-                return False
-        self._fetch(ref)
-        return True
 
-    def _fetch(self, ref: str) -> None:
+    def _apply_pull_policy(self, ref: str) -> None:
+        """Pull the image ``ref`` as --pull says, once per build (stages that name it
+        share the one look-up)."""
+        if self.opts.fetch_image is None:
+            return
         from store.errors import NotFoundError
+        from store.reference import parse_reference
 
+        key = str(parse_reference(ref))
         with self._fetch_lock:
+            if key in self._pull_done:
+                return
             try:
-                self.store.resolve(ref)
+                local = self.store.resolve(ref).digest
             except NotFoundError:
-                self.say(f"pulling {ref}")
-                self.opts.fetch_image(ref)
+                local = None
+            if local is None:
+                self._pull(ref)
+            elif self.opts.pull == "always":
+                self._pull(ref, " (--pull=always)")
+            elif self.opts.pull == "newer":
+                self._pull_if_newer(ref, local)
+            self._pull_done.add(key)
+
+    def _pull_if_newer(self, ref: str, local: str) -> None:
+        """--pull=newer: pull when the registry's digest is not the stored one. As podman
+        does, a registry that cannot be asked (offline, no such tag, a failed pull) leaves
+        the stored image in use, with a warning."""
+        try:
+            remote = self.opts.remote_digest(ref) if self.opts.remote_digest else None
+            if remote is None:
+                self.say(f"[Warning] {ref}: its registry has no such image; using the "
+                         f"stored {local}")
+                return
+            if remote == local:
+                return
+            self._pull(ref, f": its registry has {remote}, the store {local}")
+        except KilnError as e:
+            self.say(f"[Warning] {ref}: cannot check its registry for a newer image ({e}); "
+                     f"using the stored {local}")
+
+    def _pull(self, ref: str, why: str = "") -> None:
+        self.say(f"pulling {ref}{why}")
+        try:
+            self.opts.fetch_image(ref)
+        except BuildError:
+            raise
+        except KilnError as e:
+            raise PullError(str(e)) from None
 
     def _store_image(self, name: str):
-        from store.errors import NotFoundError
-
-        try:
-            image = self.store.image(name)
-        except NotFoundError:
-            if self.opts.fetch_image is None:
-                raise
-            self._fetch(name)
-            image = self.store.image(name)
+        self._apply_pull_policy(name)
+        image = self.store.image(name)
         if self.opts.check_base is not None:
             self.opts.check_base(name)
         return image
 
+    def _parse(self, parse, parse_file):
+        name = self.opts.containerfile_name
+        if self.opts.containerfile_text is not None:
+            return parse(self.opts.containerfile_text, name or "<stdin>")
+        path = self._containerfile()
+        if name is None:
+            return parse_file(path)
+        from builder.parser import MAX_FILE_SIZE, ParseError
+
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_SIZE + 1)
+        except OSError as e:
+            raise ParseError(name, None, f"cannot read: {e.strerror or e}") from None
+        return parse(data, name)
+
     def _containerfile(self) -> Path:
+        if self.opts.containerfile_text is not None:
+            return Path(self.opts.containerfile_name or "<stdin>")
         if self.opts.containerfile:
             return Path(self.opts.containerfile)
         for name in ("Containerfile", "Dockerfile"):
@@ -403,8 +503,17 @@ class Builder:
                               list(parent.layers), parent.key, {}, stage.args,
                               base_layer_count=len(parent.layers), env=dict(parent.env))
         from builder.shell import env_from_list
+        from store.errors import NotFoundError
 
-        image = self._store_image(base)
+        inst = stage.from_inst
+        try:
+            image = self._store_image(base)
+        except NotFoundError as e:
+            why = "; --pull=never forbids pulling it" if self.opts.pull == "never" else ""
+            raise BuildError(f"{inst.path}:{inst.line}: {_step_text(inst)}: {e}{why}") from None
+        except PullError as e:
+            raise BuildError(f"{inst.path}:{inst.line}: {_step_text(inst)}: pulling it: {e}"
+                             ) from None
         layers = [Layer(la.digest, la.diff_id, la.media_type, la.size) for la in image.layers()]
         self.store.unpack_image(image)
         config = copy.deepcopy(image.config())
@@ -425,9 +534,12 @@ class Builder:
             stage = plan.needed[0]
             results[stage.index] = self._build_stage(stage, plan, results)
             return results
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        from runtime.children import now
 
         futures: dict = {}
+        started = now()
 
         def run(stage) -> StageState:
             for dep in stage.deps:
@@ -439,18 +551,33 @@ class Builder:
         with ThreadPoolExecutor(max_workers=min(len(plan.needed), _MAX_STAGE_THREADS)) as pool:
             for stage in plan.needed:  # dependencies always come earlier in the file
                 futures[stage.index] = pool.submit(run, stage)
+            done, running = wait(futures.values(), return_when=FIRST_EXCEPTION)
+            if running:  # a stage failed: the others stop now, its error is the build's
+                failed = next(f for f in futures.values() if f in done and f.exception())
+                self._stop_stages(running, started)
+                raise failed.exception()
             for index, future in futures.items():
                 results[index] = future.result()
         return results
 
-    def _next_step(self) -> int:
-        with self._lock:
-            self.step_no += 1
-            return self.step_no
+    def _stop_stages(self, running, started: float) -> None:
+        """A stage failed: the others stop at their next step, and what they wait for (RUN
+        containers, COPY helpers: what kiln started since ``started``) is killed until they
+        have unwound, as after a Ctrl-C (see ``stop``)."""
+        from concurrent.futures import wait
+
+        from runtime.children import kill_children
+
+        self.cancelled.set()
+        while running:
+            kill_children(started)
+            _, running = wait(running, timeout=0.05)
 
     def _build_stage(self, stage, plan, results) -> StageState:
         self.check_cancelled()
-        number = self._next_step()
+        # steps are numbered in file order, whichever stage's thread gets to them first
+        number = 1 + sum(len(s.instructions) + 1 for s in plan.needed
+                         if s.index < stage.index)
         self.say(f"[{stage.label}] STEP {number}/{self.total_steps}: {stage.from_line}")
         state = self._base_state(stage, results)
         onbuild = state.run_config.pop("OnBuild", None) or []
@@ -462,8 +589,8 @@ class Builder:
                                  path=f"{stage.base} (ONBUILD)").instructions
                 for inst in triggers:
                     self._step(state, inst, plan, results, number)
-            for inst in stage.instructions:
-                self._step(state, inst, plan, results, self._next_step())
+            for i, inst in enumerate(stage.instructions):
+                self._step(state, inst, plan, results, number + i + 1)
             try:
                 self.flush_metadata(state)
             except OSError as e:
@@ -487,14 +614,14 @@ class Builder:
         handler = instructions.HANDLERS.get(inst.cmd)
         if handler is None:
             raise BuildError(f"{inst.path}:{inst.line}: {inst.cmd} is not supported by kiln yet")
-        state.inst = inst
+        state.inst, state.step = inst, number
         try:
             handler(self, state, inst, plan, results)
         except OSError as e:  # the disk filled up, a file vanished: say which step met it
             raise BuildError(f"{inst.path}:{inst.line}: {_step_text(inst)}: {_os_error(e)}"
                              ) from None
         if inst.cmd not in METADATA:
-            self.say(f"    ({time.monotonic() - t0:.2f}s)")
+            self.say_stage(state, f"    ({time.monotonic() - t0:.2f}s)")
 
     def history(self, state: StageState, created_by: str, *, empty: bool) -> dict:
         entry = {"created": _now(self.opts.epoch), "created_by": created_by}
@@ -565,7 +692,7 @@ class Builder:
             la = rec["layer"]
             state.layers.append(Layer(la["digest"], la["diff_id"], la["mediaType"], la["size"]))
         state.key = key
-        self.say("--> CACHED")
+        self.say_stage(state, "--> CACHED")
         return True
 
     def done_without_layer(self, state: StageState, key: str, created_by: str) -> None:
@@ -741,15 +868,19 @@ class Builder:
         state.layers = base + [Layer(desc.digest, diff_id, desc.media_type, desc.size)]
 
     def _outputs(self, desc: Descriptor) -> None:
+        from store.reference import parse_reference
         from store.transfer import save_images
 
+        # the full name, as `kiln save` writes it: "x" would load into podman as
+        # localhost/x:latest, or not at all from a docker-archive ("does not contain a tag")
         for out in self.opts.outputs:
             dest = out["dest"]
             fmt = out["type"]
             if fmt == "oci" and dest.endswith(".tar"):
                 fmt = "oci-archive"
-            save_images(self.store, [(self.store.image_for(desc), list(self.opts.tags[:1]))],
-                        dest, fmt=fmt)
+            names = [str(parse_reference(t)) for t in
+                     ([out["name"]] if out.get("name") else self.opts.tags[:1])]
+            save_images(self.store, [(self.store.image_for(desc), names)], dest, fmt=fmt)
             self.say(f"--> wrote {fmt} {dest}")
 
     def _write_image(self, state: StageState) -> Descriptor:

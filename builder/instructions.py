@@ -484,36 +484,48 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
         open(resolv, "w").close()
     caps = resolve()
     lowers = b.layer_dirs(state)
+    output = b.run_output(state)
     spec = ContainerSpec(
         id=os.path.basename(work), layers=lowers, upper=upper,
         work=os.path.join(work, "work"), rootfs=os.path.join(work, "rootfs"),
         process=ProcessSpec(args=argv, env=[f"{k}={v}" for k, v in env.items()],
                             cwd=state.run_config.get("WorkingDir") or "/",
-                            user=state.run_config.get("User") or ""),
+                            user=state.run_config.get("User") or "",
+                            stdout=output.stdout if output else None,
+                            stderr=output.stderr if output else None),
         hostname="kiln-build", etc_files={"/etc/hosts": hosts, "/etc/resolv.conf": resolv},
         network=network, capabilities=caps, seccomp=profile_for(None, set(caps)),
         binds=[*(prepared.binds if prepared is not None else ()), *(extra_binds or ())],
         tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
-    cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
-                           Limits(pids_limit=b.opts.pids_limit))
     try:
-        container = Container(spec, cgroup)
+        cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
+                               Limits(pids_limit=b.opts.pids_limit))
         try:
-            container.start()
-        except ContainerStartError as e:
-            raise BuildError(f"{_where(inst)}: RUN {' '.join(argv)}: {e}") from None
+            container = Container(spec, cgroup)
+            try:
+                container.start()
+            except ContainerStartError as e:
+                raise BuildError(f"{_where(inst)}: RUN {' '.join(argv)}: {e}") from None
+            finally:
+                if prepared is not None:
+                    prepared.forget_secrets()
+                if output is not None:
+                    output.started()
+            status = container.wait()
         finally:
-            if prepared is not None:
-                prepared.forget_secrets()
-        status = container.wait()
+            cgroup.remove()
     finally:
-        cgroup.remove()
+        if output is not None:
+            output.close()
     # mount points the sandbox had to make are not the step's changes (BuildKit drops its
     # mount stubs the same way)
     drop_mount_stubs(upper, lowers, [*_STUBS, *(prepared.targets if prepared else [])])
     if status.code != 0:
-        raise BuildError(f"{_where(inst)}: step {b.step_no}/{b.total_steps}: RUN "
+        b.check_cancelled()  # killed because the build stops: not this step's failure
+        if output is not None and output.tail:  # -q: the failing step's output after all
+            b.show_output(output.tail)
+        raise BuildError(f"{_where(inst)}: step {state.step}/{b.total_steps}: RUN "
                          f"{' '.join(inst.args)[:200]} exited with code {status.code}")
 
 

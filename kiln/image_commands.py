@@ -74,7 +74,7 @@ def images_cmd(ctx, fmt, digests, quiet, no_trunc):
     table = [["REPOSITORY", "TAG"] + (["DIGEST"] if digests else [])
              + ["IMAGE ID", "CREATED", "SIZE"]]
     for r in rows:
-        for name in r.names:
+        for name in r.names or ["<none>:<none>"]:  # an image without a name, as docker shows
             repo, _, tag = name.rpartition(":")
             table.append([repo, tag] + ([r.digest] if digests else [])
                          + [r.id if no_trunc else r.id[:12], _ago(r.created),
@@ -181,11 +181,13 @@ def load_cmd(ctx, path, quiet):
               help="Also drop the build step cache and RUN --mount=type=cache directories.")
 @click.pass_context
 def prune_cmd(ctx, build_cache):
-    """Remove blobs, layers and temporary files no image, container or cache needs."""
+    """Remove images without a name (dangling) and the blobs, layers and temporary files no
+    image, container or cache needs."""
     from store.gc import prune
 
-    r = prune(_store(ctx), build_cache=build_cache)
-    click.echo(f"Removed {r.blobs} blobs ({_human_size(r.bytes)}), {r.layers} layer "
+    r = prune(_store(ctx), build_cache=build_cache, dangling=True)
+    click.echo(f"Removed {r.dangling} dangling images, {r.blobs} blobs "
+               f"({_human_size(r.bytes)}), {r.layers} layer "
                f"directories, {r.tmp} temporary entries"
                + (f", {r.cache} build cache entries" if build_cache else ""))
 

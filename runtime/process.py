@@ -374,6 +374,9 @@ class Container:
                 devnull = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(devnull, 0)
                 os.close(devnull)
+            for fd, target in ((self.spec.process.stdout, 1), (self.spec.process.stderr, 2)):
+                if fd is not None:
+                    os.dup2(fd, target)  # the copy is inherited; fd itself closes on exec
             _stage1(self.spec, go_read, err_write, pid_write, tty_child)
         os.close(go_read)
         os.close(err_write)

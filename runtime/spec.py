@@ -73,13 +73,18 @@ class TmpfsMount(FrozenRecord):
 
 class ProcessSpec(Record):
     def __init__(self, args: list[str], env: list[str] | None = None, cwd: str = "/",
-                 user: str = "", terminal: bool = False, stdin: bool = False):
+                 user: str = "", terminal: bool = False, stdin: bool = False,
+                 stdout: int | None = None, stderr: int | None = None):
         self.args = args
         self.env = [] if env is None else env
         self.cwd = cwd
         self.user = user  # name|uid[:group|gid], resolved inside the container
         self.terminal = terminal
         self.stdin = stdin
+        # fds of kiln's that become the process's stdout and stderr (None: kiln's own); a
+        # build relays a RUN step's output through them (builder.output)
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 class ContainerSpec(Record):

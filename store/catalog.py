@@ -30,22 +30,26 @@ def _summary(store: Store, desc: Descriptor) -> ImageSummary:
 
 
 def list_images(store: Store) -> list[ImageSummary]:
-    """One summary per distinct image, with all its tags, in tag order of index.json."""
+    """One summary per distinct image, with all its tags, in the order of index.json; an
+    image without a name (a build without -t) has no names: ``<none>`` in the table."""
     by_digest: dict[str, ImageSummary] = {}
+    from store.layout import REF_NAME
     from store.signatures import is_signature_name
 
-    for tagged in store.tags():
-        if is_signature_name(tagged.name):  # cosign signatures: shown by `kiln verify`
+    for entry in store.layout.read_index():
+        name = (entry.annotations or {}).get(REF_NAME)
+        if name is not None and is_signature_name(name):  # cosign's: shown by `kiln verify`
             continue
-        s = by_digest.get(tagged.descriptor.digest)
+        s = by_digest.get(entry.digest)
         if s is None:
             try:
-                s = by_digest[tagged.descriptor.digest] = _summary(store, tagged.descriptor)
+                s = by_digest[entry.digest] = _summary(store, entry)
             except NotFoundError as e:  # a store damaged by a kiln before the tag checks
-                raise StoreError(f"image {tagged.name} is damaged: {e}; remove it with "
-                                 f"`kiln rmi {tagged.name}` and pull or build it again"
-                                 ) from None
-        s.names.append(tagged.name)
+                shown = name or entry.digest
+                raise StoreError(f"image {shown} is damaged: {e}; remove it with "
+                                 f"`kiln rmi {shown}` and pull or build it again") from None
+        if name is not None:
+            s.names.append(name)
     return list(by_digest.values())
 
 
@@ -115,6 +119,8 @@ def remove_image(store: Store, name: str, *, force: bool = False) -> tuple[list[
                 store.layout.remove_tag(t)
             except NotFoundError:
                 pass
+        if last:
+            store.layout.remove_untagged(desc.digest)
     deleted = last and not store.containers_using(desc.digest)
     if deleted:
         prune(store)

@@ -1,6 +1,7 @@
 """``kiln prune``: remove what nothing reachable refers to.
 
-Roots are the tags in index.json, the images of containers, and build cache
+Roots are the entries of index.json (tags, and images kept without a name until
+``kiln prune`` removes them as dangling), the images of containers, and build cache
 records. Runs with the store lock held exclusive, so a concurrent writer
 either finished before (its tag is a root) or starts after: every writer holds
 the lock shared from its first write to its tag (store.store). What is left in
@@ -38,6 +39,7 @@ class PruneReport:
     tmp: int = 0
     bytes: int = 0
     cache: int = 0
+    dangling: int = 0  # images without a name removed
 
 
 def _walk(store: Store, digest: str, blobs: set[str], diff_ids: set[str]) -> None:
@@ -95,8 +97,8 @@ def _cache_roots(store: Store) -> tuple[set[str], set[str]]:
 def reachable(store: Store) -> tuple[set[str], set[str]]:
     blobs: set[str] = set()
     diff_ids: set[str] = set()
-    for tagged in store.tags():
-        _walk(store, tagged.descriptor.digest, blobs, diff_ids)
+    for entry in store.layout.read_index():  # tags, and images kept without a name
+        _walk(store, entry.digest, blobs, diff_ids)
     if store.containers_dir.is_dir():
         for entry in os.scandir(store.containers_dir):
             try:
@@ -130,12 +132,25 @@ def _remove_unrecorded_containers(store: Store) -> int:
     return removed
 
 
-def prune(store: Store, *, build_cache: bool = False) -> PruneReport:
+def _remove_dangling(store: Store) -> int:
+    """Images kept without a name (``kiln build`` without -t), as ``docker image prune``
+    removes them; those a container uses stay."""
+    removed = 0
+    for entry in store.untagged():
+        if not store.containers_using(entry.digest):
+            removed += store.layout.remove_untagged(entry.digest)
+    return removed
+
+
+def prune(store: Store, *, build_cache: bool = False, dangling: bool = False) -> PruneReport:
     """Remove what nothing reachable refers to; ``build_cache`` drops the build step cache
-    (records, context stat caches, RUN --mount=type=cache dirs) first, as `builder prune`."""
+    (records, context stat caches, RUN --mount=type=cache dirs) first, as `builder prune`;
+    ``dangling`` first removes the images that have no name (``kiln prune`` does)."""
     report = PruneReport()
     with store.collecting():
         report.tmp = store.clean_tmp() + _remove_unrecorded_containers(store)
+        if dangling:
+            report.dangling = _remove_dangling(store)
         if build_cache:
             for path in (store.cache_dir, store.root / "cache-mounts"):
                 if path.is_dir():

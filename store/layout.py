@@ -223,6 +223,29 @@ class OCILayout:
         return [(m.annotations[REF_NAME], m) for m in self.read_index()
                 if m.annotations and REF_NAME in m.annotations]
 
+    def untagged(self) -> list[Descriptor]:
+        """Entries without a ref name: images kept by digest alone (a build without -t)."""
+        return [m for m in self.read_index() if not (m.annotations and REF_NAME in m.annotations)]
+
+    def add_untagged(self, desc: Descriptor) -> None:
+        """Keep ``desc`` in the index without a name, unless an entry already holds it."""
+        if any(m.digest == desc.digest for m in self.read_index()):
+            return  # a rebuild of the same image: nothing to check or write
+        self.require_whole(desc.digest, desc)
+        entry = Descriptor(desc.media_type, desc.digest, desc.size, platform=desc.platform)
+        with self.editing_index() as manifests:
+            if all(m.digest != desc.digest for m in manifests):
+                manifests.append(entry)
+
+    def remove_untagged(self, digest: str) -> bool:
+        """Drop the nameless entries of ``digest``; whether there was one."""
+        with self.editing_index() as manifests:
+            kept = [m for m in manifests if m.digest != digest or (
+                m.annotations and REF_NAME in m.annotations)]
+            removed = len(kept) != len(manifests)
+            manifests[:] = kept
+        return removed
+
     def require_whole(self, name: str, desc: Descriptor) -> None:
         """Raise StoreError unless the manifest (or index) ``desc`` and every blob it names
         are here: its config and layers, an index's manifests and theirs. Blobs are only
@@ -267,8 +290,12 @@ class OCILayout:
         with self.editing_index() as manifests:
             if entry in manifests:
                 return
-            manifests[:] = [m for m in manifests
-                            if not (m.annotations and m.annotations.get(REF_NAME) == name)]
+            # the name replaces its old entry, and a nameless entry of the image: named, it
+            # is no longer a dangling image
+            manifests[:] = [m for m in manifests if not (
+                (m.annotations and m.annotations.get(REF_NAME) == name)
+                or (m.digest == desc.digest and not (m.annotations
+                                                     and REF_NAME in m.annotations)))]
             manifests.append(entry)
 
     def remove_tag(self, name: str) -> Descriptor:

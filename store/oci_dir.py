@@ -74,9 +74,7 @@ class LayoutSink:
                      tags: Sequence[str]) -> None:
         self.layout.put_bytes(raw, desc.media_type)
         if not tags:
-            with self.layout.editing_index() as manifests:
-                if all(m.digest != desc.digest for m in manifests):
-                    manifests.append(desc)
+            self.layout.add_untagged(desc)
         for t in tags:
             self.layout.set_tag(t, desc)
 

@@ -177,18 +177,31 @@ class Store:
         with self.writing():
             self.layout.set_tag(name, desc)
 
+    def keep_untagged(self, desc: Descriptor) -> None:
+        """Keep the image ``desc`` without a name (``kiln build`` without -t): an index.json
+        entry with no ref name, listed as ``<none>``, found by its ID or digest, until it is
+        named, removed with ``kiln rmi ID`` or pruned as a dangling image. Nothing is added
+        when a name or another entry already holds it."""
+        with self.writing():
+            self.layout.add_untagged(desc)
+
+    def untagged(self) -> list[Descriptor]:
+        return self.layout.untagged()
+
     def untag(self, name: str) -> Descriptor:
         with self.writing():
             return self.layout.remove_tag(str(parse_reference(name)))
 
     def resolve(self, name: str) -> Descriptor:
         """A manifest descriptor for a tag, a full digest, or an image-ID prefix."""
-        tags = self.tags()
+        index = self.layout.read_index()
+        tags = [TaggedImage(m.annotations[REF_NAME], m) for m in index
+                if m.annotations and REF_NAME in m.annotations]
         if _looks_like_id(name):
             hexpart = name.removeprefix("sha256:")
-            hits = {t.descriptor.digest: t.descriptor for t in tags
-                    if self._image_id(t.descriptor).startswith(hexpart)
-                    or digest_hex(t.descriptor.digest).startswith(hexpart)}
+            hits = {m.digest: m for m in index
+                    if self._image_id(m).startswith(hexpart)
+                    or digest_hex(m.digest).startswith(hexpart)}
             if len(hits) == 1:
                 return next(iter(hits.values()))
             if len(hits) > 1:
@@ -198,9 +211,9 @@ class Store:
             for t in tags:  # a pull by digest of an index is kept under the digest asked for
                 if t.name == str(ref):
                     return t.descriptor
-            for t in tags:
-                if t.descriptor.digest == ref.digest:
-                    return t.descriptor
+            for m in index:
+                if m.digest == ref.digest:
+                    return m
             if self.has_blob(ref.digest):
                 return Descriptor("application/vnd.oci.image.manifest.v1+json", ref.digest,
                                   os.path.getsize(self.layout.blob_path(ref.digest)))

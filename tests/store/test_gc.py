@@ -101,3 +101,32 @@ def test_a_cache_record_of_a_long_run_line_is_a_root_too(busybox_store, tmp_path
     store.untag("cached:1")
     prune(store)
     assert store.has_blob(layer.digest) and store.has_layer_dir(layer.diff_id)
+
+
+def test_untagged_images_are_roots_until_pruned_as_dangling(busybox_store, tmp_path):
+    """An image kept without a name (kiln build without -t) is an index.json entry with no
+    ref name: found by ID, kept by a plain prune (rmi runs one), removed by a prune of
+    dangling images unless a container uses it, and no longer nameless once tagged."""
+    store = busybox_store
+    kept = import_rootfs(store, _tree(tmp_path, "a", "a"), "a:1", epoch=0)
+    used = import_rootfs(store, _tree(tmp_path, "b", "b"), "b:1", epoch=0)
+    for name, desc in (("a:1", kept), ("b:1", used)):
+        store.untag(name)
+        store.keep_untagged(desc)
+        store.keep_untagged(desc)  # once only
+    assert [d.digest for d in store.untagged()] == [kept.digest, used.digest]
+    image_id = store.image_for(kept).config_descriptor().digest
+    assert store.resolve(image_id[7:19]).digest == kept.digest
+    prune(store)
+    assert store.has_blob(kept.digest) and store.has_blob(used.digest)
+    (store.containers_dir / "c1").mkdir()
+    (store.containers_dir / "c1" / "state.json").write_text(json.dumps({"image": used.digest}))
+    store.tag("named:1", store.resolve(image_id[7:19]))
+    assert [d.digest for d in store.untagged()] == [used.digest]
+    store.untag("named:1")
+    store.keep_untagged(kept)
+    r = prune(store, dangling=True)
+    assert r.dangling == 1 and not store.has_blob(kept.digest)
+    assert [d.digest for d in store.untagged()] == [used.digest]  # a container uses it
+    assert store.has_blob(used.digest)
+    assert check_store(store) == 1
