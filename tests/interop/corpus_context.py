@@ -7,6 +7,7 @@ list of entries applied in order after the committed files are copied:
     {"path": "p", "type": "file", "text": "...", "mode": "4755", "uid": 1000, "gid": 50,
      "xattrs": {"user.k": "v", "user.bin": "hex:00ff"}, "caps": "cap_net_raw=ep"}
     {"path": "p", "type": "file", "size": 3000000}     pseudo-random bytes (seeded by path)
+    {"path": "p.gz", "type": "file", "text": "...", "gzip": true}   gzip-compressed contents
     {"path": "p", "type": "dir", "mode": "1777"}
     {"path": "p", "type": "symlink", "target": "../x"}
     {"path": "p", "type": "hardlink", "target": "other/file"}
@@ -50,11 +51,16 @@ def _xattr_bytes(value: str) -> bytes:
 
 
 def _content(entry: dict) -> bytes:
+    data = b""
     if "text" in entry:
-        return entry["text"].encode()
-    if "size" in entry:
-        return _random_bytes(entry["path"], entry["size"])
-    return b""
+        data = entry["text"].encode()
+    elif "size" in entry:
+        data = _random_bytes(entry["path"], entry["size"])
+    if entry.get("gzip"):
+        import gzip
+
+        data = gzip.compress(data, mtime=0)
+    return data
 
 
 def _apply_meta(path: Path, entry: dict) -> None:
