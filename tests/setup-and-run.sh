@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq python3-venv busybox-static zstd umoci skopeo oci-image-tool \
-    docker-registry apache2-utils podman buildah runc uidmap gcc libc6-dev tmux openssl \
+    docker-registry apache2-utils podman buildah runc uidmap gcc libc6-dev tmux openssl libcap2-bin \
     binutils-aarch64-linux-gnu qemu-user >/dev/null
 
 # This host's hybrid cgroups break crun; podman's default rlimits are refused here.
