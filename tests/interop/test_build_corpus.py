@@ -15,8 +15,9 @@ Each case is built by kiln (``kiln build``, one store for the corpus) and by
 ``buildah bud --runtime /usr/sbin/runc --layers --format docker`` (one containers-storage
 for the corpus) from the same busybox base, byte for byte: imported into kiln once and
 handed to buildah with ``kiln save`` + ``skopeo copy``. The cases run a few at a time in
-threads; each builder's image is read from its own storage (kiln's store, ``skopeo copy``
-to a ``dir:`` for buildah) and compared:
+threads; each builder's image is read from its own storage (kiln's store is an OCI layout:
+its blobs are what ``kiln save`` copies; buildah's image goes through ``skopeo copy`` to a
+``dir:``, uncompressed) and compared:
 
 * the runtime config: CONFIG_FIELDS, absent/null/empty being the same;
 * the merged root filesystem, computed from the layer tars (layer_tree.py): names,
@@ -29,7 +30,8 @@ What is ignored, and why:
   clamps them (neither is something the Containerfile says);
 * the ``io.buildah.version`` label buildah stamps on everything it commits;
 * the mount points buildah leaves in each RUN layer (RUN_MOUNT_STUBS) when the base
-  lacks them: empty placeholders for its bind mounts, not changes the Containerfile made;
+  lacks them: empty placeholders for its bind mounts, not changes the Containerfile made
+  (BuildKit removes its own such stubs after each RUN: executor/stubs.go);
 * config fields that are no runtime settings (Hostname, Image, ArgsEscaped...).
 
 Where buildah 1.28 and Docker (BuildKit, the Dockerfile reference) disagree, kiln follows
