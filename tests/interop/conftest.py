@@ -41,10 +41,11 @@ def require_tool(name: str) -> str:
 
 
 def run_tool(args: Sequence[str], *, env: dict | None = None, check: bool = True,
-             timeout: int = TOOL_TIMEOUT) -> subprocess.CompletedProcess:
+             timeout: int = TOOL_TIMEOUT, cwd: Path | None = None
+             ) -> subprocess.CompletedProcess:
     """Run a third-party tool; on failure the assertion shows its command and stderr."""
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, timeout=timeout)
+                       env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {p.returncode}:\n"
                              f"stdout: {p.stdout[-3000:]}\nstderr: {p.stderr[-3000:]}")
@@ -245,9 +246,8 @@ class ContainerTools:
         return f"containers-storage:[{self.driver}@{self.root}+{self.runroot}]{name}"
 
 
-@pytest.fixture(scope="session")
-def container_tools(interop_dir) -> Iterator[ContainerTools]:
-    base = interop_dir / "containers"
+def make_container_tools(base: Path) -> ContainerTools:
+    """podman, buildah and skopeo over a new containers-storage in ``base``."""
     for sub in ("storage", "podman-tmp", "net"):
         (base / sub).mkdir(parents=True)
     # podman refuses a runroot longer than 50 characters; pytest's tmp paths are longer
@@ -258,20 +258,30 @@ def container_tools(interop_dir) -> Iterator[ContainerTools]:
         tmp=base / "podman-tmp", net=base / "net"))
     (base / "storage.conf").write_text(STORAGE_CONF.format(
         driver=driver, root=base / "storage", runroot=runroot))
-    tools = ContainerTools(base, runroot, driver, env={
+    return ContainerTools(base, runroot, driver, env={
         # Only these files are read: the host's /etc/containers configuration is ignored.
         "CONTAINERS_CONF": str(base / "containers.conf"),
         "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
         "XDG_CONFIG_HOME": str(base / "xdg-config"),
     })
-    yield tools
+
+
+def remove_container_tools(tools: ContainerTools) -> None:
+    """What ``tools`` left running or mounted goes; the storage files stay."""
     if shutil.which("buildah"):
         tools.buildah("rm", "--all", check=False)
     if shutil.which("podman"):
         tools.podman("rm", "--all", "--force", check=False)
-    _unmount_under(base)
-    _unmount_under(runroot)
-    shutil.rmtree(runroot, ignore_errors=True)
+    _unmount_under(tools.base)
+    _unmount_under(tools.runroot)
+    shutil.rmtree(tools.runroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def container_tools(interop_dir) -> Iterator[ContainerTools]:
+    tools = make_container_tools(interop_dir / "containers")
+    yield tools
+    remove_container_tools(tools)
 
 
 def _unmount_under(base: Path) -> None:
