@@ -88,69 +88,7 @@ RUN_MOUNT_STUBS = ("/run", "/run/.containerenv", "/etc/hostname", "/etc/hosts",
 # Cases kiln gets wrong today: case -> what differs and which issue point fixes it.
 # Each runs as a strict xfail, so a fix that makes one pass fails the suite until its line
 # here goes.
-P = "issue 11 point"
 KNOWN_FAILURES: dict[str, str] = {
-    # -- issue 11's points ---------------------------------------------------------------
-    "328-four-identical-run-layers": f"{P} 1: the 4th RUN true fails, 'cannot mount the "
-    "container's overlay: [Errno 40] ... Too many levels of symbolic links'",
-    "039-copy-from-stage-symlink-source-followed": f"{P} 2: COPY --from of /src/link and "
-    "/src/abslink copies the links; Docker (and buildah) copy the file they point to",
-    "040-copy-context-symlink-source-followed": f"{P} 2: COPY link.txt /copied keeps the "
-    "context symlink; Docker (and buildah) copy a.txt's contents",
-    "138-copy-glob-matching-symlinks": f"{P} 2: COPY sub/l* keeps l0 and l1 as links; "
-    "Docker follows each matched link (BuildKit testCopySymlinks), as buildah does",
-    "036-copy-from-stage-keeps-owners": f"{P} 3: COPY --from resets the stage's owners "
-    "(1000:1000, 33:44) to 0:0; Docker (and buildah) keep them",
-    "037-copy-from-stage-dest-dir-made-by-copy": f"{P} 3: the destination dir COPY "
-    "creates takes the source dir's 0700; Docker (and buildah) make it 0755",
-    "045-copy-empty-dir": f"{P} 3: COPY empty /empty gives /empty the context dir's 0711; "
-    "Docker (and buildah) create the destination 0755 before copying into it",
-    "038-copy-into-existing-dir-keeps-its-mode": f"{P} 4: COPY a.txt /tmp/ turns /tmp "
-    "from 1777 into 0755; Docker (and buildah) leave an existing destination alone",
-    "042-copy-symlink-over-existing-dir": f"{P} 5: kiln puts the link inside the existing "
-    "dir (/app/thing/thing); BuildKit refuses ('cannot replace to directory ... with file'), "
-    "buildah replaces the dir. NB: the issue says Docker replaces it; BuildKit's copier "
-    "does not (see DIVERGENCES.toml)",
-    "043-copy-dir-over-existing-symlink": f"{P} 5: kiln (like buildah) replaces the "
-    "symlink /app/thing with the directory; BuildKit refuses ('cannot copy to "
-    "non-directory'). NB: the issue says Docker replaces it (see DIVERGENCES.toml)",
-    "142-glob-brackets": f"{P} 6: '[^a].txt' matches nothing in kiln; Go's filepath.Match "
-    "(BuildKit, buildah) negates with ^: b.txt and c.txt",
-    "143-glob-escaped-wildcards": f"{P} 6: '\\\\?*.txt' matches nothing in kiln; Docker copies "
-    "only ?x.txt (and only [1].txt for '\\\\[*].txt')",
-    "144-glob-matching-nothing-alone": f"{P} 6: kiln fails ('*.nomatch' matches nothing); "
-    "BuildKit copies nothing and goes on",
-    "145-glob-matching-nothing-next-to-a-file": f"{P} 6: kiln fails ('*.nomatch' matches "
-    "nothing); BuildKit copies a.txt and goes on",
-    "079-add-tar-symlink-above-dest": f"{P} 7: kiln refuses 'symlink symldir1 -> .. points "
-    "outside of the destination'; buildah (and BuildKit's chroot extraction) resolve it "
-    "at the ADD destination: /dest/symldir1 -> .., /dest/escaped.txt",
-    "101-xattrs-capability-from-context": f"{P} 8: COPY drops the context file's "
-    "security.capability; Docker's layer (and buildah's) keeps it",
-    "102-xattrs-from-stage": f"{P} 8: COPY --from drops /y/cap's security.capability; "
-    "Docker keeps it (user.* it drops too: DIVERGENCES.toml)",
-    "182-heredoc-cat-redirect": f"{P} 9: 'RUN cat <<'EOF' > /literal' refused: 'only "
-    "`RUN <<EOF` ... is supported among heredoc forms so far'",
-    "183-heredoc-several-on-one-line": f"{P} 9: two heredocs on one RUN line refused "
-    "('only `RUN <<EOF` ... is supported')",
-    "184-heredoc-shebang-script": f"{P} 9: a heredoc starting with #!/bin/awk -f is run by "
-    "/bin/sh ('BEGIN: not found'); BuildKit runs it as a script (testRunShebangHeredoc)",
-    "185-heredoc-to-interpreter-stdin": f"{P} 9: 'RUN sh <<EOF' refused ('only `RUN <<EOF` "
-    "... is supported')",
-    "033-copy-from-image": f"{P} 10: the scratch image has no Env; Docker (and buildah) "
-    "add PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "227-workdir-in-scratch": f"{P} 10: scratch image without the default PATH",
-    "284-multistage-chain-to-scratch": f"{P} 10: scratch image without the default PATH",
-    "300-scratch-copy-file": f"{P} 10: scratch image without the default PATH",
-    "301-scratch-env": f"{P} 10: Env is ['X=1']; Docker's is [PATH=..., 'X=1']",
-    "302-scratch-label-only": f"{P} 10: scratch image without the default PATH",
-    "303-scratch-busybox-binary-and-cmd": f"{P} 10: scratch image without the default PATH",
-    "304-scratch-workdir": f"{P} 10: scratch image without the default PATH",
-    "305-scratch-add-tar": f"{P} 10: scratch image without the default PATH",
-    "223-workdir-trailing-slash": f"{P} 10: WORKDIR /tmp/ gives WorkingDir '/tmp'; Docker "
-    "(and buildah) keep '/tmp/'",
-    "044-copy-context-symlink-pointing-outside": f"{P} 10: kiln copies the dangling link; "
-    "Docker (and buildah) fail: the link resolves inside the context, to nothing",
     # -- found by the corpus ------------------------------------------------------------
     "024-copy-chown-uid-only": "new: --chown=1234 gives 1234:0 (/o and /o/a.txt); Docker "
     "uses the uid as the gid (BuildKit readUser: UserOpt_ByID sets GID = UID), as buildah",
@@ -160,15 +98,10 @@ KNOWN_FAILURES: dict[str, str] = {
     "0755; BuildKit makes it 0711 (see 027)",
     "029-copy-chmod-symbolic": "new: --chmod=u+x,g-r refused ('an octal mode such as "
     "0755'); BuildKit takes symbolic modes (a.txt 0644 -> 0704)",
-    "077-add-tar-with-xattrs": "new: kiln's layer keeps the archive's user.mime xattr; "
-    "Docker's layer writer keeps only security.capability (buildah keeps both)",
     "090-hardlinks-in-context-dir": "new: COPY of a context dir turns hardlinked files "
     "into separate files; Docker (fsutil copy, per source) and buildah keep the links",
     "093-copy-from-stage-keeps-hardlinks": "new: COPY --from of a dir with hardlinks "
     "(a, b, d/c one inode) gives three files; Docker and buildah keep one inode",
-    "139-copy-through-context-symlinked-dir": "new: 'COPY link/foo' with link -> sub in the "
-    "context is refused ('paths through symlinks ... are not followed'); BuildKit resolves "
-    "it inside the context (testCopyThroughSymlinkContext), as buildah",
     "064-copy-chown-unknown-name": "new: COPY --chown=nosuchuser:nosuchgroup fails with "
     "'kiln: error: unable to find user nosuchuser: no matching entries in passwd file' (no "
     "file:line either); BuildKit keeps ids 0:0 for names it does not find (buildah fails)",
