@@ -51,13 +51,13 @@ def _meta_key(state: StageState, text: str) -> str:
 
 # -- metadata ----------------------------------------------------------------------------
 def env(b: Builder, state: StageState, inst, plan, results) -> None:
-    parts = []
-    for k, v in inst.key_values():
-        value = _expand(b, state, v, inst)
-        key = _expand(b, state, k, inst)
+    # every word is expanded with the ENV as it was before this line, then all are set:
+    # ``ENV A=new B=$A`` gives B the old A (BuildKit expands the whole instruction first)
+    pairs = [(_expand(b, state, k, inst), _expand(b, state, v, inst))
+             for k, v in inst.key_values()]
+    for key, value in pairs:
         state.set_env(key, value)
-        parts.append(f"{key}={value}")
-    text = "ENV " + " ".join(parts)
+    text = "ENV " + " ".join(f"{key}={value}" for key, value in pairs)
     b.metadata_done(state, _meta_key(state, text), text)
 
 
