@@ -8,11 +8,16 @@ What decides each (moby/buildkit frontend/dockerfile/dockerfile2llb):
 * ARG is left out of that expansion: dispatchArg expands each default in turn, after the
   pairs before it on the line are set, so ``ARG A=1 B=$A`` gives B=1 (and so do global ARGs,
   buildMetaArgs).
+* EXPOSE: parsePortSpecs (convert_expose.go) writes one ``port/proto`` key per port of a
+  range, lowercases the protocol (tcp, udp or sctp), checks and drops an address and host
+  ports, and fails on anything else.
 """
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from tests.builder.conftest import build_context as _ctx
 
@@ -57,3 +62,35 @@ def test_arg_line_sees_the_pairs_before_it_on_the_line(kb, tmp_path):
     # a --build-arg for A is what B sees
     kb("build", "-q", "--build-arg", "A=7", "-t", "argline:2", str(ctx))
     assert kb("run", "--rm", "argline:2", "cat", "/args").out == "g2 7 7 7x\n"
+
+
+# -- EXPOSE -------------------------------------------------------------------------------
+def test_expose_ranges_protocols_and_addresses(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nARG P=7000-7001\n"
+                         "EXPOSE 80 53/udp 443/TCP 8000-8002 9/sctp $P/UDP\n"
+                         "EXPOSE 0.0.0.0:1234-1235:3333-3334/tcp [::1]:80:8080 ::::81 80/tcp\n")
+    kb("build", "-q", "-t", "expose:1", str(ctx))
+    ports = _config(kb, "expose:1")["ExposedPorts"]
+    assert sorted(ports) == sorted([
+        "80/tcp", "53/udp", "443/tcp", "8000/tcp", "8001/tcp", "8002/tcp", "9/sctp",
+        "7000/udp", "7001/udp", "3333/tcp", "3334/tcp", "8080/tcp", "81/tcp"])
+    assert set(map(json.dumps, ports.values())) == {"{}"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("80/foo", "EXPOSE 80/foo: invalid protocol 'foo' (tcp, udp or sctp)"),
+    ("70000", "EXPOSE 70000: invalid port '70000'"),
+    ("http", "EXPOSE http: invalid port 'http'"),
+    ("80-70", "EXPOSE 80-70: invalid port range '80-70' (its end is below its start)"),
+    ("1-2-3", "EXPOSE 1-2-3: invalid port '1-2-3'"),
+    ("/tcp", "EXPOSE /tcp: no port given"),
+    ("localhost:80:80", "EXPOSE localhost:80:80: invalid IP address 'localhost'"),
+    ("1-3:5-6", "EXPOSE 1-3:5-6: the port ranges 5-6 and 1-3 differ in size"),
+])
+def test_expose_refuses_what_docker_refuses_with_file_and_line(kb, tmp_path, spec, message):
+    ctx = _ctx(tmp_path, f"FROM busybox\nEXPOSE 22 {spec}\n")
+    p = kb("build", "-q", "-t", "badexpose:1", str(ctx), check=False)
+    assert p.returncode == 125, p.err
+    assert f"kiln: error: {ctx / 'Containerfile'}:2: {message}" in p.err, p.err
+    assert "Traceback" not in p.err
+    assert kb("images", check=False).out.count("badexpose") == 0
