@@ -255,13 +255,15 @@ def _command(state: StageState, inst) -> list[str]:
 
 def cmd(b: Builder, state: StageState, inst, plan, results) -> None:
     state.run_config["Cmd"] = _command(state, inst)
+    state.cmd_set = True
     text = "CMD " + json.dumps(state.run_config["Cmd"])
     b.metadata_done(state, _meta_key(state, text), text)
 
 
 def entrypoint(b: Builder, state: StageState, inst, plan, results) -> None:
     state.run_config["Entrypoint"] = _command(state, inst)
-    state.run_config.pop("Cmd", None)  # docker: ENTRYPOINT in a stage clears an inherited CMD
+    if not state.cmd_set:  # an inherited CMD goes; one this stage set stays (BuildKit)
+        state.run_config.pop("Cmd", None)
     text = "ENTRYPOINT " + json.dumps(state.run_config["Entrypoint"])
     b.metadata_done(state, _meta_key(state, text), text)
 

@@ -11,6 +11,8 @@ What decides each (moby/buildkit frontend/dockerfile/dockerfile2llb):
 * EXPOSE: parsePortSpecs (convert_expose.go) writes one ``port/proto`` key per port of a
   range, lowercases the protocol (tcp, udp or sctp), checks and drops an address and host
   ports, and fails on anything else.
+* ENTRYPOINT sets Cmd to null only when no CMD was set in the same stage
+  (``if !d.cmd.IsSet``); that flag is the stage's own, not inherited from a parent stage.
 """
 
 from __future__ import annotations
@@ -94,3 +96,47 @@ def test_expose_refuses_what_docker_refuses_with_file_and_line(kb, tmp_path, spe
     assert f"kiln: error: {ctx / 'Containerfile'}:2: {message}" in p.err, p.err
     assert "Traceback" not in p.err
     assert kb("images", check=False).out.count("badexpose") == 0
+
+
+# -- CMD and ENTRYPOINT -------------------------------------------------------------------
+def test_entrypoint_keeps_a_cmd_set_earlier_in_its_stage(kb, tmp_path):
+    ctx = _ctx(tmp_path, 'FROM busybox\nCMD ["arg"]\nENTRYPOINT ["/bin/echo"]\n')
+    kb("build", "-q", "-t", "cmdfirst:1", str(ctx))
+    cfg = _config(kb, "cmdfirst:1")
+    assert (cfg["Entrypoint"], cfg["Cmd"]) == (["/bin/echo"], ["arg"])
+    assert kb("run", "--rm", "cmdfirst:1").out == "arg\n"
+    # shell forms, with the SHELL of the stage
+    (ctx / "Containerfile").write_text('FROM busybox\nSHELL ["/bin/sh", "-ec"]\n'
+                                       "CMD echo cmd\nENTRYPOINT echo ep\n")
+    kb("build", "-q", "-t", "cmdfirst:2", str(ctx))
+    cfg = _config(kb, "cmdfirst:2")
+    assert cfg["Cmd"] == ["/bin/sh", "-ec", "echo cmd"]
+    assert cfg["Entrypoint"] == ["/bin/sh", "-ec", "echo ep"]
+
+
+def test_entrypoint_clears_a_cmd_inherited_from_a_parent_stage(kb, tmp_path):
+    cf = ('FROM busybox AS parent\nCMD ["from-parent"]\nENTRYPOINT ["/bin/echo"]\n'
+          'FROM parent AS child\nENTRYPOINT ["/bin/echo", "child"]\n'
+          'FROM parent AS own\nCMD ["own"]\nENTRYPOINT ["/bin/echo", "own"]\n')
+    ctx = _ctx(tmp_path, cf)
+    kb("build", "-q", "--target", "parent", "-t", "cmdstage:parent", str(ctx))
+    assert _config(kb, "cmdstage:parent")["Cmd"] == ["from-parent"]
+    kb("build", "-q", "--target", "child", "-t", "cmdstage:child", str(ctx))
+    cfg = _config(kb, "cmdstage:child")
+    assert cfg["Entrypoint"] == ["/bin/echo", "child"] and cfg.get("Cmd") is None
+    assert kb("run", "--rm", "cmdstage:child").out == "child\n"
+    kb("build", "-q", "-t", "cmdstage:own", str(ctx))
+    assert _config(kb, "cmdstage:own")["Cmd"] == ["own"]
+    assert kb("run", "--rm", "cmdstage:own").out == "own own\n"
+
+
+def test_entrypoint_after_cmd_rebuilds_to_the_same_image(kb, tmp_path):
+    ctx = _ctx(tmp_path, 'FROM busybox\nCMD ["a"]\nENTRYPOINT ["/bin/echo"]\n')
+    first = kb("build", "-q", "-t", "cmdcache:1", str(ctx)).out.strip()
+    assert _config(kb, "cmdcache:1")["Cmd"] == ["a"]
+    assert kb("build", "-q", "-t", "cmdcache:1", str(ctx)).out.strip() == first
+    assert _config(kb, "cmdcache:1")["Cmd"] == ["a"]  # a cached ENTRYPOINT keeps it too
+    # ENTRYPOINT before CMD: the same config, another history
+    (ctx / "Containerfile").write_text('FROM busybox\nENTRYPOINT ["/bin/echo"]\nCMD ["a"]\n')
+    kb("build", "-q", "-t", "cmdcache:2", str(ctx))
+    assert _config(kb, "cmdcache:2")["Cmd"] == ["a"]

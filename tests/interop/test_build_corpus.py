@@ -109,10 +109,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "BuildKit (Dockerfile 1.17) copies the archive as a file",
     "230-user-name": "new: RUN as USER app has no supplementary groups (id prints no "
     "groups=); BuildKit and buildah give it the groups of /etc/group, primary included",
-    "252-cmd-before-entrypoint-same-stage": "new: ENTRYPOINT clears a CMD set earlier in "
-    "the same stage (Cmd null); Docker clears only an inherited CMD: Cmd ['arg']",
-    "254-shell-instruction": "new: as 252, the CMD set before ENTRYPOINT is lost (Cmd null; "
-    "Docker: ['/bin/sh', '-ec', 'echo cmd-shell-form'])",
 }
 
 
