@@ -13,6 +13,8 @@ What decides each (moby/buildkit frontend/dockerfile/dockerfile2llb):
   ports, and fails on anything else.
 * ENTRYPOINT sets Cmd to null only when no CMD was set in the same stage
   (``if !d.cmd.IsSet``); that flag is the stage's own, not inherited from a parent stage.
+* A RUN step as a named USER gets the groups that list it in the image's /etc/group, and its
+  primary group (executor/oci GetUser + ensureAdditionalGids), as ``docker run -u`` does.
 """
 
 from __future__ import annotations
@@ -140,3 +142,28 @@ def test_entrypoint_after_cmd_rebuilds_to_the_same_image(kb, tmp_path):
     (ctx / "Containerfile").write_text('FROM busybox\nENTRYPOINT ["/bin/echo"]\nCMD ["a"]\n')
     kb("build", "-q", "-t", "cmdcache:2", str(ctx))
     assert _config(kb, "cmdcache:2")["Cmd"] == ["a"]
+
+
+# -- USER ---------------------------------------------------------------------------------
+def test_run_as_named_user_gets_its_groups_from_the_image(kb, tmp_path):
+    cf = ("FROM busybox\n"
+          "RUN echo 'app:x:1001:1002:app:/home/app:/bin/sh' >> /etc/passwd && "
+          "printf 'grp:x:1002:\\nextra:x:3000:other,app\\nnot:x:3001:other\\n' >> /etc/group\n"
+          "RUN id > /id-root\n"
+          "USER app\nRUN id > /tmp/id-app\n"
+          "USER app:extra\nRUN id > /tmp/id-app-extra\n"
+          "USER 1001:1002\nRUN id > /tmp/id-numeric\n"
+          "USER 4242\nRUN id > /tmp/id-unknown\n")
+    ctx = _ctx(tmp_path, cf)
+    kb("build", "-q", "-t", "groups:1", str(ctx))
+    out = kb("run", "--rm", "-u", "0", "groups:1", "cat", "/id-root", "/tmp/id-app",
+             "/tmp/id-app-extra", "/tmp/id-numeric", "/tmp/id-unknown").out
+    assert out.splitlines() == [
+        "uid=0(root) gid=0(root) groups=0(root)",
+        "uid=1001(app) gid=1002(grp) groups=1002(grp),3000(extra)",
+        "uid=1001(app) gid=3000(extra) groups=3000(extra)",
+        "uid=1001(app) gid=1002(grp) groups=1002(grp)",
+        "uid=4242 gid=0(root) groups=0(root)",
+    ]
+    # kiln run -u gives the same groups as the build's RUN (docker run does too)
+    assert kb("run", "--rm", "-u", "app", "groups:1", "id").out.strip() == out.splitlines()[1]

@@ -107,8 +107,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "file:line either); BuildKit keeps ids 0:0 for names it does not find (buildah fails)",
     "088-add-unpack-false": "new: ADD --unpack=false is refused ('unknown flag --unpack'); "
     "BuildKit (Dockerfile 1.17) copies the archive as a file",
-    "230-user-name": "new: RUN as USER app has no supplementary groups (id prints no "
-    "groups=); BuildKit and buildah give it the groups of /etc/group, primary included",
 }
 
 
