@@ -133,6 +133,7 @@ class StageState:
     args: dict[str, str]  # ARG values in scope (declared in this stage)
     globals: dict[str, str] = field(default_factory=dict)  # ARGs before FROM: an ARG re-declares
     workdir_made: bool = False
+    cmd_set: bool = False  # a CMD of this stage's own (not inherited): ENTRYPOINT keeps it
     base_layer_count: int = 0
     pending: list[_PendingCommit] = field(default_factory=list, repr=False)  # oldest first
     # ENV while the stage builds (key -> value, the last one set last); put into the

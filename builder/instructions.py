@@ -51,13 +51,13 @@ def _meta_key(state: StageState, text: str) -> str:
 
 # -- metadata ----------------------------------------------------------------------------
 def env(b: Builder, state: StageState, inst, plan, results) -> None:
-    parts = []
-    for k, v in inst.key_values():
-        value = _expand(b, state, v, inst)
-        key = _expand(b, state, k, inst)
+    # every word is expanded with the ENV as it was before this line, then all are set:
+    # ``ENV A=new B=$A`` gives B the old A (BuildKit expands the whole instruction first)
+    pairs = [(_expand(b, state, k, inst), _expand(b, state, v, inst))
+             for k, v in inst.key_values()]
+    for key, value in pairs:
         state.set_env(key, value)
-        parts.append(f"{key}={value}")
-    text = "ENV " + " ".join(parts)
+    text = "ENV " + " ".join(f"{key}={value}" for key, value in pairs)
     b.metadata_done(state, _meta_key(state, text), text)
 
 
@@ -171,12 +171,69 @@ def expose(b: Builder, state: StageState, inst, plan, results) -> None:
     except ExpansionError as e:
         raise BuildError(f"{_where(inst)}: {e}") from None
     b.charge(state, sum(map(len, words)))
-    added = list(dict.fromkeys(p if "/" in p else f"{p}/tcp" for p in words))
+    added: dict[str, None] = {}
+    for word in words:
+        try:
+            ports_of_word = _exposed_ports(word)
+        except ValueError as e:
+            raise BuildError(f"{_where(inst)}: EXPOSE {_shown(word)}: {e}") from None
+        b.charge(state, sum(map(len, ports_of_word)))
+        added.update(dict.fromkeys(ports_of_word))
     for p in added:
         ports[p] = {}
     state.run_config["ExposedPorts"] = ports
     text = "EXPOSE " + " ".join(sorted(added))  # this step's ports, as BuildKit's history
     b.metadata_done(state, _meta_key(state, text), text)
+
+
+def _exposed_ports(spec: str) -> list[str]:
+    """``[ip:][hostport:]port[-port][/proto]`` -> ["port/proto", ...], as BuildKit's
+    parsePortSpec: a range is one entry per port, the protocol is lowercased (tcp by
+    default; tcp, udp or sctp), an address and host ports are checked and dropped."""
+    rest, _, proto = spec.partition("/")
+    proto = proto.lower() or "tcp"
+    if proto not in ("tcp", "udp", "sctp"):
+        raise ValueError(f"invalid protocol {_shown(proto)!r} (tcp, udp or sctp)")
+    parts = rest.split(":")
+    ip = ":".join(parts[:-2])
+    host = parts[-2] if len(parts) > 1 else ""
+    if not parts[-1]:
+        raise ValueError("no port given")
+    if ip:
+        import ipaddress
+
+        address = ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip
+        try:
+            if "%" in address:
+                raise ValueError
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"invalid IP address {_shown(ip)!r}") from None
+    start, end = _port_range(parts[-1])
+    if host:
+        host_start, host_end = _port_range(host)
+        if host_end - host_start != end - start and end != start:
+            raise ValueError(f"the port ranges {_shown(parts[-1])} and {_shown(host)} differ "
+                             "in size")
+    return [f"{port}/{proto}" for port in range(start, end + 1)]
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    """``80`` or ``8000-8002`` -> (first, last): ports 0-65535, written in decimal digits."""
+    first, dash, last = text.partition("-")
+    ends = [first, last] if dash else [first]
+    if not all(e.isascii() and e.isdigit() and len(e.lstrip("0")) <= 5 and int(e) <= 65535
+               for e in ends):
+        raise ValueError(f"invalid port {_shown(text)!r} (a number 0-65535 or a range such as "
+                         "8000-8010)")
+    start, end = int(ends[0]), int(ends[-1])
+    if end < start:
+        raise ValueError(f"invalid port range {_shown(text)!r} (its end is below its start)")
+    return start, end
 
 
 def volume(b: Builder, state: StageState, inst, plan, results) -> None:
@@ -198,13 +255,15 @@ def _command(state: StageState, inst) -> list[str]:
 
 def cmd(b: Builder, state: StageState, inst, plan, results) -> None:
     state.run_config["Cmd"] = _command(state, inst)
+    state.cmd_set = True
     text = "CMD " + json.dumps(state.run_config["Cmd"])
     b.metadata_done(state, _meta_key(state, text), text)
 
 
 def entrypoint(b: Builder, state: StageState, inst, plan, results) -> None:
     state.run_config["Entrypoint"] = _command(state, inst)
-    state.run_config.pop("Cmd", None)  # docker: ENTRYPOINT in a stage clears an inherited CMD
+    if not state.cmd_set:  # an inherited CMD goes; one this stage set stays (BuildKit)
+        state.run_config.pop("Cmd", None)
     text = "ENTRYPOINT " + json.dumps(state.run_config["Entrypoint"])
     b.metadata_done(state, _meta_key(state, text), text)
 

@@ -93,12 +93,14 @@ def resolve_user(spec: str, *, passwd: str = "/etc/passwd", group: str = "/etc/g
     groups = _read_db(group)
     if group_part:
         gid = _group_id(group_part, groups)
-    additional: list[int] = []
+    # the primary group is a supplementary one too, as Docker and BuildKit set them up
+    # (containerd's ensureAdditionalGids, moby's getUser): `id` shows groups=<gid>,...
+    additional: list[int] = [gid]
     if name is not None and not group_part:
         for row in groups:
             if len(row) >= 4 and name in row[3].split(","):
                 g = _parse_id(row[2], "group ID")
-                if g is not None and g != gid and g not in additional:
+                if g is not None and g not in additional:
                     additional.append(g)
     for g in extra_groups:
         parsed = _group_id(g, groups)

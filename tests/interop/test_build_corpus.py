@@ -107,16 +107,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "file:line either); BuildKit keeps ids 0:0 for names it does not find (buildah fails)",
     "088-add-unpack-false": "new: ADD --unpack=false is refused ('unknown flag --unpack'); "
     "BuildKit (Dockerfile 1.17) copies the archive as a file",
-    "212-env-same-line-sees-old-values": "new: ENV A=new B=$A gives B=new; Docker expands "
-    "the whole instruction with the values before it (B=old), as buildah",
-    "230-user-name": "new: RUN as USER app has no supplementary groups (id prints no "
-    "groups=); BuildKit and buildah give it the groups of /etc/group, primary included",
-    "244-expose-forms": "new: EXPOSE 8000-8002 is kept as one '8000-8002/tcp' key; "
-    "BuildKit writes 8000/tcp, 8001/tcp, 8002/tcp",
-    "252-cmd-before-entrypoint-same-stage": "new: ENTRYPOINT clears a CMD set earlier in "
-    "the same stage (Cmd null); Docker clears only an inherited CMD: Cmd ['arg']",
-    "254-shell-instruction": "new: as 252, the CMD set before ENTRYPOINT is lost (Cmd null; "
-    "Docker: ['/bin/sh', '-ec', 'echo cmd-shell-form'])",
 }
 
 

@@ -44,16 +44,18 @@ def test_env_workdir_hostname(krun, tmp_path):
 
 
 @pytest.mark.parametrize("user, want", [
-    ("", "uid=0(root) gid=0(root)"),
-    ("nobody", "uid=65534(nobody) gid=65534(nogroup)"),
-    ("app", "uid=1000(app) gid=1000(app) groups=2000(extra)"),
-    ("1000:2000", "uid=1000(app) gid=2000(extra)"),
-    ("4242", "uid=4242 gid=0(root)"),
+    ("", "uid=0(root) gid=0(root) groups=0(root)"),
+    ("nobody", "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)"),
+    ("app", "uid=1000(app) gid=1000(app) groups=1000(app),2000(extra)"),
+    ("1000:2000", "uid=1000(app) gid=2000(extra) groups=2000(extra)"),
+    ("4242", "uid=4242 gid=0(root) groups=0(root)"),
 ])
 def test_users(krun, user, want):
+    """As docker run: the groups that list the user, and its primary group (moby's getUser
+    puts it first in AdditionalGids; BuildKit's RUN does the same: ensureAdditionalGids)."""
     opts = ("-u", user) if user else ()
     p = krun("id", opts=opts)
-    assert p.out.strip().startswith(want), p.out + p.err
+    assert p.out.strip() == want, p.out + p.err
 
 
 @pytest.mark.parametrize("user, message", [
