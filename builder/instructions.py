@@ -732,22 +732,26 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         source_name = "the build context" if from_ref is None else \
             f"stage {from_ref}" if plan.lookup(from_ref) is not None else f"image {from_ref}"
 
-        def do_copy(root: str, src_root: str | None = None) -> int:
+        def do_copy(root: str, src_root: str | None = None) -> tuple[int, tuple[str, ...]]:
             try:
                 return copy_in(root, src_root)
             except OSError as e:  # not a traceback from the workspace process
                 raise CopyError(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
                                 ) from None
 
-        def copy_in(root: str, src_root: str | None) -> int:
+        def copy_in(root: str, src_root: str | None) -> tuple[int, tuple[str, ...]]:
+            """Runs in the workspace process; returns the bytes copied and the warnings."""
+            from builder.chown import ChownError, resolve_owner
             from builder.copy import source_entries_from_tree, tree_entries_for
-            from runtime.users import resolve_user
 
             uid = gid = 0
+            warnings: tuple[str, ...] = ()
             if chown:
-                u = resolve_user(chown, passwd=os.path.join(root, "etc/passwd"),
-                                 group=os.path.join(root, "etc/group"))
-                uid, gid = u.uid, u.gid
+                try:
+                    owner = resolve_owner(chown, root)
+                except ChownError as e:
+                    raise CopyError(f"{inst.cmd} --chown: {e}") from None
+                uid, gid, warnings = owner.uid, owner.gid, owner.warnings
             copied = 0
             if src_root is not None and local:
                 # --parents needs the directories above its sources: the whole tree
@@ -764,12 +768,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                      archive_owner=(uid, gid) if chown else None)
             for source_root, actions in singles:
                 copied += apply_copy(root, source_root, actions, uid=uid, gid=gid)
-            return copied
+            return copied, warnings
 
         try:
-            with_views(views, do_copy, work)
-        except CopyError as e:
+            _, warnings = with_views(views, do_copy, work)
+        except KilnError as e:  # the copy's, --chown's, the workspace's: all at this line
             raise BuildError(f"{_where(inst)}: {e}") from None
+        for warning in warnings:
+            b.say_stage(state, f"[Warning] {_where(inst)}: {inst.cmd} --chown: {warning}")
         b.commit(state, key, upper, created_by)
     finally:
         remove_tree(work)
