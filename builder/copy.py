@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from builder import globs
+from builder.chmod import Chmod
 from store.compression import (
     IN_CHUNK,
     OUT_CHUNK,
@@ -157,7 +158,8 @@ def _clean(path: str) -> str:
 
 
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
-              chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
+              chmod: Chmod | int | None = None, parents: bool = False,
+              exclude: list[str] | None = None,
               unpack: bool = False, force_dir: bool = False,
               source_name: str = "the build context",
               follow_links: bool | None = None) -> list[CopyAction]:
@@ -175,7 +177,10 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
     matches against their path below the glob's fixed part.
     ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
     ``source_name`` says where a missing source was looked for ("stage build").
+    ``chmod`` (builder.chmod) gives each entry its mode; an int is an octal one.
     """
+    if isinstance(chmod, int):
+        chmod = Chmod(f"{chmod:o}", octal=chmod)
     if follow_links is None:
         follow_links = not parents
     if not dest.startswith("/"):
@@ -254,10 +259,12 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             # the directory's contents (with --parents: the directory itself, then them)
             if parents:
                 if entry is not None:
-                    actions.append(CopyAction(path, target, "dir", chmod or entry.mode,
+                    actions.append(CopyAction(path, target, "dir", _mode(entry, chmod),
                                               at_dest=False))
-            else:  # BuildKit: made 0755 if missing (its owner --chown's), else kept as it is
-                actions.append(CopyAction(path, target, "dir", chmod or 0o755))
+            else:  # BuildKit: made if missing (0755 or an octal --chmod's mode, its owner
+                # --chown's), else kept as it is
+                actions.append(CopyAction(path, target, "dir",
+                                          chmod.created_dir_mode if chmod else 0o755))
             prefix = path + "/" if path else ""
             for e in sorted(entries, key=lambda e: e.path):
                 if path and not e.path.startswith(prefix):
@@ -368,10 +375,10 @@ def _parent_dirs(path: str, base: str, dest: str, by_path: dict[str, SourceEntry
     return out
 
 
-def _mode(entry: SourceEntry, chmod: int | None) -> int:
+def _mode(entry: SourceEntry, chmod: Chmod | None) -> int:
     if chmod is None or entry.kind == "symlink":
         return entry.mode
-    return chmod
+    return chmod.apply(entry.mode, entry.kind == "dir")
 
 
 def resolve_dest(root: str, path: str) -> str:
@@ -382,12 +389,14 @@ def resolve_dest(root: str, path: str) -> str:
 
 def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: int = 0,
                gid: int = 0, mtime: int | None = None,
-               archive_owner: tuple[int, int] | None = None, keep_owner: bool = False) -> int:
+               archive_owner: tuple[int, int] | None = None, keep_owner: bool = False,
+               dir_mode: int = 0o755) -> int:
     """Write ``actions`` into ``root`` (the merged view); returns bytes copied.
 
     Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
     moby/moby#38599) by their owner in the source; directories the copy makes for the
-    destination are 0755 and owned by ``uid:gid`` (0:0 unless --chown), as BuildKit's.
+    destination are ``dir_mode`` (0755, or an octal --chmod's mode) and owned by ``uid:gid``
+    (0:0 unless --chown), as BuildKit's.
     Extended attributes (user.*, security.capability...) come along, best effort as
     BuildKit's; directories get their source's times once filled. Destination symlinks
     resolve inside ``root``.
@@ -395,7 +404,7 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     zstd) is extracted there instead, its entries owned as the archive says unless
     ``archive_owner`` (ADD --chown) is given.
     """
-    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner)
+    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner, dir_mode)
     copied = 0
     for a in actions:
         try:
@@ -424,6 +433,7 @@ class _Writer:
     mtime: int | None
     archive_owner: tuple[int, int] | None
     keep_owner: bool
+    dir_mode: int = 0o755
     parents: dict[str, str] = field(default_factory=dict)  # image dir -> host dir
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
 
@@ -443,7 +453,7 @@ class _Writer:
             if _is_dir(host):
                 target = os.path.join(host, a.name or posixpath.basename(a.src or a.dest))
             else:
-                _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+                _makedirs(self.root, os.path.dirname(host), self.uid, self.gid, self.dir_mode)
                 target = host
         else:
             target = os.path.join(self._parent(a.dest), posixpath.basename(a.dest))
@@ -476,7 +486,7 @@ class _Writer:
         parent = self.parents.get(dest_dir)
         if parent is None:
             parent = resolve_dest(self.root, dest_dir)
-            _makedirs(self.root, parent, self.uid, self.gid)
+            _makedirs(self.root, parent, self.uid, self.gid, self.dir_mode)
             self.parents[dest_dir] = parent
         return parent
 
@@ -487,12 +497,12 @@ class _Writer:
 
     def _dest_dir(self, a: CopyAction) -> int:
         """The directory a directory source's contents go into: followed if a symlink; made
-        0755 (or --chmod's mode) if missing; else left with its owner and mode."""
+        0755 (or an octal --chmod's mode) if missing; else left with its owner and mode."""
         host = resolve_dest(self.root, a.dest)
         try:
             st = os.lstat(host)
         except FileNotFoundError:
-            _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+            _makedirs(self.root, os.path.dirname(host), self.uid, self.gid, self.dir_mode)
             os.mkdir(host)
             os.chmod(host, stat.S_IMODE(a.mode))
             os.chown(host, self.uid, self.gid)
@@ -616,8 +626,8 @@ def _copy_file(src: str, target: str, mode: int,
     return done
 
 
-def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
-    """Make the missing directories of ``path`` (0755, owned by uid:gid as COPY --chown
+def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+    """Make the missing directories of ``path`` (``mode``, owned by uid:gid as COPY --chown
     wants for the directories it creates, as docker and buildah do)."""
     rel = os.path.relpath(path, root)
     current = root
@@ -629,8 +639,9 @@ def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
             current = resolve_dest(root, "/" + os.path.relpath(current, root))
             continue
         if not os.path.exists(current):
-            os.mkdir(current, 0o755)
+            os.mkdir(current, 0o700)
             os.chown(current, uid, gid)
+            os.chmod(current, mode)  # whatever the umask
         elif not os.path.isdir(current):
             raise CopyError(f"cannot copy: /{os.path.relpath(current, root)} in the image is "
                             "not a directory")

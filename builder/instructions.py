@@ -629,13 +629,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             raise BuildError(f"{_where(inst)}: heredoc name {h.name!r} cannot be a file name")
     chmod = None
     if flags.get("chmod"):
+        from builder.chmod import ChmodError, parse_chmod
+
+        value = _expand(b, state, flags["chmod"], inst)
         try:
-            chmod = int(_expand(b, state, flags["chmod"], inst), 8)
-            if chmod > 0o7777:
-                raise ValueError
-        except ValueError:
-            raise BuildError(f"{_where(inst)}: invalid --chmod {flags['chmod']!r} "
-                             "(an octal mode such as 0755)") from None
+            chmod = parse_chmod(value)
+        except ChmodError as e:
+            raise BuildError(f"{_where(inst)}: invalid --chmod {value!r}: {e}") from None
+    dir_mode = chmod.created_dir_mode if chmod else 0o755
     chown = _expand(b, state, flags["chown"], inst) if flags.get("chown") else None
     from_ref = flags.get("from")
     workdir_ = state.run_config.get("WorkingDir") or "/"
@@ -762,12 +763,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                     source_name=source_name)
                 # another stage's files keep their owners unless --chown (moby/moby#38599)
                 copied += apply_copy(root, src_root, actions, uid=uid, gid=gid,
-                                     keep_owner=not chown)
+                                     keep_owner=not chown, dir_mode=dir_mode)
             if context_actions is not None:
                 copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
-                                     archive_owner=(uid, gid) if chown else None)
+                                     archive_owner=(uid, gid) if chown else None,
+                                     dir_mode=dir_mode)
             for source_root, actions in singles:
-                copied += apply_copy(root, source_root, actions, uid=uid, gid=gid)
+                copied += apply_copy(root, source_root, actions, uid=uid, gid=gid,
+                                     dir_mode=dir_mode)
             return copied, warnings
 
         try:

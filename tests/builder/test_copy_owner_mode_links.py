@@ -1,11 +1,15 @@
-"""COPY --chown as Docker (BuildKit) makes it, on real builds.
+"""COPY --chown and --chmod as Docker (BuildKit) makes them, on real builds.
 
 --chown (BuildKit solver/llbsolver/file/user_linux.go readUser): a numeric user alone is
 also the group; a user name gives its uid and primary gid from the image's /etc/passwd; a
-name that is not there gives 0, with a warning from kiln.
+name that is not there gives 0, with a warning from kiln. --chmod: octal, or symbolic
+(tonistiigi/dchapes-mode, BSD setmode) applied to each file's mode; the directories the
+copy creates take an octal mode (fsutil#228, Docker 28.1).
 """
 
 from __future__ import annotations
+
+import os
 
 from tests.builder.conftest import build_context as _ctx
 
@@ -60,3 +64,79 @@ def test_chown_errors_name_the_containerfile_line(kb, tmp_path):
     assert f"kiln: error: {ctx}/Containerfile:3: COPY --chown: cannot read /etc/passwd in " \
         "the image: Is a directory" in p.err, p.err
     assert "Traceback" not in p.err
+
+
+def test_owners_and_modes_whatever_the_directory_and_the_umask(kb, tmp_path):
+    """The copy skips the chown and chmod that would change nothing: a setgid directory
+    (whose group new files take), special bits and kiln's umask must not leak through."""
+    cf = ("FROM busybox\nRUN mkdir -m 2775 /sg && chgrp 50 /sg\n"
+          "COPY a.txt /sg/plain\nCOPY --chown=0:50 a.txt /sg/group50\n"
+          "COPY --chown=0:0 a.txt /sg/root\nCOPY --chmod=0777 a.txt /sg/open\n"
+          "COPY --chmod=4755 a.txt /suid\nCOPY --chown=0:50 --chmod=2755 a.txt /sgid\n"
+          "COPY a.txt /new/dir/\n")
+    ctx = _ctx(tmp_path, cf, {"a.txt": "a\n"})
+    old_umask = os.umask(0o077)  # kiln's, inherited
+    try:
+        kb("build", "-q", "-t", "owners:1", str(ctx))
+    finally:
+        os.umask(old_umask)
+    assert _stat(kb, "owners:1", "/sg/plain", "/sg/group50", "/sg/root", "/sg/open", "/suid",
+                 "/sgid", "/new", "/new/dir", "/new/dir/a.txt") == [
+        "/sg/plain 0644 0:0", "/sg/group50 0644 0:50", "/sg/root 0644 0:0",
+        "/sg/open 0777 0:0", "/suid 4755 0:0", "/sgid 2755 0:50",
+        "/new 0755 0:0", "/new/dir 0755 0:0", "/new/dir/a.txt 0644 0:0"]
+
+
+# -- --chmod ------------------------------------------------------------------------------------
+def test_chmod_octal_gives_its_mode_to_the_directories_the_copy_creates(kb, tmp_path):
+    cf = ("FROM busybox\nRUN mkdir -m 0750 /existing\n"
+          "COPY --chmod=0700 a.txt /secret/deep/a.txt\n"
+          "COPY --chmod=755 b.txt /secret/deep/b.txt\n"
+          "COPY --chown=7:8 --chmod=0711 a.txt /m/tool\n"
+          "COPY --chmod=0600 a.txt /existing/new/\n"
+          "COPY --chmod=0640 dir /tree/sub/\n")
+    ctx = _ctx(tmp_path, cf, {"a.txt": "a\n", "b.txt": "b\n", "dir/f": "f\n"})
+    kb("build", "-q", "-t", "chmod-dirs:1", str(ctx))
+    assert _stat(kb, "chmod-dirs:1", "/secret", "/secret/deep", "/secret/deep/a.txt",
+                 "/secret/deep/b.txt", "/m", "/m/tool", "/existing", "/existing/new",
+                 "/existing/new/a.txt", "/tree", "/tree/sub", "/tree/sub/f") == [
+        "/secret 0700 0:0", "/secret/deep 0700 0:0",  # made by the first COPY, as it says
+        "/secret/deep/a.txt 0700 0:0", "/secret/deep/b.txt 0755 0:0",
+        "/m 0711 7:8", "/m/tool 0711 7:8",
+        "/existing 0750 0:0",  # what was there stays as it was
+        "/existing/new 0600 0:0", "/existing/new/a.txt 0600 0:0",
+        "/tree 0640 0:0", "/tree/sub 0640 0:0", "/tree/sub/f 0640 0:0"]
+
+
+def test_chmod_symbolic_applies_to_each_file_and_directory(kb, tmp_path):
+    cf = ("FROM busybox\nCOPY --chmod=u+x,g-r a.txt /m/a.txt\n"
+          "COPY --chmod=g+w,o-r,+X tree /t/\n")
+    ctx = _ctx(tmp_path, cf, {"a.txt": "a\n", "tree/plain": "p\n", "tree/tool": "t\n",
+                              "tree/sub/f": "f\n"})
+    os.chmod(ctx / "a.txt", 0o644)
+    os.chmod(ctx / "tree/plain", 0o644)
+    os.chmod(ctx / "tree/tool", 0o700)
+    os.chmod(ctx / "tree/sub", 0o700)
+    os.chmod(ctx / "tree/sub/f", 0o604)
+    kb("build", "-q", "-t", "chmod-sym:1", str(ctx))
+    assert _stat(kb, "chmod-sym:1", "/m", "/m/a.txt", "/t", "/t/plain", "/t/tool", "/t/sub",
+                 "/t/sub/f") == [
+        "/m 0755 0:0",  # a symbolic mode leaves the directories the copy makes 0755
+        "/m/a.txt 0704 0:0",
+        "/t 0755 0:0",
+        "/t/plain 0660 0:0",  # no x anywhere: +X adds none
+        "/t/tool 0731 0:0",   # x for the owner: +X adds it for all (as the umask lets)
+        "/t/sub 0731 0:0",    # a directory: +X adds it
+        "/t/sub/f 0620 0:0"]
+
+
+def test_bad_chmod_is_an_error_at_its_line(kb, tmp_path):
+    for value, why in (("u+q", "found 'q' at character 3"), ("0758", "only the digits 0-7"),
+                       ("17777", "above 07777"), ("u+x,", "a clause must follow ','")):
+        cf = f"FROM busybox\nCOPY --chmod={value} a.txt /a\n"
+        ctx = _ctx(tmp_path, cf, {"a.txt": "a\n"})
+        p = kb("build", str(ctx), check=False)
+        assert p.returncode == 125, p.err
+        assert f"kiln: error: {ctx}/Containerfile:2: invalid --chmod '{value}'" in p.err, p.err
+        assert why in p.err
+

@@ -90,12 +90,6 @@ RUN_MOUNT_STUBS = ("/run", "/run/.containerenv", "/etc/hostname", "/etc/hosts",
 # here goes.
 KNOWN_FAILURES: dict[str, str] = {
     # -- found by the corpus ------------------------------------------------------------
-    "027-copy-chmod-octal-new-parent": "new: the parent dir COPY --chmod=0700 creates is "
-    "0755; BuildKit gives created dirs the --chmod mode (testCopyChmod): /secret 0700",
-    "030-copy-chown-and-chmod": "new: the parent COPY --chown=7:8 --chmod=0711 creates is "
-    "0755; BuildKit makes it 0711 (see 027)",
-    "029-copy-chmod-symbolic": "new: --chmod=u+x,g-r refused ('an octal mode such as "
-    "0755'); BuildKit takes symbolic modes (a.txt 0644 -> 0704)",
     "090-hardlinks-in-context-dir": "new: COPY of a context dir turns hardlinked files "
     "into separate files; Docker (fsutil copy, per source) and buildah keep the links",
     "093-copy-from-stage-keeps-hardlinks": "new: COPY --from of a dir with hardlinks "
