@@ -94,8 +94,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "into separate files; Docker (fsutil copy, per source) and buildah keep the links",
     "093-copy-from-stage-keeps-hardlinks": "new: COPY --from of a dir with hardlinks "
     "(a, b, d/c one inode) gives three files; Docker and buildah keep one inode",
-    "088-add-unpack-false": "new: ADD --unpack=false is refused ('unknown flag --unpack'); "
-    "BuildKit (Dockerfile 1.17) copies the archive as a file",
     "212-env-same-line-sees-old-values": "new: ENV A=new B=$A gives B=new; Docker expands "
     "the whole instruction with the values before it (B=old), as buildah",
     "230-user-name": "new: RUN as USER app has no supplementary groups (id prints no "
