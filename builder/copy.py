@@ -81,6 +81,9 @@ class CopyAction:
     # is in its way.
     at_dest: bool = True
     name: str | None = None  # the source's name as given (a followed symlink's, not its target's)
+    # which source (BuildKit: which copy) the action comes from: files hardlinked to each
+    # other in one source stay hardlinked, as fsutil's copier keeps them; never across two
+    group: int = 0
 
 
 MAX_SYMLINKS = 40  # as the kernel's
@@ -203,10 +206,12 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                             f"{src}: no such file or directory in {source_name}")
         return f.path, entry
 
-    # (path whose entries are copied, its entry, base it hangs from, the name it is copied as)
-    matched: list[tuple[str, SourceEntry | None, str, str]] = []
+    # (path whose entries are copied, its entry, base it hangs from, the name it is copied as,
+    # the copy it is part of: BuildKit copies each match of a source on its own, but all that
+    # one --parents source matches in one copy)
+    matched: list[tuple[str, SourceEntry | None, str, str, int]] = []
     kind = _kinds(by_path)
-    for src in sources:
+    for index, src in enumerate(sources):
         try:
             if parents:
                 found = globs.match_parents(src, by_path, kind)
@@ -214,7 +219,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                     found = [(p, pivot) for p, pivot in found if not excluded(_below(p, pivot))]
                 # a whole pivot (``dir/./``) brings its contents, as the root does
                 matched += [(p, by_path.get(p) if p != pivot else None, pivot,
-                             posixpath.basename(p)) for p, pivot in found]
+                             posixpath.basename(p), index) for p, pivot in found]
                 continue
             pattern = _clean(src)
             glob_base = globs.split_wildcards(pattern)[0]
@@ -234,13 +239,13 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                     continue
                 entry = by_path[p]
                 if follow_links and entry.kind == "symlink":
-                    matched.append((*followed(src, p), "", posixpath.basename(p)))
+                    matched.append((*followed(src, p), "", posixpath.basename(p), -1))
                 else:
-                    matched.append((p, entry, "", posixpath.basename(p)))
+                    matched.append((p, entry, "", posixpath.basename(p), -1))
         elif pattern == "":
-            matched.append(("", None, "", ""))  # the whole source root
+            matched.append(("", None, "", "", -1))  # the whole source root
         elif pattern in by_path or follow_links:
-            matched.append((*followed(src, pattern), "", posixpath.basename(pattern)))
+            matched.append((*followed(src, pattern), "", posixpath.basename(pattern), -1))
         else:
             raise CopyError(f"{src}: no such file or directory in {source_name}")
     several = len(matched) > 1
@@ -249,7 +254,8 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                         f"must be a directory and end with a / (got {dest!r})")
     actions: list[CopyAction] = []
     made: set[str] = set()
-    for path, entry, base, name in matched:
+    for i, (path, entry, base, name, group) in enumerate(matched):
+        group = i if group < 0 else group
         if parents:
             actions += _parent_dirs(path, base, dest, by_path, made)
             target = posixpath.join(dest, _below(path, base)) if path != base else dest
@@ -260,11 +266,12 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             if parents:
                 if entry is not None:
                     actions.append(CopyAction(path, target, "dir", _mode(entry, chmod),
-                                              at_dest=False))
+                                              at_dest=False, group=group))
             else:  # BuildKit: made if missing (0755 or an octal --chmod's mode, its owner
                 # --chown's), else kept as it is
                 actions.append(CopyAction(path, target, "dir",
-                                          chmod.created_dir_mode if chmod else 0o755))
+                                          chmod.created_dir_mode if chmod else 0o755,
+                                          group=group))
             prefix = path + "/" if path else ""
             for e in sorted(entries, key=lambda e: e.path):
                 if path and not e.path.startswith(prefix):
@@ -273,7 +280,8 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                 if excluded(_below(e.path, base) if parents else rel):
                     continue
                 actions.append(CopyAction(e.path, posixpath.join(target, rel), e.kind,
-                                          _mode(e, chmod), e.link_target, at_dest=False))
+                                          _mode(e, chmod), e.link_target, at_dest=False,
+                                          group=group))
         else:
             named = parents or dest_is_dir or several
             if not parents and named:
@@ -281,7 +289,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             unpack_to = dest if unpack and entry.kind == "file" and not parents else None
             actions.append(CopyAction(entry.path, target, entry.kind, _mode(entry, chmod),
                                       entry.link_target, unpack_to, at_dest=not named,
-                                      name=name))
+                                      name=name, group=group))
     return actions
 
 
@@ -396,7 +404,8 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
     moby/moby#38599) by their owner in the source; directories the copy makes for the
     destination are ``dir_mode`` (0755, or an octal --chmod's mode) and owned by ``uid:gid``
-    (0:0 unless --chown), as BuildKit's.
+    (0:0 unless --chown), as BuildKit's. Files hardlinked to each other within one source
+    (the actions of one ``group``) are hardlinked in the copy too, as BuildKit's copier does.
     Extended attributes (user.*, security.capability...) come along, best effort as
     BuildKit's; directories get their source's times once filled. Destination symlinks
     resolve inside ``root``.
@@ -424,7 +433,7 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
 @dataclass
 class _Writer:
     """apply_copy's state: where resolved destination directories are, which directories
-    get their source's times at the end."""
+    get their source's times at the end, which files of the current source are hardlinked."""
 
     root: str
     source_root: str
@@ -436,8 +445,13 @@ class _Writer:
     dir_mode: int = 0o755
     parents: dict[str, str] = field(default_factory=dict)  # image dir -> host dir
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
+    group: int = -1
+    links: dict[tuple[int, int], str] = field(default_factory=dict)  # (dev, ino) -> host path
 
     def apply(self, a: CopyAction) -> int:
+        if a.group != self.group:  # links are kept within one source, never across two
+            self.group = a.group
+            self.links.clear()
         if a.unpack_to is not None and a.src is not None:
             path = os.path.join(self.source_root, a.src)
             kind = archive_kind(path)
@@ -474,7 +488,8 @@ class _Writer:
         assert src is not None
         # most destinations are new: _clear's checks run only when one is not
         return _copy_file(src, target, stat.S_IMODE(a.mode), self._owner, self.mtime,
-                          make_room=lambda: _clear(target, a, forget=self._forget_below))
+                          make_room=lambda: _clear(target, a, forget=self._forget_below),
+                          links=self.links)
 
     def _owner(self, st: os.stat_result | None) -> tuple[int, int]:
         if self.keep_owner and st is not None:
@@ -591,16 +606,23 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _copy_file(src: str, target: str, mode: int,
                owner: tuple[int, int] | Callable[[os.stat_result], tuple[int, int]],
-               mtime: int | None, make_room: Callable[[], str] | None = None) -> int:
+               mtime: int | None, make_room: Callable[[], str] | None = None, *,
+               links: dict[tuple[int, int], str] | None = None) -> int:
     """One file, all by descriptors: content (sendfile), owner, mode, extended attributes
     (after the owner: a chown drops file capabilities), times.
 
     ``owner`` is a pair, or a function of the source's stat. If ``target`` exists,
     ``make_room()`` says where the file goes instead (or clears the way) and the file is
-    created there."""
+    created there. With ``links``, a source file that has other names is hardlinked to the
+    copy of the first of them seen (the map of (dev, inode) to copies is kept up to date)."""
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fin)
+        if links is not None and st.st_nlink > 1:
+            first = links.get((st.st_dev, st.st_ino))
+            if first is not None and _link(first, target, make_room):
+                return 0
+            links[(st.st_dev, st.st_ino)] = target
         try:
             fout = os.open(target, _CREATE, 0o600)
         except FileExistsError:
@@ -624,6 +646,22 @@ def _copy_file(src: str, target: str, mode: int,
     finally:
         os.close(fin)
     return done
+
+
+def _link(first: str, target: str, make_room: Callable[[], str] | None) -> bool:
+    """``target`` as another name of the copy ``first``; False if that copy is gone."""
+    try:
+        os.link(first, target, follow_symlinks=False)
+    except FileExistsError:
+        if make_room is None:
+            raise
+        try:
+            os.link(first, make_room(), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:

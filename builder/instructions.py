@@ -680,6 +680,9 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             except (CopyError, KilnError) as e:
                 raise BuildError(f"{_where(inst)}: {e}") from None
             content_parts.append(["context", ctx.digest_of(selected)])
+            links = ctx.hardlink_groups(selected)
+            if links:  # the copy keeps them: their structure is part of what it makes
+                content_parts.append(["links", links])
         fetched = {}
         for url in urls:
             if checksum is not None:

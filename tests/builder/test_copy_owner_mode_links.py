@@ -1,10 +1,11 @@
-"""COPY --chown and --chmod as Docker (BuildKit) makes them, on real builds.
+"""COPY --chown, --chmod and hardlinks as Docker (BuildKit) makes them, on real builds.
 
 --chown (BuildKit solver/llbsolver/file/user_linux.go readUser): a numeric user alone is
 also the group; a user name gives its uid and primary gid from the image's /etc/passwd; a
 name that is not there gives 0, with a warning from kiln. --chmod: octal, or symbolic
 (tonistiigi/dchapes-mode, BSD setmode) applied to each file's mode; the directories the
-copy creates take an octal mode (fsutil#228, Docker 28.1).
+copy creates take an octal mode (fsutil#228, Docker 28.1). Hardlinks: BuildKit's copier
+(fsutil copy.go, its inodes map) links the files of one source that are one inode.
 """
 
 from __future__ import annotations
@@ -140,3 +141,49 @@ def test_bad_chmod_is_an_error_at_its_line(kb, tmp_path):
         assert f"kiln: error: {ctx}/Containerfile:2: invalid --chmod '{value}'" in p.err, p.err
         assert why in p.err
 
+
+# -- hardlinks ----------------------------------------------------------------------------------
+def _links(kb, image: str, *paths: str) -> list[str]:
+    """Each path with its link count and an id of its inode that is the same for the paths
+    that are one inode (the first path of that inode)."""
+    out = kb("run", "--rm", image, "stat", "-c", "%n %h %i", *paths).out
+    first: dict[str, str] = {}
+    rows = []
+    for line in out.splitlines():
+        name, count, inode = line.split()
+        rows.append(f"{name} {count} {first.setdefault(inode, name)}")
+    return rows
+
+
+def test_copy_keeps_the_hardlinks_within_one_source(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox AS src\n"
+               "RUN mkdir -p /out/d && echo x > /out/a && ln /out/a /out/b && ln /out/a /out/d/c\n"
+               "FROM busybox\nCOPY tree /tree\nCOPY --from=src /out /copied\n"
+               "COPY tree/a tree/b /sep/\nCOPY tree/* /glob/\n",
+               {"tree/a": "a\n", "tree/sub/c": "c\n", "tree/other": "o\n"})
+    os.link(ctx / "tree/a", ctx / "tree/b")
+    os.link(ctx / "tree/sub/c", ctx / "tree/sub/d")
+    kb("build", "-q", "-t", "links:1", str(ctx))
+    assert _links(kb, "links:1", "/tree/a", "/tree/b", "/tree/sub/c", "/tree/sub/d",
+                  "/tree/other", "/copied/a", "/copied/b", "/copied/d/c") == [
+        "/tree/a 2 /tree/a", "/tree/b 2 /tree/a",
+        "/tree/sub/c 2 /tree/sub/c", "/tree/sub/d 2 /tree/sub/c",
+        "/tree/other 1 /tree/other",
+        "/copied/a 3 /copied/a", "/copied/b 3 /copied/a", "/copied/d/c 3 /copied/a"]
+    # each source, and each match of a wildcard, is a copy of its own (as BuildKit's)
+    assert _links(kb, "links:1", "/sep/a", "/sep/b", "/glob/a", "/glob/b") == [
+        "/sep/a 1 /sep/a", "/sep/b 1 /sep/b", "/glob/a 1 /glob/a", "/glob/b 1 /glob/b"]
+
+
+def test_linking_context_files_is_a_change_the_copy_sees(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nCOPY tree /tree\n", {"tree/a": "same\n",
+                                                            "tree/b": "same\n"})
+    kb("build", "-q", "-t", "relink:1", str(ctx))
+    assert _links(kb, "relink:1", "/tree/a", "/tree/b") == ["/tree/a 1 /tree/a",
+                                                            "/tree/b 1 /tree/b"]
+    os.unlink(ctx / "tree/b")
+    os.link(ctx / "tree/a", ctx / "tree/b")  # same names, modes and contents: now one inode
+    p = kb("build", "-t", "relink:2", str(ctx))
+    assert "CACHED" not in p.err, p.err  # the COPY ran again
+    assert _links(kb, "relink:2", "/tree/a", "/tree/b") == ["/tree/a 2 /tree/a",
+                                                            "/tree/b 2 /tree/a"]

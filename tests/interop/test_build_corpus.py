@@ -90,10 +90,6 @@ RUN_MOUNT_STUBS = ("/run", "/run/.containerenv", "/etc/hostname", "/etc/hosts",
 # here goes.
 KNOWN_FAILURES: dict[str, str] = {
     # -- found by the corpus ------------------------------------------------------------
-    "090-hardlinks-in-context-dir": "new: COPY of a context dir turns hardlinked files "
-    "into separate files; Docker (fsutil copy, per source) and buildah keep the links",
-    "093-copy-from-stage-keeps-hardlinks": "new: COPY --from of a dir with hardlinks "
-    "(a, b, d/c one inode) gives three files; Docker and buildah keep one inode",
     "212-env-same-line-sees-old-values": "new: ENV A=new B=$A gives B=new; Docker expands "
     "the whole instruction with the values before it (B=old), as buildah",
     "230-user-name": "new: RUN as USER app has no supplementary groups (id prints no "
