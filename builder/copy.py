@@ -49,7 +49,7 @@ from store.compression import (
     within_budget,
 )
 from store.errors import KilnError
-from store.fsutil import write_all
+from store.fsutil import current_umask, write_all
 
 if TYPE_CHECKING:
     from store.layer_extract import ExtractLimits
@@ -433,7 +433,8 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
 @dataclass
 class _Writer:
     """apply_copy's state: where resolved destination directories are, which directories
-    get their source's times at the end, which files of the current source are hardlinked."""
+    get their source's times at the end, which files of the current source are hardlinked,
+    and what owner a file created in a directory gets by itself."""
 
     root: str
     source_root: str
@@ -447,6 +448,10 @@ class _Writer:
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
     group: int = -1
     links: dict[tuple[int, int], str] = field(default_factory=dict)  # (dev, ino) -> host path
+    made_owners: dict[str, tuple[int, int]] = field(default_factory=dict)  # host dir -> owner
+    # mode bits open() may not give a new file by itself (then an fchmod follows)
+    chmod_mask: int = field(default_factory=lambda: 0o7000 | current_umask())
+    ids: tuple[int, int] = field(default_factory=lambda: (os.geteuid(), os.getegid()))
 
     def apply(self, a: CopyAction) -> int:
         if a.group != self.group:  # links are kept within one source, never across two
@@ -459,6 +464,7 @@ class _Writer:
                 copied = extract_archive(path, kind, self.root, a.unpack_to,
                                          owner=self.archive_owner, name=a.src)
                 self.parents.clear()  # an archive may have put anything anywhere
+                self.made_owners.clear()
                 return copied
         if a.kind == "dir" and a.at_dest:
             return self._dest_dir(a)
@@ -489,12 +495,23 @@ class _Writer:
         # most destinations are new: _clear's checks run only when one is not
         return _copy_file(src, target, stat.S_IMODE(a.mode), self._owner, self.mtime,
                           make_room=lambda: _clear(target, a, forget=self._forget_below),
-                          links=self.links)
+                          links=self.links, made_owner=self._made_owner,
+                          chmod_mask=self.chmod_mask)
 
     def _owner(self, st: os.stat_result | None) -> tuple[int, int]:
         if self.keep_owner and st is not None:
             return st.st_uid, st.st_gid
         return self.uid, self.gid
+
+    def _made_owner(self, host_dir: str) -> tuple[int, int]:
+        """The owner a file created in ``host_dir`` gets without a chown: ours, with the
+        directory's group if it is setgid. One stat per directory."""
+        owner = self.made_owners.get(host_dir)
+        if owner is None:
+            st = os.stat(host_dir)
+            owner = (self.ids[0], st.st_gid if st.st_mode & stat.S_ISGID else self.ids[1])
+            self.made_owners[host_dir] = owner
+        return owner
 
     def _parent(self, dest: str) -> str:
         dest_dir = posixpath.dirname(dest) or "/"
@@ -548,6 +565,7 @@ class _Writer:
         src_st = os.lstat(src) if src is not None else None
         os.chown(target, *self._owner(src_st), follow_symlinks=False)
         os.chmod(target, stat.S_IMODE(a.mode))
+        self.made_owners.pop(target, None)  # its group and setgid bit may have changed
         if src is not None:
             _copy_xattrs(src, target)
             self.stamps.append((target, src))
@@ -607,14 +625,19 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 def _copy_file(src: str, target: str, mode: int,
                owner: tuple[int, int] | Callable[[os.stat_result], tuple[int, int]],
                mtime: int | None, make_room: Callable[[], str] | None = None, *,
-               links: dict[tuple[int, int], str] | None = None) -> int:
+               links: dict[tuple[int, int], str] | None = None,
+               made_owner: Callable[[str], tuple[int, int]] | None = None,
+               chmod_mask: int = 0o7777) -> int:
     """One file, all by descriptors: content (sendfile), owner, mode, extended attributes
     (after the owner: a chown drops file capabilities), times.
 
     ``owner`` is a pair, or a function of the source's stat. If ``target`` exists,
     ``make_room()`` says where the file goes instead (or clears the way) and the file is
     created there. With ``links``, a source file that has other names is hardlinked to the
-    copy of the first of them seen (the map of (dev, inode) to copies is kept up to date)."""
+    copy of the first of them seen (the map of (dev, inode) to copies is kept up to date).
+    The file is created with its mode, and the chown and chmod that would change nothing are
+    skipped: ``made_owner(dir)`` says what owner a new file gets there, ``chmod_mask`` which
+    mode bits open() does not apply by itself (the umask's, setuid/setgid/sticky)."""
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fin)
@@ -624,11 +647,12 @@ def _copy_file(src: str, target: str, mode: int,
                 return 0
             links[(st.st_dev, st.st_ino)] = target
         try:
-            fout = os.open(target, _CREATE, 0o600)
+            fout = os.open(target, _CREATE, mode & 0o777)
         except FileExistsError:
             if make_room is None:
                 raise
-            fout = os.open(make_room(), _CREATE, 0o600)
+            target = make_room()
+            fout = os.open(target, _CREATE, mode & 0o777)
         try:
             done = 0
             while done < st.st_size:
@@ -636,8 +660,12 @@ def _copy_file(src: str, target: str, mode: int,
                 if n == 0:
                     break  # the file shrank while being copied
                 done += n
-            os.fchown(fout, *(owner(st) if callable(owner) else owner))
-            os.fchmod(fout, mode)
+            wanted = owner(st) if callable(owner) else owner
+            chowned = made_owner is None or wanted != made_owner(os.path.dirname(target))
+            if chowned:
+                os.fchown(fout, *wanted)
+            if chowned or mode & chmod_mask:  # a chown clears setuid and setgid
+                os.fchmod(fout, mode)
             _copy_xattrs(fin, fout)
             os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
                      (mtime * 10**9, mtime * 10**9))
