@@ -366,6 +366,18 @@ class Context:
                                  _fs(e.link_target or ""), (e.digest or "").encode(), b""]))
         return _DIGEST_PREFIX + h.hexdigest()
 
+    def hardlink_groups(self, entries: list[ContextFile]) -> list[list[str]]:
+        """The files of ``entries`` that are one inode (hardlinks of each other), as lists of
+        their paths in the order given; from the scan's stat, nothing is read again. A COPY
+        keeps such links, so its cache key needs them: digest_of sees only contents."""
+        nodes = self._scan()
+        by_inode: dict[tuple[int, int], list[str]] = {}
+        for e in entries:
+            node = nodes.get(e.path)
+            if e.kind == "file" and node is not None and node.stat_key is not None:
+                by_inode.setdefault(node.stat_key[3:5], []).append(e.path)
+        return [paths for paths in by_inode.values() if len(paths) > 1]
+
     def _trusted_entries(self, cutoff_ns: int) -> dict[str, list]:
         entries: dict[str, list] = {}
         for path in self._order:

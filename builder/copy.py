@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from builder import globs
+from builder.chmod import Chmod
 from store.compression import (
     IN_CHUNK,
     OUT_CHUNK,
@@ -48,7 +49,7 @@ from store.compression import (
     within_budget,
 )
 from store.errors import KilnError
-from store.fsutil import write_all
+from store.fsutil import current_umask, write_all
 
 if TYPE_CHECKING:
     from store.layer_extract import ExtractLimits
@@ -80,6 +81,9 @@ class CopyAction:
     # is in its way.
     at_dest: bool = True
     name: str | None = None  # the source's name as given (a followed symlink's, not its target's)
+    # which source (BuildKit: which copy) the action comes from: files hardlinked to each
+    # other in one source stay hardlinked, as fsutil's copier keeps them; never across two
+    group: int = 0
 
 
 MAX_SYMLINKS = 40  # as the kernel's
@@ -157,7 +161,8 @@ def _clean(path: str) -> str:
 
 
 def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, workdir: str = "/",
-              chmod: int | None = None, parents: bool = False, exclude: list[str] | None = None,
+              chmod: Chmod | int | None = None, parents: bool = False,
+              exclude: list[str] | None = None,
               unpack: bool = False, force_dir: bool = False,
               source_name: str = "the build context",
               follow_links: bool | None = None) -> list[CopyAction]:
@@ -175,7 +180,10 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
     matches against their path below the glob's fixed part.
     ``unpack`` (ADD) marks file sources to be extracted into ``dest`` if they are archives.
     ``source_name`` says where a missing source was looked for ("stage build").
+    ``chmod`` (builder.chmod) gives each entry its mode; an int is an octal one.
     """
+    if isinstance(chmod, int):
+        chmod = Chmod(f"{chmod:o}", octal=chmod)
     if follow_links is None:
         follow_links = not parents
     if not dest.startswith("/"):
@@ -198,10 +206,12 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                             f"{src}: no such file or directory in {source_name}")
         return f.path, entry
 
-    # (path whose entries are copied, its entry, base it hangs from, the name it is copied as)
-    matched: list[tuple[str, SourceEntry | None, str, str]] = []
+    # (path whose entries are copied, its entry, base it hangs from, the name it is copied as,
+    # the copy it is part of: BuildKit copies each match of a source on its own, but all that
+    # one --parents source matches in one copy)
+    matched: list[tuple[str, SourceEntry | None, str, str, int]] = []
     kind = _kinds(by_path)
-    for src in sources:
+    for index, src in enumerate(sources):
         try:
             if parents:
                 found = globs.match_parents(src, by_path, kind)
@@ -209,7 +219,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                     found = [(p, pivot) for p, pivot in found if not excluded(_below(p, pivot))]
                 # a whole pivot (``dir/./``) brings its contents, as the root does
                 matched += [(p, by_path.get(p) if p != pivot else None, pivot,
-                             posixpath.basename(p)) for p, pivot in found]
+                             posixpath.basename(p), index) for p, pivot in found]
                 continue
             pattern = _clean(src)
             glob_base = globs.split_wildcards(pattern)[0]
@@ -229,13 +239,13 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                     continue
                 entry = by_path[p]
                 if follow_links and entry.kind == "symlink":
-                    matched.append((*followed(src, p), "", posixpath.basename(p)))
+                    matched.append((*followed(src, p), "", posixpath.basename(p), -1))
                 else:
-                    matched.append((p, entry, "", posixpath.basename(p)))
+                    matched.append((p, entry, "", posixpath.basename(p), -1))
         elif pattern == "":
-            matched.append(("", None, "", ""))  # the whole source root
+            matched.append(("", None, "", "", -1))  # the whole source root
         elif pattern in by_path or follow_links:
-            matched.append((*followed(src, pattern), "", posixpath.basename(pattern)))
+            matched.append((*followed(src, pattern), "", posixpath.basename(pattern), -1))
         else:
             raise CopyError(f"{src}: no such file or directory in {source_name}")
     several = len(matched) > 1
@@ -244,7 +254,8 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                         f"must be a directory and end with a / (got {dest!r})")
     actions: list[CopyAction] = []
     made: set[str] = set()
-    for path, entry, base, name in matched:
+    for i, (path, entry, base, name, group) in enumerate(matched):
+        group = i if group < 0 else group
         if parents:
             actions += _parent_dirs(path, base, dest, by_path, made)
             target = posixpath.join(dest, _below(path, base)) if path != base else dest
@@ -254,10 +265,13 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             # the directory's contents (with --parents: the directory itself, then them)
             if parents:
                 if entry is not None:
-                    actions.append(CopyAction(path, target, "dir", chmod or entry.mode,
-                                              at_dest=False))
-            else:  # BuildKit: made 0755 if missing (its owner --chown's), else kept as it is
-                actions.append(CopyAction(path, target, "dir", chmod or 0o755))
+                    actions.append(CopyAction(path, target, "dir", _mode(entry, chmod),
+                                              at_dest=False, group=group))
+            else:  # BuildKit: made if missing (0755 or an octal --chmod's mode, its owner
+                # --chown's), else kept as it is
+                actions.append(CopyAction(path, target, "dir",
+                                          chmod.created_dir_mode if chmod else 0o755,
+                                          group=group))
             prefix = path + "/" if path else ""
             for e in sorted(entries, key=lambda e: e.path):
                 if path and not e.path.startswith(prefix):
@@ -266,7 +280,8 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
                 if excluded(_below(e.path, base) if parents else rel):
                     continue
                 actions.append(CopyAction(e.path, posixpath.join(target, rel), e.kind,
-                                          _mode(e, chmod), e.link_target, at_dest=False))
+                                          _mode(e, chmod), e.link_target, at_dest=False,
+                                          group=group))
         else:
             named = parents or dest_is_dir or several
             if not parents and named:
@@ -274,7 +289,7 @@ def plan_copy(sources: list[str], dest: str, entries: list[SourceEntry], *, work
             unpack_to = dest if unpack and entry.kind == "file" and not parents else None
             actions.append(CopyAction(entry.path, target, entry.kind, _mode(entry, chmod),
                                       entry.link_target, unpack_to, at_dest=not named,
-                                      name=name))
+                                      name=name, group=group))
     return actions
 
 
@@ -368,10 +383,10 @@ def _parent_dirs(path: str, base: str, dest: str, by_path: dict[str, SourceEntry
     return out
 
 
-def _mode(entry: SourceEntry, chmod: int | None) -> int:
+def _mode(entry: SourceEntry, chmod: Chmod | None) -> int:
     if chmod is None or entry.kind == "symlink":
         return entry.mode
-    return chmod
+    return chmod.apply(entry.mode, entry.kind == "dir")
 
 
 def resolve_dest(root: str, path: str) -> str:
@@ -382,12 +397,15 @@ def resolve_dest(root: str, path: str) -> str:
 
 def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: int = 0,
                gid: int = 0, mtime: int | None = None,
-               archive_owner: tuple[int, int] | None = None, keep_owner: bool = False) -> int:
+               archive_owner: tuple[int, int] | None = None, keep_owner: bool = False,
+               dir_mode: int = 0o755) -> int:
     """Write ``actions`` into ``root`` (the merged view); returns bytes copied.
 
     Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
     moby/moby#38599) by their owner in the source; directories the copy makes for the
-    destination are 0755 and owned by ``uid:gid`` (0:0 unless --chown), as BuildKit's.
+    destination are ``dir_mode`` (0755, or an octal --chmod's mode) and owned by ``uid:gid``
+    (0:0 unless --chown), as BuildKit's. Files hardlinked to each other within one source
+    (the actions of one ``group``) are hardlinked in the copy too, as BuildKit's copier does.
     Extended attributes (user.*, security.capability...) come along, best effort as
     BuildKit's; directories get their source's times once filled. Destination symlinks
     resolve inside ``root``.
@@ -395,7 +413,7 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     zstd) is extracted there instead, its entries owned as the archive says unless
     ``archive_owner`` (ADD --chown) is given.
     """
-    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner)
+    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner, dir_mode)
     copied = 0
     for a in actions:
         try:
@@ -415,7 +433,8 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
 @dataclass
 class _Writer:
     """apply_copy's state: where resolved destination directories are, which directories
-    get their source's times at the end."""
+    get their source's times at the end, which files of the current source are hardlinked,
+    and what owner a file created in a directory gets by itself."""
 
     root: str
     source_root: str
@@ -424,10 +443,20 @@ class _Writer:
     mtime: int | None
     archive_owner: tuple[int, int] | None
     keep_owner: bool
+    dir_mode: int = 0o755
     parents: dict[str, str] = field(default_factory=dict)  # image dir -> host dir
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
+    group: int = -1
+    links: dict[tuple[int, int], str] = field(default_factory=dict)  # (dev, ino) -> host path
+    made_owners: dict[str, tuple[int, int]] = field(default_factory=dict)  # host dir -> owner
+    # mode bits open() may not give a new file by itself (then an fchmod follows)
+    chmod_mask: int = field(default_factory=lambda: 0o7000 | current_umask())
+    ids: tuple[int, int] = field(default_factory=lambda: (os.geteuid(), os.getegid()))
 
     def apply(self, a: CopyAction) -> int:
+        if a.group != self.group:  # links are kept within one source, never across two
+            self.group = a.group
+            self.links.clear()
         if a.unpack_to is not None and a.src is not None:
             path = os.path.join(self.source_root, a.src)
             kind = archive_kind(path)
@@ -435,6 +464,7 @@ class _Writer:
                 copied = extract_archive(path, kind, self.root, a.unpack_to,
                                          owner=self.archive_owner, name=a.src)
                 self.parents.clear()  # an archive may have put anything anywhere
+                self.made_owners.clear()
                 return copied
         if a.kind == "dir" and a.at_dest:
             return self._dest_dir(a)
@@ -443,7 +473,7 @@ class _Writer:
             if _is_dir(host):
                 target = os.path.join(host, a.name or posixpath.basename(a.src or a.dest))
             else:
-                _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+                _makedirs(self.root, os.path.dirname(host), self.uid, self.gid, self.dir_mode)
                 target = host
         else:
             target = os.path.join(self._parent(a.dest), posixpath.basename(a.dest))
@@ -464,19 +494,31 @@ class _Writer:
         assert src is not None
         # most destinations are new: _clear's checks run only when one is not
         return _copy_file(src, target, stat.S_IMODE(a.mode), self._owner, self.mtime,
-                          make_room=lambda: _clear(target, a, forget=self._forget_below))
+                          make_room=lambda: _clear(target, a, forget=self._forget_below),
+                          links=self.links, made_owner=self._made_owner,
+                          chmod_mask=self.chmod_mask)
 
     def _owner(self, st: os.stat_result | None) -> tuple[int, int]:
         if self.keep_owner and st is not None:
             return st.st_uid, st.st_gid
         return self.uid, self.gid
 
+    def _made_owner(self, host_dir: str) -> tuple[int, int]:
+        """The owner a file created in ``host_dir`` gets without a chown: ours, with the
+        directory's group if it is setgid. One stat per directory."""
+        owner = self.made_owners.get(host_dir)
+        if owner is None:
+            st = os.stat(host_dir)
+            owner = (self.ids[0], st.st_gid if st.st_mode & stat.S_ISGID else self.ids[1])
+            self.made_owners[host_dir] = owner
+        return owner
+
     def _parent(self, dest: str) -> str:
         dest_dir = posixpath.dirname(dest) or "/"
         parent = self.parents.get(dest_dir)
         if parent is None:
             parent = resolve_dest(self.root, dest_dir)
-            _makedirs(self.root, parent, self.uid, self.gid)
+            _makedirs(self.root, parent, self.uid, self.gid, self.dir_mode)
             self.parents[dest_dir] = parent
         return parent
 
@@ -487,12 +529,12 @@ class _Writer:
 
     def _dest_dir(self, a: CopyAction) -> int:
         """The directory a directory source's contents go into: followed if a symlink; made
-        0755 (or --chmod's mode) if missing; else left with its owner and mode."""
+        0755 (or an octal --chmod's mode) if missing; else left with its owner and mode."""
         host = resolve_dest(self.root, a.dest)
         try:
             st = os.lstat(host)
         except FileNotFoundError:
-            _makedirs(self.root, os.path.dirname(host), self.uid, self.gid)
+            _makedirs(self.root, os.path.dirname(host), self.uid, self.gid, self.dir_mode)
             os.mkdir(host)
             os.chmod(host, stat.S_IMODE(a.mode))
             os.chown(host, self.uid, self.gid)
@@ -523,6 +565,7 @@ class _Writer:
         src_st = os.lstat(src) if src is not None else None
         os.chown(target, *self._owner(src_st), follow_symlinks=False)
         os.chmod(target, stat.S_IMODE(a.mode))
+        self.made_owners.pop(target, None)  # its group and setgid bit may have changed
         if src is not None:
             _copy_xattrs(src, target)
             self.stamps.append((target, src))
@@ -581,22 +624,35 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _copy_file(src: str, target: str, mode: int,
                owner: tuple[int, int] | Callable[[os.stat_result], tuple[int, int]],
-               mtime: int | None, make_room: Callable[[], str] | None = None) -> int:
+               mtime: int | None, make_room: Callable[[], str] | None = None, *,
+               links: dict[tuple[int, int], str] | None = None,
+               made_owner: Callable[[str], tuple[int, int]] | None = None,
+               chmod_mask: int = 0o7777) -> int:
     """One file, all by descriptors: content (sendfile), owner, mode, extended attributes
     (after the owner: a chown drops file capabilities), times.
 
     ``owner`` is a pair, or a function of the source's stat. If ``target`` exists,
     ``make_room()`` says where the file goes instead (or clears the way) and the file is
-    created there."""
+    created there. With ``links``, a source file that has other names is hardlinked to the
+    copy of the first of them seen (the map of (dev, inode) to copies is kept up to date).
+    The file is created with its mode, and the chown and chmod that would change nothing are
+    skipped: ``made_owner(dir)`` says what owner a new file gets there, ``chmod_mask`` which
+    mode bits open() does not apply by itself (the umask's, setuid/setgid/sticky)."""
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fin)
+        if links is not None and st.st_nlink > 1:
+            first = links.get((st.st_dev, st.st_ino))
+            if first is not None and _link(first, target, make_room):
+                return 0
+            links[(st.st_dev, st.st_ino)] = target
         try:
-            fout = os.open(target, _CREATE, 0o600)
+            fout = os.open(target, _CREATE, mode & 0o777)
         except FileExistsError:
             if make_room is None:
                 raise
-            fout = os.open(make_room(), _CREATE, 0o600)
+            target = make_room()
+            fout = os.open(target, _CREATE, mode & 0o777)
         try:
             done = 0
             while done < st.st_size:
@@ -604,8 +660,12 @@ def _copy_file(src: str, target: str, mode: int,
                 if n == 0:
                     break  # the file shrank while being copied
                 done += n
-            os.fchown(fout, *(owner(st) if callable(owner) else owner))
-            os.fchmod(fout, mode)
+            wanted = owner(st) if callable(owner) else owner
+            chowned = made_owner is None or wanted != made_owner(os.path.dirname(target))
+            if chowned:
+                os.fchown(fout, *wanted)
+            if chowned or mode & chmod_mask:  # a chown clears setuid and setgid
+                os.fchmod(fout, mode)
             _copy_xattrs(fin, fout)
             os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns) if mtime is None else
                      (mtime * 10**9, mtime * 10**9))
@@ -616,8 +676,24 @@ def _copy_file(src: str, target: str, mode: int,
     return done
 
 
-def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
-    """Make the missing directories of ``path`` (0755, owned by uid:gid as COPY --chown
+def _link(first: str, target: str, make_room: Callable[[], str] | None) -> bool:
+    """``target`` as another name of the copy ``first``; False if that copy is gone."""
+    try:
+        os.link(first, target, follow_symlinks=False)
+    except FileExistsError:
+        if make_room is None:
+            raise
+        try:
+            os.link(first, make_room(), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+    """Make the missing directories of ``path`` (``mode``, owned by uid:gid as COPY --chown
     wants for the directories it creates, as docker and buildah do)."""
     rel = os.path.relpath(path, root)
     current = root
@@ -629,8 +705,9 @@ def _makedirs(root: str, path: str, uid: int = 0, gid: int = 0) -> None:
             current = resolve_dest(root, "/" + os.path.relpath(current, root))
             continue
         if not os.path.exists(current):
-            os.mkdir(current, 0o755)
+            os.mkdir(current, 0o700)
             os.chown(current, uid, gid)
+            os.chmod(current, mode)  # whatever the umask
         elif not os.path.isdir(current):
             raise CopyError(f"cannot copy: /{os.path.relpath(current, root)} in the image is "
                             "not a directory")

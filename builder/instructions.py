@@ -635,9 +635,13 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
     from runtime.workspace import View, with_views
 
     allowed: dict[str, type] = {"chown": str, "chmod": str, "link": bool, "exclude": list}
-    allowed.update({"checksum": str, "keep-git-dir": bool} if add else
+    allowed.update({"checksum": str, "keep-git-dir": bool, "unpack": bool} if add else
                    {"from": str, "parents": bool})
     flags = parse_flags(inst, allowed)
+    # ADD --unpack (Dockerfile 1.17): whether archives are extracted; by default local ones
+    # are and downloaded ones are not
+    unpack_flag = flags["unpack"] if any(f.partition("=")[0] == "--unpack"
+                                         for f in inst.flags) else None
     if len(inst.args) < 2:
         raise BuildError(f"{_where(inst)}: {inst.cmd} needs at least one source and a destination")
     docs_by_name = {h.name: h for h in inst.heredocs}
@@ -669,6 +673,7 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         if not add and is_url(s):
             raise BuildError(f"{_where(inst)}: COPY {s}: source can't be a URL for COPY (use ADD)")
     local = [s for s in sources if s not in urls]
+    unpack_local = add if unpack_flag is None else unpack_flag
     checksum = _expand(b, state, flags["checksum"], inst) if flags.get("checksum") else None
     if checksum is not None:
         if len(sources) + len(docs) != 1 or not urls:
@@ -688,13 +693,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             raise BuildError(f"{_where(inst)}: heredoc name {h.name!r} cannot be a file name")
     chmod = None
     if flags.get("chmod"):
+        from builder.chmod import ChmodError, parse_chmod
+
+        value = _expand(b, state, flags["chmod"], inst)
         try:
-            chmod = int(_expand(b, state, flags["chmod"], inst), 8)
-            if chmod > 0o7777:
-                raise ValueError
-        except ValueError:
-            raise BuildError(f"{_where(inst)}: invalid --chmod {flags['chmod']!r} "
-                             "(an octal mode such as 0755)") from None
+            chmod = parse_chmod(value)
+        except ChmodError as e:
+            raise BuildError(f"{_where(inst)}: invalid --chmod {value!r}: {e}") from None
+    dir_mode = chmod.created_dir_mode if chmod else 0o755
     chown = _expand(b, state, flags["chown"], inst) if flags.get("chown") else None
     from_ref = flags.get("from")
     workdir_ = state.run_config.get("WorkingDir") or "/"
@@ -726,13 +732,16 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                 if parents or exclude:
                     context_actions = plan_copy(local, dest, entries, workdir=workdir_,
                                                 chmod=chmod, parents=parents, exclude=exclude,
-                                                unpack=add, force_dir=total > 1)
+                                                unpack=unpack_local, force_dir=total > 1)
                     used = {a.src for a in context_actions if a.src}
                     selected = [f for f in selected if f.path in used or f.kind == "dir"]
                 # else everything selected is copied: the plan waits for a cache miss
             except (CopyError, KilnError) as e:
                 raise BuildError(f"{_where(inst)}: {e}") from None
             content_parts.append(["context", ctx.digest_of(selected)])
+            links = ctx.hardlink_groups(selected)
+            if links:  # the copy keeps them: their structure is part of what it makes
+                content_parts.append(["links", links])
         fetched = {}
         for url in urls:
             if checksum is not None:
@@ -749,10 +758,13 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         for name, body in bodies:
             content_parts.append(["heredoc", name, hashlib.sha256(
                 body.encode("utf-8", "surrogateescape")).hexdigest()])
-        text = f"{inst.cmd} " + json.dumps({
+        described = {
             "src": sources, "heredocs": [h.name for h in docs], "dest": dest, "chown": chown,
             "chmod": flags.get("chmod"), "from": from_ref, "parents": parents or None,
-            "exclude": exclude or None, "checksum": checksum})
+            "exclude": exclude or None, "checksum": checksum}
+        if unpack_flag is not None:  # only then: the keys of other steps stay as they were
+            described["unpack"] = unpack_flag
+        text = f"{inst.cmd} " + json.dumps(described)
         content = hashlib.sha256(json.dumps(content_parts).encode()).hexdigest()
         key = cache.step_key(state.key, text, content=content, extra={"workdir": workdir_})
         created_by = f"{inst.cmd} " + " ".join(inst.args)
@@ -761,7 +773,7 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         if local and from_ref is None and context_actions is None:
             try:
                 context_actions = plan_copy(local, dest, entries, workdir=workdir_, chmod=chmod,
-                                            unpack=add, force_dir=total > 1)
+                                            unpack=unpack_local, force_dir=total > 1)
             except (CopyError, KilnError) as e:
                 raise BuildError(f"{_where(inst)}: {e}") from None
         singles = []  # (source root, actions): downloads and heredoc files
@@ -774,7 +786,8 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                 except FetchError as e:
                     raise BuildError(f"{_where(inst)}: {e}") from None
             singles.append((os.path.dirname(got.path), _plan_single(
-                plan_copy, got.filename, 0o600, dest, workdir_, chmod, total > 1)))
+                plan_copy, got.filename, 0o600, dest, workdir_, chmod, total > 1,
+                unpack=bool(unpack_flag))))
         for i, (name, body) in enumerate(bodies):
             directory = os.path.join(work, f"heredoc{i}")
             os.mkdir(directory, 0o700)
@@ -791,22 +804,26 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         source_name = "the build context" if from_ref is None else \
             f"stage {from_ref}" if plan.lookup(from_ref) is not None else f"image {from_ref}"
 
-        def do_copy(root: str, src_root: str | None = None) -> int:
+        def do_copy(root: str, src_root: str | None = None) -> tuple[int, tuple[str, ...]]:
             try:
                 return copy_in(root, src_root)
             except OSError as e:  # not a traceback from the workspace process
                 raise CopyError(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
                                 ) from None
 
-        def copy_in(root: str, src_root: str | None) -> int:
+        def copy_in(root: str, src_root: str | None) -> tuple[int, tuple[str, ...]]:
+            """Runs in the workspace process; returns the bytes copied and the warnings."""
+            from builder.chown import ChownError, resolve_owner
             from builder.copy import source_entries_from_tree, tree_entries_for
-            from runtime.users import resolve_user
 
             uid = gid = 0
+            warnings: tuple[str, ...] = ()
             if chown:
-                u = resolve_user(chown, passwd=os.path.join(root, "etc/passwd"),
-                                 group=os.path.join(root, "etc/group"))
-                uid, gid = u.uid, u.gid
+                try:
+                    owner = resolve_owner(chown, root)
+                except ChownError as e:
+                    raise CopyError(f"{inst.cmd} --chown: {e}") from None
+                uid, gid, warnings = owner.uid, owner.gid, owner.warnings
             copied = 0
             if src_root is not None and local:
                 # --parents needs the directories above its sources: the whole tree
@@ -817,28 +834,33 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                     source_name=source_name)
                 # another stage's files keep their owners unless --chown (moby/moby#38599)
                 copied += apply_copy(root, src_root, actions, uid=uid, gid=gid,
-                                     keep_owner=not chown)
+                                     keep_owner=not chown, dir_mode=dir_mode)
+            archive_owner = (uid, gid) if chown else None
             if context_actions is not None:
                 copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
-                                     archive_owner=(uid, gid) if chown else None)
+                                     archive_owner=archive_owner, dir_mode=dir_mode)
             for source_root, actions in singles:
-                copied += apply_copy(root, source_root, actions, uid=uid, gid=gid)
-            return copied
+                copied += apply_copy(root, source_root, actions, uid=uid, gid=gid,
+                                     archive_owner=archive_owner, dir_mode=dir_mode)
+            return copied, warnings
 
         try:
-            with_views(views, do_copy, work)
-        except CopyError as e:
+            _, warnings = with_views(views, do_copy, work)
+        except KilnError as e:  # the copy's, --chown's, the workspace's: all at this line
             raise BuildError(f"{_where(inst)}: {e}") from None
+        for warning in warnings:
+            b.say_stage(state, f"[Warning] {_where(inst)}: {inst.cmd} --chown: {warning}")
         b.commit(state, key, upper, created_by)
     finally:
         remove_tree(work)
 
 
-def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmod, force_dir):
+def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmod, force_dir,
+                 *, unpack: bool = False):
     from builder.copy import SourceEntry
 
     return plan_copy([name], dest, [SourceEntry(name, "file", mode)], workdir=workdir_,
-                     chmod=chmod, force_dir=force_dir)
+                     chmod=chmod, force_dir=force_dir, unpack=unpack)
 
 
 def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> list:

@@ -189,6 +189,35 @@ def test_add_url_with_checksum(kb, tmp_path, http_dir):
     assert p.returncode == 125 and "404" in p.err
 
 
+def test_add_unpack_flag_both_ways(kb, tmp_path, http_dir):
+    """ADD --unpack (Dockerfile 1.17): false copies a local archive as a file, true (or the
+    flag alone) extracts a downloaded one, which ADD otherwise copies as it is."""
+    base, www, _ = http_dir
+    (www / "a.tar.gz").write_bytes(COMPRESSED["a.tar.gz"])
+    (www / "a.tar").write_bytes(ARCHIVE)
+    cf = ("FROM busybox\nADD --unpack=false a.tar.gz /raw/\nADD --unpack=true a.tar /x/\n"
+          "ADD --unpack a.tar.gz /y/\n"
+          f"ADD {base}/a.tar.gz /remote/\nADD --unpack=true {base}/a.tar.gz /remote-x/\n"
+          f"ADD --unpack --chown=5:6 {base}/a.tar /remote-y/\n")
+    ctx = _ctx(tmp_path, cf, {"a.tar.gz": COMPRESSED["a.tar.gz"], "a.tar": ARCHIVE})
+    kb("build", "-q", "-t", "unpack:1", str(ctx), env=NO_PROXY)
+    out = _run(kb, "unpack:1", "md5sum < /raw/a.tar.gz; md5sum < /remote/a.tar.gz; "
+               "cat /x/pkg/f.txt /y/pkg/f.txt /remote-x/pkg/f.txt; "
+               "stat -c '%n %u:%g' /remote-y/pkg/f.txt /remote-y/top.txt; ls /raw; ls /remote")
+    digest = hashlib.md5(COMPRESSED["a.tar.gz"]).hexdigest()
+    assert out.split("\n") == [f"{digest}  -", f"{digest}  -", "content", "content", "content",
+                               "/remote-y/pkg/f.txt 5:6", "/remote-y/top.txt 5:6",
+                               "a.tar.gz", "a.tar.gz", ""]
+    (ctx / "Containerfile").write_text("FROM busybox\nADD --unpack=false a.tar /raw/\n")
+    kb("build", "-q", "-t", "unpack:2", str(ctx))  # not the cached step that extracted it
+    assert _run(kb, "unpack:2", "ls /raw") == "a.tar\n"
+    for cf, why in (("COPY --unpack=false a.tar /d/\n", "unknown flag --unpack for COPY"),
+                    ("ADD --unpack=maybe a.tar /d/\n", "expects true or false")):
+        (ctx / "Containerfile").write_text("FROM busybox\n" + cf)
+        p = kb("build", str(ctx), check=False)
+        assert p.returncode == 125 and f"{ctx}/Containerfile:2" in p.err and why in p.err, p.err
+
+
 def test_checksum_needs_one_url_source(kb, tmp_path):
     ctx = _ctx(tmp_path, f"FROM busybox\nADD --checksum=sha256:{'a' * 64} f /f\n", {"f": "x"})
     p = kb("build", str(ctx), check=False)

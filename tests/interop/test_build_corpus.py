@@ -90,23 +90,6 @@ RUN_MOUNT_STUBS = ("/run", "/run/.containerenv", "/etc/hostname", "/etc/hosts",
 # here goes.
 KNOWN_FAILURES: dict[str, str] = {
     # -- found by the corpus ------------------------------------------------------------
-    "024-copy-chown-uid-only": "new: --chown=1234 gives 1234:0 (/o and /o/a.txt); Docker "
-    "uses the uid as the gid (BuildKit readUser: UserOpt_ByID sets GID = UID), as buildah",
-    "027-copy-chmod-octal-new-parent": "new: the parent dir COPY --chmod=0700 creates is "
-    "0755; BuildKit gives created dirs the --chmod mode (testCopyChmod): /secret 0700",
-    "030-copy-chown-and-chmod": "new: the parent COPY --chown=7:8 --chmod=0711 creates is "
-    "0755; BuildKit makes it 0711 (see 027)",
-    "029-copy-chmod-symbolic": "new: --chmod=u+x,g-r refused ('an octal mode such as "
-    "0755'); BuildKit takes symbolic modes (a.txt 0644 -> 0704)",
-    "090-hardlinks-in-context-dir": "new: COPY of a context dir turns hardlinked files "
-    "into separate files; Docker (fsutil copy, per source) and buildah keep the links",
-    "093-copy-from-stage-keeps-hardlinks": "new: COPY --from of a dir with hardlinks "
-    "(a, b, d/c one inode) gives three files; Docker and buildah keep one inode",
-    "064-copy-chown-unknown-name": "new: COPY --chown=nosuchuser:nosuchgroup fails with "
-    "'kiln: error: unable to find user nosuchuser: no matching entries in passwd file' (no "
-    "file:line either); BuildKit keeps ids 0:0 for names it does not find (buildah fails)",
-    "088-add-unpack-false": "new: ADD --unpack=false is refused ('unknown flag --unpack'); "
-    "BuildKit (Dockerfile 1.17) copies the archive as a file",
 }
 
 
