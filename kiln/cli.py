@@ -3,11 +3,12 @@
 Command modules import their heavy dependencies inside the command bodies,
 so ``kiln --help`` and the hot paths start quickly.
 
-``kiln run`` goes further: click costs it more than starting the container does, so
-when its arguments are of the plain kinds ``parse_run_args`` knows (the options as
-written out by ``kiln run --help``, with their values), it runs without click. Any
-other command line (``--help``, a mistake, anything unusual) goes to click, which
-parses, runs or reports it as for every other command.
+``kiln run`` and ``kiln build`` go further: click costs them more than starting a
+container or a no-op rebuild does, so when their arguments are of the plain kinds
+``parse_run_args`` and ``parse_build_args`` know (the options as written out by
+``--help``, with their values), they run without click. Any other command line
+(``--help``, a mistake, anything unusual) goes to click, which parses, runs or reports
+it as for every other command.
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def _main(argv: list[str] | None) -> None:
         if fast is not None:
             root, params = fast
             run_and_exit(root, params)
+        fast = parse_build_args(args)
+        if fast is not None:
+            root, params = fast
+            build_and_exit(root, params)
         _click_main(args)
     except KeyboardInterrupt:
         interrupted()
@@ -212,20 +217,24 @@ def _main(argv: list[str] | None) -> None:
     sys.exit(0)
 
 
-def _click_main(args: list[str]) -> None:
+def _catch_stop_signals() -> None:
     import _signal
-
-    import click
 
     import store.interrupt  # noqa: F401 - for _on_signal, which should not import
 
-    if "cli" not in globals():
-        _define_click_group()
     # not where the signal is ignored (nohup, a shell's background job without job control)
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _on_signal)
     if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
         _signal.signal(_signal.SIGTERM, _on_signal)
+
+
+def _click_main(args: list[str]) -> None:
+    import click
+
+    if "cli" not in globals():
+        _define_click_group()
+    _catch_stop_signals()
     try:
         globals()["cli"].main(args=args, prog_name="kiln", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -276,12 +285,11 @@ RUN_DEFAULTS = {"network": "none", "stop_timeout": 10.0}
 NETWORKS = ("none", "host")
 
 
-def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
-    """``[--root DIR] run [OPTIONS] IMAGE [COMMAND]...`` as click would parse it, as
-    (root or None, run_cmd's parameters); None for anything else, which click then handles."""
+def _command_start(args: list[str], command: str) -> tuple[str | None, int] | None:
+    """``[--root DIR] COMMAND ...``: (the root given or None, the index after COMMAND)."""
     root = None
     i = 0
-    while i < len(args) and args[i] != "run":
+    while i < len(args) and args[i] != command:
         arg = args[i]
         if arg == "--root" and i + 1 < len(args):
             root = args[i + 1]
@@ -293,38 +301,46 @@ def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
             return None
     if i == len(args):
         return None
-    params: dict = {dest: () if kind == "multiple" else (False if kind == "flag" else None)
-                    for dest, kind in RUN_OPTIONS.values()}
-    params.update(RUN_DEFAULTS)
-    i += 1
+    return root, i + 1
+
+
+def _parse_options(args: list[str], i: int, options: dict, params: dict, *,
+                   interspersed: bool) -> list[str] | None:
+    """Options of ``options``' kinds from ``args[i:]`` into ``params``, as click's parser
+    reads them; the positional arguments (all of those after the first when not
+    ``interspersed``); None where click would do anything else (help, errors)."""
+    positional: list[str] = []
     while i < len(args):
         arg = args[i]
         if arg == "--":
-            i += 1
-            break
+            return positional + args[i + 1:]
         if arg[:1] != "-" or len(arg) == 1:
-            break  # IMAGE: options end here (run takes no interspersed options)
+            if not interspersed:
+                return positional + args[i:]
+            positional.append(arg)
+            i += 1
+            continue
         if arg.startswith("--"):
             name, eq, attached = arg.partition("=")
-            if name not in RUN_OPTIONS:
+            if name not in options:
                 return None
-            dest, kind = RUN_OPTIONS[name]
-            if kind == "flag":
+            dest, kind = options[name]
+            if kind == "flag" or kind == "off":
                 if eq:
                     return None
-                params[dest] = True
+                params[dest] = kind == "flag"
             else:
                 if not eq:
                     i += 1
                     if i == len(args):
                         return None
                     attached = args[i]
-                _set_run_param(params, dest, kind, attached)
+                _set_param(params, dest, kind, attached)
         else:
             for j in range(1, len(arg)):
-                if "-" + arg[j] not in RUN_OPTIONS:
+                if "-" + arg[j] not in options:
                     return None
-                dest, kind = RUN_OPTIONS["-" + arg[j]]
+                dest, kind = options["-" + arg[j]]
                 if kind == "flag":
                     params[dest] = True
                     continue
@@ -334,12 +350,44 @@ def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
                     if i == len(args):
                         return None
                     value = args[i]
-                _set_run_param(params, dest, kind, value)
+                _set_param(params, dest, kind, value)
                 break
         i += 1
-    if i == len(args):
-        return None  # no IMAGE: click says so
-    params["image"], params["command"] = args[i], tuple(args[i + 1:])
+    return positional
+
+
+def _set_param(params: dict, dest: str, kind: str, value: str) -> None:
+    if kind == "multiple":
+        params[dest] += (value,)
+    else:
+        params[dest] = value
+
+
+def _defaults(options: dict, defaults: dict) -> dict:
+    params: dict = {dest: () if kind == "multiple" else (False if kind == "flag" else None)
+                    for dest, kind in options.values() if kind != "off"}
+    params.update(defaults)
+    return params
+
+
+def _env_root(root: str | None) -> str | None:
+    if root is None and os.environ.get("KILN_ROOT"):
+        root = os.environ["KILN_ROOT"]  # --root's envvar, as click reads it
+    return root
+
+
+def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
+    """``[--root DIR] run [OPTIONS] IMAGE [COMMAND]...`` as click would parse it, as
+    (root or None, run_cmd's parameters); None for anything else, which click then handles."""
+    start = _command_start(args, "run")
+    if start is None:
+        return None
+    root, i = start
+    params = _defaults(RUN_OPTIONS, RUN_DEFAULTS)
+    positional = _parse_options(args, i, RUN_OPTIONS, params, interspersed=False)
+    if not positional:
+        return None  # no IMAGE (or not for us): click says so
+    params["image"], params["command"] = positional[0], tuple(positional[1:])
     if params["network"] not in NETWORKS:
         return None
     try:
@@ -348,16 +396,79 @@ def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
         return None
     if any(os.path.exists(f) and not os.access(f, os.R_OK) for f in params["env_file"]):
         return None  # click.Path(readable=True) refuses it
-    if root is None and os.environ.get("KILN_ROOT"):
-        root = os.environ["KILN_ROOT"]  # --root's envvar, as click reads it
-    return root, params
+    return _env_root(root), params
 
 
-def _set_run_param(params: dict, dest: str, kind: str, value: str) -> None:
-    if kind == "multiple":
-        params[dest] += (value,)
-    else:
-        params[dest] = value
+# -- kiln build without click -------------------------------------------------------------
+# A no-op rebuild is mostly start-up: the plain options of kiln build go without click too
+# (kind "off": the --no- side of a boolean flag). Those left out (--secret, --output,
+# --sign-key, --verify-key, the registry flags) take click's defaults here and send any
+# command line that has them to click. A test holds these to the click command's.
+BUILD_OPTIONS = {
+    "-t": ("tags", "multiple"), "--tag": ("tags", "multiple"),
+    "-f": ("containerfile", "value"), "--file": ("containerfile", "value"),
+    "--build-arg": ("build_args", "multiple"),
+    "--target": ("target", "value"),
+    "--no-cache": ("no_cache", "flag"),
+    "--network": ("network", "value"),
+    "--compression-format": ("compression", "value"),
+    "--timestamp": ("timestamp", "value"),
+    "--iidfile": ("iidfile", "value"),
+    "--squash": ("squash", "flag"),
+    "--layers": ("layers", "flag"), "--no-layers": ("layers", "off"),
+    "-q": ("quiet", "flag"), "--quiet": ("quiet", "flag"),
+    "--pull": ("pull_policy", "value"),
+}
+BUILD_DEFAULTS = {
+    "network": "host", "compression": "zstd", "layers": True, "pull_policy": "missing",
+    # the click command's options the fast path does not take
+    "secrets": (), "outputs": (), "sign_key": None, "sign_passphrase_file": None,
+    "verify_keys": (), "signature_policy": None, "tls_verify": None, "cert_dir": None,
+    "creds": None, "authfile": None, "retry": None, "jobs": 3,
+}
+BUILD_CHOICES = {"network": ("host", "none"), "compression": ("zstd", "gzip")}
+
+
+def parse_build_args(args: list[str]) -> tuple[str | None, dict] | None:
+    """``[--root DIR] build [OPTIONS] [CONTEXT]`` as click would parse it, as (root or None,
+    build_cmd's parameters); None for anything else, which click then handles."""
+    start = _command_start(args, "build")
+    if start is None:
+        return None
+    from kiln.build_run import PULL_POLICIES, spell_pull
+
+    root, i = start
+    params = _defaults(BUILD_OPTIONS, BUILD_DEFAULTS)
+    positional = _parse_options(spell_pull(args[i:]), 0, BUILD_OPTIONS, params,
+                                interspersed=True)
+    if positional is None or len(positional) > 1:
+        return None
+    params["context"] = positional[0] if positional else "."
+    for dest, choices in BUILD_CHOICES.items():
+        if params[dest] not in choices:
+            return None
+    policy = PULL_POLICIES.get(params["pull_policy"].lower())
+    if policy is None:
+        return None
+    params["pull_policy"] = policy
+    if params["timestamp"] is not None:
+        try:
+            params["timestamp"] = int(params["timestamp"])
+        except ValueError:
+            return None
+    return _env_root(root), params
+
+
+def build_and_exit(root: str | None, params: dict) -> None:
+    from kiln.build_run import UsageError, build_image
+    from store.store import Store
+
+    _catch_stop_signals()
+    try:
+        build_image(Store(root), params)
+    except UsageError as e:
+        fail(f"{e} (see 'kiln build --help')")
+    sys.exit(0)
 
 
 def _verified_image(store, p: dict):

@@ -16,8 +16,10 @@ class _Ran(Exception):
     pass
 
 
-def _click_parse(args: list[str], monkeypatch, env_root: str | None):
-    """What the click command hands to run_and_exit for ``args``: (root, params)."""
+def _click_parse(args: list[str], monkeypatch, env_root: str | None,
+                 runner: str = "kiln.cli.run_and_exit"):
+    """What the click command hands to ``runner`` (a (store, params) function) for
+    ``args``: (root, params)."""
     import kiln.cli
 
     seen = {}
@@ -26,7 +28,7 @@ def _click_parse(args: list[str], monkeypatch, env_root: str | None):
         seen["root"], seen["params"] = str(store.root), params
         raise _Ran
 
-    monkeypatch.setattr(kiln.cli, "run_and_exit", capture)
+    monkeypatch.setattr(runner, capture)
     if env_root is None:
         monkeypatch.delenv("KILN_ROOT", raising=False)
     else:

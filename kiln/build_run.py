@@ -1,0 +1,279 @@
+"""kiln build's body, without click: the click command (build_commands) and the fast path
+of kiln.cli (a no-op rebuild is start-up more than work) both call ``build_image``.
+
+``params`` holds the click command's parameters by name, as click passes them."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from store.errors import KilnError
+
+# --pull's policies, as podman names them (true and false too: always and never)
+PULL_POLICIES = {"always": "always", "true": "always", "missing": "missing",
+                 "never": "never", "false": "never", "newer": "newer"}
+# the registry flags (kiln.registry_commands.registry_options) as click passes them
+REGISTRY_PARAMS = ("tls_verify", "cert_dir", "creds", "authfile", "retry", "jobs")
+
+
+def spell_pull(args: list[str]) -> list[str]:
+    """``--pull`` alone means always, as in podman (whose flag takes its value only after
+    ``=``) and docker (where it is a switch): ``kiln build --pull .`` builds ``.``. A
+    policy word after a space is taken too, as kiln always took it (``--pull never``).
+    Both become ``--pull=POLICY``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out += args[i:]
+            break
+        if arg == "--pull":
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and nxt.lower() in PULL_POLICIES:
+                out.append(f"--pull={nxt}")
+                i += 2
+                continue
+            arg = "--pull=always"
+        out.append(arg)
+        i += 1
+    return out
+
+
+class UsageError(KilnError):
+    """A command line that cannot be built from; the click command reports it as click's
+    UsageError, the fast path the same way."""
+
+
+def build_image(store, params: dict) -> None:
+    from builder.engine import BuildOptions, build
+    from kiln.config import setting
+    from store.importer import source_date_epoch
+    from store.reference import parse_reference
+
+    p = params
+    context, containerfile = p["context"], p["containerfile"]
+    args = {}
+    for a in p["build_args"]:
+        k, eq, v = a.partition("=")
+        if eq:
+            args[k] = v
+        elif k in os.environ:
+            args[k] = os.environ[k]
+    for t in p["tags"]:
+        parse_reference(t)  # a bad name fails before any step runs
+    if context == "-" and containerfile == "-":
+        raise UsageError("stdin cannot be both the build context and the Containerfile "
+                         "(-f - with CONTEXT -)")
+    if context != "-" and not os.path.isdir(context):
+        raise UsageError(f"build context {context} is not a directory")
+    opts = BuildOptions(
+        context=os.path.abspath(context), containerfile=containerfile, tags=list(p["tags"]),
+        build_args=args, target=p["target"], no_cache=p["no_cache"], network=p["network"],
+        compression=p["compression"],
+        epoch=p["timestamp"] if p["timestamp"] is not None else source_date_epoch(),
+        quiet=p["quiet"], iidfile=p["iidfile"],
+        secrets=dict(_key_values(s, "--secret", ("id",)) for s in p["secrets"]),
+        outputs=[_output_spec(o) for o in p["outputs"]], pull=p["pull_policy"],
+        squash=p["squash"], layers=p["layers"], pids_limit=setting("build", "pids_limit"))
+    if containerfile == "-":
+        opts.containerfile, opts.containerfile_text = None, _read_stdin_containerfile()
+    key = None
+    if p["sign_key"]:
+        from kiln.sign_commands import load_signing_key
+
+        key = load_signing_key(p["sign_key"], p["sign_passphrase_file"])
+    verify_keys, policy = p["verify_keys"], p["signature_policy"]
+    verify = bool(verify_keys or policy)
+    reg = {k: p[k] for k in REGISTRY_PARAMS}
+    if p["pull_policy"] != "never":
+        def fetch(name: str) -> None:  # click and requests only when a pull happens
+            from kiln.registry_commands import make_options
+            from registry_client.pull import pull
+            from registry_client.trust import requirements_for
+
+            full = str(parse_reference(name))
+            reqs = requirements_for(full, verify_keys=verify_keys,
+                                    policy_path=policy) if verify else None
+            pull(store, name, make_options(**reg), requirements=reqs)
+
+        opts.fetch_image = fetch
+    if p["pull_policy"] == "newer":
+        def remote_digest(name: str) -> str | None:
+            from kiln.registry_commands import make_options
+            from registry_client.remote import RemoteRepository
+
+            ref = parse_reference(name)
+            repo = RemoteRepository.for_reference(ref, make_options(**reg))
+            try:
+                head = repo.head_manifest(ref.digest or ref.tag or "latest")
+            finally:
+                repo.transport.close()
+            return head.digest if head is not None else None
+
+        opts.remote_digest = remote_digest
+    if verify:
+        opts.check_base = _base_checker(store, verify_keys, policy)
+    if context == "-":
+        # the context's work dir lives in the store's tmp/: held against a prune meanwhile
+        with store.writing(), _StdinContext(store) as (root, text):
+            opts.context, opts.context_cache = root, False
+            if text is not None:
+                opts.containerfile, opts.containerfile_text = None, text
+            else:  # -f names a file of the archive, as for docker build -
+                name = containerfile or next(
+                    (n for n in ("Containerfile", "Dockerfile")
+                     if os.path.isfile(os.path.join(root, n))), None)
+                if name is None:
+                    raise UsageError("the build context on stdin has no Containerfile "
+                                     "or Dockerfile (name one with -f)")
+                opts.containerfile = os.path.join(root, name)
+                opts.containerfile_name = name
+            desc = build(store, opts)
+    else:
+        desc = build(store, opts)
+    if key is not None:
+        from kiln.sign_commands import sign_local
+
+        for tag in p["tags"]:
+            sign_local(store, tag, key)
+    if p["quiet"]:
+        sys.stdout.write(store.image_for(desc).config_descriptor().digest + "\n")
+
+
+def _read_stdin_containerfile() -> bytes:
+    from builder.parser import MAX_FILE_SIZE
+
+    return sys.stdin.buffer.read(MAX_FILE_SIZE + 1)  # the parser refuses more
+
+
+class _StdinContext:
+    """CONTEXT ``-``: what stdin holds becomes the context, as for docker build -: a tar
+    archive is extracted (tarfile's data filter: nothing outside the context, no devices,
+    no setuid bits) into a work dir of the store; anything else is the Containerfile, and
+    the context an empty dir. Yields (context dir, Containerfile text or None)."""
+
+    def __init__(self, store):
+        self.store, self.work = store, None
+
+    def __enter__(self) -> tuple[str, bytes | None]:
+        stream = sys.stdin.buffer
+        self.work = self.store.mkdtemp("stdin-context-")
+        try:
+            root = os.path.join(self.work, "context")
+            os.mkdir(root, 0o755)
+            head = _read_up_to(stream, 512)
+            if not _is_tar(head):
+                from builder.parser import MAX_FILE_SIZE
+
+                return root, head + stream.read(MAX_FILE_SIZE + 1 - len(head))
+            _extract_tar(_Prefixed(head, stream), root)
+            return root, None
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.work is not None:
+            from store.fsutil import remove_tree
+
+            remove_tree(self.work)
+            self.work = None
+
+
+def _read_up_to(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _is_tar(head: bytes) -> bool:
+    """A tar archive, plain or compressed as docker build - takes them (moby's
+    archive.DetectCompression: gzip, bzip2, xz; and the ustar magic)."""
+    return (head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+            or head[257:262] == b"ustar")
+
+
+class _Prefixed:
+    """``head`` then the rest of ``stream``, for tarfile's stream mode."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out = self.head if n < 0 else self.head[:n]
+            self.head = self.head[len(out):]
+            return out
+        return self.stream.read(n)
+
+
+def _extract_tar(fileobj, root: str) -> None:
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            tar.extractall(root, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise KilnError(f"the build context on stdin: cannot extract it as a tar archive: "
+                        f"{e}") from None
+
+
+def _base_checker(store, verify_keys, policy):
+    """Base images already in the store are checked against their stored signatures, each
+    name once per image it names: every COPY --from and RUN --mount from= asks again."""
+    checked: set[tuple[str, str]] = set()
+
+    def check_base(name: str) -> None:
+        from registry_client.trust import check_stored, requirements_for
+        from store.reference import parse_reference
+
+        full = str(parse_reference(name))
+        reqs = requirements_for(full, verify_keys=verify_keys, policy_path=policy)
+        if reqs:
+            desc = store.resolve(name)
+            if (full, desc.digest) not in checked:
+                check_stored(store, full, desc, reqs)
+                checked.add((full, desc.digest))
+
+    return check_base
+
+
+def _key_values(text: str, flag: str, required: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    values: dict[str, str] = {}
+    for part in text.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise UsageError(f"{flag} {text!r}: want key=value pairs separated by commas")
+        values[k.strip()] = v
+    for k in required:
+        if k not in values:
+            raise UsageError(f"{flag} {text!r}: {k}= is missing")
+    if flag == "--secret":
+        if ("src" in values) == ("env" in values):
+            raise UsageError(f"--secret {text!r}: give exactly one of src= or env=")
+        return values["id"], {k: values[k] for k in ("src", "env") if k in values}
+    return values["type"], values
+
+
+# --output types: kiln's and buildx's names for them (docker: a docker-archive)
+_OUTPUT_TYPES = {"oci": "oci", "oci-archive": "oci-archive", "docker-archive": "docker-archive",
+                 "docker": "docker-archive"}
+
+
+def _output_spec(text: str) -> dict[str, str]:
+    from store.reference import parse_reference
+
+    values = _key_values(text, "--output", ("type", "dest"))[1]
+    kind = _OUTPUT_TYPES.get(values["type"])
+    if kind is None:
+        raise UsageError(f"--output {text!r}: type must be oci, oci-archive or "
+                         "docker-archive")
+    if "name" in values:
+        parse_reference(values["name"])
+    return {**values, "type": kind}
