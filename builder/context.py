@@ -23,7 +23,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ class _Node:
     size: int
     link_target: str | None = None
     stat_key: tuple[int, int, int, int, int] | None = None  # size, mtime, ctime, ino, dev
+    nlink: int = 1  # only a file with more than one link can be a hardlink of another
     digest: str | None = None
     from_cache: bool = False
     entry: ContextFile | None = None
@@ -139,6 +139,10 @@ class Context:
         nodes: dict[str, _Node] = {}
         maybe_parents: dict[str, _Node] = {}  # excluded dirs walked for '!' re-inclusions
         stack = [("", self._root_str)]
+        # the loop runs once per entry of the context: what it looks up is local
+        s_ifdir, s_ifreg, s_iflnk, fullmatch = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, \
+            _HEX64.fullmatch
+        cached_get = cached.get
         while stack:
             rel_dir, abs_dir = stack.pop()
             try:
@@ -157,9 +161,10 @@ class Context:
                     raise ContextError(f"cannot stat {rel!r} in the build context: "
                                        f"{e.strerror}") from e
                 excluded = ignore is not None and ignore.matches(rel)
-                fmt = stat.S_IFMT(st.st_mode)
-                mode = stat.S_IMODE(st.st_mode)
-                if fmt == stat.S_IFDIR:
+                st_mode = st.st_mode
+                fmt = st_mode & 0o170000  # stat.S_IFMT
+                mode = st_mode & 0o7777  # stat.S_IMODE
+                if fmt == s_ifdir:
                     if excluded and not ignore.may_match_inside(rel):
                         self.stats["dirs_pruned"] += 1
                         continue
@@ -169,16 +174,19 @@ class Context:
                     continue
                 if excluded:
                     continue
-                if fmt == stat.S_IFREG:
-                    node = _Node(rel, "file", mode, st.st_size, stat_key=_stat_key(st))
-                    hit = cached.get(rel)
-                    if (isinstance(hit, list) and len(hit) == 6
-                            and tuple(hit[:5]) == node.stat_key and isinstance(hit[5], str)
-                            and _HEX64.fullmatch(hit[5])):
+                if fmt == s_ifreg:
+                    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                    node = _Node(rel, "file", mode, key[0], None, key, st.st_nlink)
+                    hit = cached_get(rel)
+                    # the cache is read, not trusted: a line of it counts only whole and sane
+                    if (hit.__class__ is list and len(hit) == 6 and hit[0] == key[0]
+                            and hit[1] == key[1] and hit[2] == key[2] and hit[3] == key[3]
+                            and hit[4] == key[4] and hit[5].__class__ is str
+                            and fullmatch(hit[5])):
                         node.digest = _DIGEST_PREFIX + hit[5]
                         node.from_cache = True
                     nodes[rel] = node
-                elif fmt == stat.S_IFLNK:
+                elif fmt == s_iflnk:
                     try:
                         target = os.readlink(de.path)
                     except OSError as e:
@@ -226,6 +234,7 @@ class Context:
             if _stat_key(before) == _stat_key(after):
                 # The content hashed is the one this stat describes (maybe newer than the scan).
                 node.stat_key = _stat_key(after)
+                node.nlink = after.st_nlink
                 node.size = after.st_size
                 node.mode = stat.S_IMODE(after.st_mode)
                 node.digest = _DIGEST_PREFIX + digest
@@ -310,7 +319,12 @@ class Context:
                 if nodes[p].kind == "dir":
                     self._refuse_specials(source, self._specials_under(p))
                     chosen.update(self._subtree(p))
-        return [self._entry(nodes[p]) for p in sorted(chosen, key=_fs)]
+        if len(chosen) * 8 > len(self._order):  # much of it: the scan's order, no sorting
+            ordered = [p for p in self._order if p in chosen]
+        else:
+            ordered = sorted(chosen, key=_fs)
+        entry = self._entry
+        return [entry(nodes[p]) for p in ordered]
 
     def _kind(self, path: str) -> str | None:
         node = self._nodes.get(path) if self._nodes is not None else None
@@ -374,7 +388,8 @@ class Context:
         by_inode: dict[tuple[int, int], list[str]] = {}
         for e in entries:
             node = nodes.get(e.path)
-            if e.kind == "file" and node is not None and node.stat_key is not None:
+            if (e.kind == "file" and node is not None and node.nlink > 1
+                    and node.stat_key is not None):
                 by_inode.setdefault(node.stat_key[3:5], []).append(e.path)
         return [paths for paths in by_inode.values() if len(paths) > 1]
 
@@ -402,6 +417,8 @@ class Context:
         target = self._cache_path
         directory = target.parent
         directory.mkdir(parents=True, exist_ok=True)
+        import tempfile  # with shutil and random: not when nothing new was learnt
+
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with open(fd, "wb") as f:

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from builder import cache
 from store.documents import (
@@ -38,6 +37,10 @@ from store.documents import (
 )
 from store.errors import KilnError
 from store.store import Store, host_platform
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import TextIO
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 # What BuildKit puts in the Env of an image whose base has no PATH (scratch among them)
@@ -869,6 +872,8 @@ class Builder:
         state.layers = base + [Layer(desc.digest, diff_id, desc.media_type, desc.size)]
 
     def _outputs(self, desc: Descriptor) -> None:
+        if not self.opts.outputs:
+            return
         from store.reference import parse_reference
         from store.transfer import save_images
 

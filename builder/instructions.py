@@ -623,16 +623,10 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
     BuildKit for."""
     import hashlib
 
-    from builder.copy import (
-        CopyError,
-        SourceEntry,
-        apply_copy,
-        plan_copy,
-        select_from_context,
-    )
+    # builder.copy, which writes the files, only on a cache miss: a hit needs just the sources
     from builder.fetch import FetchError, fetch, is_git, is_url, parse_checksum, url_filename
     from builder.parser import parse_flags, parse_heredoc_word
-    from runtime.workspace import View, with_views
+    from builder.sources import CopyError, SourceEntry, select_from_context
 
     allowed: dict[str, type] = {"chown": str, "chmod": str, "link": bool, "exclude": list}
     allowed.update({"checksum": str, "keep-git-dir": bool, "unpack": bool} if add else
@@ -706,15 +700,13 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
     workdir_ = state.run_config.get("WorkingDir") or "/"
     bodies = [(h.name, _expand_heredoc(b, state, h.content, inst) if h.expand else h.content)
               for h in docs]
-    work, upper = b.new_upper()
+    work = upper = None  # made on a cache miss (or for a download): a hit writes nothing
     try:
-        views = [View(b.layer_dirs(state), upper)]
         content_parts: list = []
         context_actions = None
         src_layers = None
         if from_ref is not None:
             src_layers = _from_layers(b, from_ref, plan, results, inst)
-            views.append(View(src_layers, readonly=True))
             content_parts.append(["from", [os.path.relpath(p, b.store.root) for p in src_layers]])
         elif local:
             ctx = b.context_for(inst)
@@ -727,9 +719,12 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                 if parents:  # recreated with their modes: part of what the step copies
                     selected = sorted(selected + dirs, key=lambda f: f.path.encode(
                         "utf-8", "surrogateescape"))
-                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target)
-                           for f in (selected if parents else selected + dirs)]
+                entry_files = selected if parents else selected + dirs
                 if parents or exclude:
+                    from builder.copy import plan_copy
+
+                    entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target)
+                               for f in entry_files]
                     context_actions = plan_copy(local, dest, entries, workdir=workdir_,
                                                 chmod=chmod, parents=parents, exclude=exclude,
                                                 unpack=unpack_local, force_dir=total > 1)
@@ -747,6 +742,8 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             if checksum is not None:
                 content_parts.append(["url", url_filename(url), checksum])
                 continue
+            if work is None:
+                work, upper = b.new_upper()
             try:
                 got = fetch(url, os.path.join(work, f"fetch{len(fetched)}"),
                             cache_dir=str(b.store.cache_dir), tmp_dir=str(b.store.tmp),
@@ -770,8 +767,14 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         created_by = f"{inst.cmd} " + " ".join(inst.args)
         if b.cached(state, key, created_by):
             return
+        if work is None:
+            work, upper = b.new_upper()
+        from builder.copy import apply_copy, plan_copy
+
         if local and from_ref is None and context_actions is None:
             try:
+                entries = [SourceEntry(f.path, f.kind, f.mode, f.link_target)
+                           for f in entry_files]
                 context_actions = plan_copy(local, dest, entries, workdir=workdir_, chmod=chmod,
                                             unpack=unpack_local, force_dir=total > 1)
             except (CopyError, KilnError) as e:
@@ -844,6 +847,11 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
                                      archive_owner=archive_owner, dir_mode=dir_mode)
             return copied, warnings
 
+        from runtime.workspace import View, with_views
+
+        views = [View(b.layer_dirs(state), upper)]
+        if src_layers is not None:
+            views.append(View(src_layers, readonly=True))
         try:
             _, warnings = with_views(views, do_copy, work)
         except KilnError as e:  # the copy's, --chown's, the workspace's: all at this line
@@ -852,12 +860,13 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             b.say_stage(state, f"[Warning] {_where(inst)}: {inst.cmd} --chown: {warning}")
         b.commit(state, key, upper, created_by)
     finally:
-        remove_tree(work)
+        if work is not None:
+            remove_tree(work)
 
 
 def _plan_single(plan_copy, name: str, mode: int, dest: str, workdir_: str, chmod, force_dir,
                  *, unpack: bool = False):
-    from builder.copy import SourceEntry
+    from builder.sources import SourceEntry
 
     return plan_copy([name], dest, [SourceEntry(name, "file", mode)], workdir=workdir_,
                      chmod=chmod, force_dir=force_dir, unpack=unpack)
@@ -868,7 +877,7 @@ def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> lis
     is matched in (an empty wildcard there is no error) and, with --parents, every directory
     above a selected entry (the copy recreates them with their modes)."""
     from builder import globs
-    from builder.copy import follow
+    from builder.sources import follow
 
     want: set[str] = set()
     for src in sources:
@@ -883,6 +892,8 @@ def _context_dirs(ctx, sources: list[str], selected: list, parents: bool) -> lis
             while parent and parent not in want:
                 want.add(parent)
                 parent = parent.rpartition("/")[0]
+    if not want:
+        return []
     have = {f.path for f in selected}
     found = [ctx.entry(d) for d in sorted(want - have) if d]
     return [f for f in found if f is not None and f.kind == "dir"]

@@ -47,7 +47,6 @@ surrogate escapes become U+FFFD, like Go). As in BuildKit, text after a complete
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -448,6 +447,8 @@ def _instruction_from_line(line: str, number: int, path: str, escape: str, stric
     base = dict(cmd=cmd, line=number, end_line=number, flags=flags, original=line, path=path)
     if cmd not in INSTRUCTIONS:
         if strict:
+            import difflib
+
             hint = difflib.get_close_matches(cmd, INSTRUCTIONS, n=1, cutoff=0.75)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             raise _LineError(f"unknown instruction: {_short(word)}{suffix}")

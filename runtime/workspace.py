@@ -9,8 +9,6 @@ process itself ever mounting anything.
 from __future__ import annotations
 
 import os
-import tempfile
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +60,8 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             points = []
             for i, view in enumerate(views):
+                import tempfile
+
                 base = tempfile.mkdtemp(dir=scratch, prefix=f"view{i}-")
                 upper = view.upper or os.path.join(base, "upper")
                 work = os.path.join(os.path.dirname(upper), f"work-{i}") if view.upper \
@@ -82,6 +82,8 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
                 where = f": {e.filename}" if e.filename else ""
                 result = ("err", WorkspaceError(f"{e.strerror or e}{where}"))
             else:
+                import traceback
+
                 result = ("err", WorkspaceError(f"{e.__class__.__name__}: {e}\n"
                                                 f"{traceback.format_exc(limit=5)}"))
         try:

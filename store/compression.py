@@ -13,11 +13,12 @@ import io
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import zstandard
 
 from store.errors import LayerError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 _NONE, _GZIP, _ZSTD = "none", "gzip", "zstd"
 
@@ -283,6 +284,8 @@ class _WalkingSource:
 
 
 def _zstd_chunks(blob: BinaryIO, head: bytes, max_window_log: int) -> Iterator[bytes]:
+    import zstandard  # with platform and cffi's backend: only where a zstd stream is read
+
     walker = _ZstdFrameWalker(max_window_log)
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
     source = _WalkingSource(blob, head, walker)

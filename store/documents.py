@@ -15,15 +15,17 @@ is refused.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from store.errors import ManifestError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -283,6 +285,8 @@ def _decode_base64(value: object, where: str) -> bytes:
     if not _BASE64.fullmatch(compact):
         raise _fail(where, f"invalid base64 (standard alphabet with padding): {_show(value)}")
     try:
+        import base64  # only for descriptors that embed data
+
         return base64.b64decode(compact, validate=True)
     except binascii.Error as exc:  # unreachable after the regex, kept as a guard
         raise _fail(where, f"invalid base64: {exc}") from None
@@ -395,6 +399,8 @@ class Descriptor:
         if self.annotations is not None:
             obj["annotations"] = dict(self.annotations)
         if self.data is not None:
+            import base64
+
             obj["data"] = base64.b64encode(self.data).decode("ascii")
         if self.platform is not None:
             obj["platform"] = dict(self.platform)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
 
 from store.compression import OCI_LAYER_FOR, compression_of, decompressing_reader
 from store.digest import sha256_digest
@@ -32,6 +30,12 @@ from store.documents import (
     parse_manifest,
 )
 from store.errors import ManifestError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO, Protocol
+else:
+    Protocol = object  # the interfaces below are for the type checker: plain classes at run time
 
 Progress = Callable[[Descriptor, int], None]  # (blob being moved, bytes moved so far)
 STOP_WAIT = 1.0  # seconds an interrupted copy_image waits for its moves to stop
@@ -211,6 +215,8 @@ def recompress_layer(layer: Layer, compression: str, tmp_dir: str | None = None
 
     The diff_id must come out unchanged, or the source lied about its content.
     """
+    import tempfile
+
     from store.layer_writer import compress_stream
 
     fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="recompress-")

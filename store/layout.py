@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 from store.digest import VerifyingReader, digest_hex, validate_digest
 from store.documents import (
@@ -29,6 +27,10 @@ from store.documents import (
 from store.errors import DigestError, ManifestError, NotFoundError, StoreError
 from store.fsutil import atomic_write, fsync_dir
 from store.locks import file_lock
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_HEADER = b'{"imageLayoutVersion":"1.0.0"}'
@@ -90,6 +92,8 @@ class OCILayout:
                 reader.read_all_and_verify()
                 return Descriptor(media_type, digest, self.blob_path(digest).stat().st_size)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        import tempfile  # with shutil and random: not on a no-op build's path
+
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         # a stream that checks this very digest at EOF (a registry or store reader) is
         # read to EOF below: hashing it a second time would only cost CPU
@@ -129,6 +133,8 @@ class OCILayout:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not self.has_blob(digest):
             self.tmp.mkdir(parents=True, exist_ok=True)
+            import tempfile
+
             fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
             try:
                 with os.fdopen(fd, "wb") as f:

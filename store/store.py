@@ -17,14 +17,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import platform
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from store.digest import digest_hex, validate_digest
 from store.documents import INDEX_MEDIA_TYPES, Descriptor, parse_index
@@ -34,6 +31,10 @@ from store.image import Image, ManifestImage
 from store.layout import REF_NAME, OCILayout
 from store.locks import file_lock
 from store.reference import parse_reference
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 SUBDIRS = ("blobs/sha256", "layers", "cache", "containers", "keys", "tmp", "locks")
 
@@ -50,7 +51,7 @@ def default_root() -> Path:
 
 
 def host_platform() -> dict:
-    machine = platform.machine()
+    machine = os.uname().machine  # platform.machine(), without importing platform
     arch, variant = {
         "x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", None),
         "arm64": ("arm64", None), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
@@ -133,6 +134,8 @@ class Store:
 
     def mkdtemp(self, prefix: str) -> str:
         """A private work dir in tmp/; made 0755 so it can be renamed into place as it is."""
+        import tempfile  # with shutil and random: not for a no-op build
+
         path = tempfile.mkdtemp(dir=self.tmp, prefix=prefix)
         os.chmod(path, 0o755)
         return path
@@ -297,6 +300,8 @@ class Store:
                          epoch: int | None = None) -> tuple[Descriptor, str]:
         """The blob half of commit_layer: tar ``diff_dir`` into blobs/ and leave the dir
         where it is (a build may still use it as a lower dir)."""
+        import tempfile
+
         from store.layer_writer import write_layer
 
         fd, blob_path = tempfile.mkstemp(dir=self.tmp, prefix="commit-")
@@ -444,6 +449,8 @@ class _BlobTee:
     def __init__(self, stream: BinaryIO, desc: Descriptor, tmp_dir: Path):
         self._stream = stream
         self._desc = desc
+        import tempfile
+
         fd, self._path = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
