@@ -97,3 +97,37 @@ def tree_snapshot(root: Path) -> dict:
                     entry += (f.read(),)
             snap[os.path.relpath(p, root)] = entry
     return snap
+
+
+def tar_of(entries: list[tuple[str, str, str | bytes]]) -> bytes:
+    """An uncompressed PAX tar of (name, "file", bytes) and (name, "sym", target) entries,
+    root-owned with the tar module's default modes, all dated 2001-09-09."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_000_000_000
+            if kind == "file":
+                assert isinstance(data, bytes)
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+            else:
+                ti.type, ti.linkname = tarfile.SYMTYPE, str(data)
+                t.addfile(ti)
+    return buf.getvalue()
+
+
+def user_xattrs_work(directory: Path) -> bool:
+    """Whether the file system of ``directory`` takes user.* extended attributes."""
+    probe = directory / "xattr-probe"
+    probe.write_text("")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()

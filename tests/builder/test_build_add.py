@@ -19,6 +19,7 @@ import pytest
 import zstandard
 
 from tests.builder.conftest import build_context as _ctx
+from tests.conftest import user_xattrs_work
 
 NO_PROXY = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
 
@@ -62,16 +63,6 @@ COMPRESSED = {"a.tar": ARCHIVE, "a.tar.gz": gzip.compress(ARCHIVE),
 
 
 # -- local archives ---------------------------------------------------------------------------
-def _user_xattrs_work(directory: Path) -> bool:
-    probe = directory / "xattr-probe"
-    probe.write_text("")
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-
-
 def test_add_extracts_tar_gzip_bzip2_xz_and_zstd_archives(kb, broot, tmp_path):
     lines = ["FROM busybox", "RUN mkdir -p /x/tar && echo kept > /x/tar/existing"]
     lines += [f"ADD {name} /x/{name.replace('.', '_')[2:]}" for name in COMPRESSED]
@@ -87,7 +78,7 @@ def test_add_extracts_tar_gzip_bzip2_xz_and_zstd_archives(kb, broot, tmp_path):
     assert _run(kb, "arch:1", "cat /x/tar/existing") == "kept\n"  # extraction merges
     assert _run(kb, "arch:1", "stat -c '%u %g' /owned/pkg/f.txt /owned/pkg") == \
         "65534 65534\n65534 65534\n"
-    if _user_xattrs_work(broot.parent):  # the archive's xattrs are kept, best effort as docker
+    if user_xattrs_work(broot.parent):  # the archive's xattrs are kept, best effort as docker
         diff_id = json.loads(kb("inspect", "arch:1").out)[0]["Layers"][-1]["DiffID"]
         f = broot / "layers" / diff_id.split(":")[1] / "diff" / "owned" / "pkg" / "f.txt"
         assert os.getxattr(f, "user.kiln") == b"yes"

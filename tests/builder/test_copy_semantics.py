@@ -11,7 +11,6 @@ moby/moby#38599 (COPY --from keeps ownership).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.builder.conftest import build_context as _ctx
-from tests.conftest import KilnCLI
+from tests.conftest import KilnCLI, tar_of, user_xattrs_work
 
 
 def _run(kb, image: str, script: str) -> str:
@@ -240,27 +239,11 @@ def test_one_kind_never_replaces_the_other_as_buildkit(kb, tmp_path, setup, copy
 
 
 # -- 7: archives with symlinks above their destination -----------------------------------------
-def _tar(entries: list[tuple[str, str, str | bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, data in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_000_000_000
-            if kind == "file":
-                assert isinstance(data, bytes)
-                ti.size = len(data)
-                t.addfile(ti, io.BytesIO(data))
-            else:
-                ti.type, ti.linkname = tarfile.SYMTYPE, str(data)
-                t.addfile(ti)
-    return buf.getvalue()
-
-
 def test_add_archive_with_a_symlink_above_its_destination(kb, tmp_path):
     # docker extracts chrooted at the destination: the link is kept as it is, names through
     # it resolve inside the destination (/x/file, not /file)
-    archive = _tar([("symldir1", "sym", ".."), ("symldir1/file", "file", b"hello\n"),
-                    ("deep", "sym", "../q/s"), ("deep/f2", "file", b"deep\n")])
+    archive = tar_of([("symldir1", "sym", ".."), ("symldir1/file", "file", b"hello\n"),
+                      ("deep", "sym", "../q/s"), ("deep/f2", "file", b"deep\n")])
     ctx = _ctx(tmp_path, "FROM busybox\nADD a.tar /x/\nRUN mkdir -p /p/q\nADD a.tar /p/q/\n",
                {"a.tar": archive})
     kb("build", "-t", "symld:1", str(ctx))
@@ -276,7 +259,7 @@ def test_add_archive_with_a_symlink_above_its_destination(kb, tmp_path):
 
 
 def test_add_archive_symlink_above_the_image_root_is_refused(kb, tmp_path):
-    archive = _tar([("up", "sym", "../.."), ("up/etc/escaped", "file", b"x\n")])
+    archive = tar_of([("up", "sym", "../.."), ("up/etc/escaped", "file", b"x\n")])
     ctx = _ctx(tmp_path, "FROM busybox\nADD a.tar /x/\n", {"a.tar": archive})
     p = kb("build", str(ctx), check=False)
     assert p.returncode == 125 and "Containerfile:2" in p.err
@@ -284,18 +267,6 @@ def test_add_archive_symlink_above_the_image_root_is_refused(kb, tmp_path):
 
 
 # -- 8: extended attributes ------------------------------------------------------------------
-def _user_xattrs_work(directory: Path) -> bool:
-    probe = directory / "xattr-probe"
-    probe.write_text("")
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
 def _setcap(path: Path) -> bytes:
     setcap = shutil.which("setcap") or "/sbin/setcap"
     if not os.path.exists(setcap):
@@ -316,7 +287,7 @@ def test_copy_keeps_xattrs_into_the_layer_tar_and_a_loaded_image(kb, broot, tmp_
     ctx = _ctx(tmp_path, cf, {"ping": "#!/bin/sh\necho ping\n"})
     os.chmod(ctx / "ping", 0o755)
     caps = _setcap(ctx / "ping")
-    user = _user_xattrs_work(tmp_path)
+    user = user_xattrs_work(tmp_path)
     if user:
         os.setxattr(ctx / "ping", "user.kiln.origin", b"context")
     kb("build", "-t", "caps:1", str(ctx))

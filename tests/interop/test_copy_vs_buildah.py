@@ -14,17 +14,15 @@ clamped; kiln refuses it).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import KilnCLI
+from tests.conftest import KilnCLI, tar_of
 from tests.interop.conftest import differences, require_tool, run_tool, tree_view, umoci_unpack
 
 pytestmark = pytest.mark.interop
@@ -68,22 +66,6 @@ ADD a.tar /p/q/
 """
 
 
-def _tar(entries: list[tuple[str, str, str | bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, data in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_000_000_000
-            if kind == "file":
-                assert isinstance(data, bytes)
-                ti.size = len(data)
-                t.addfile(ti, io.BytesIO(data))
-            else:
-                ti.type, ti.linkname = tarfile.SYMTYPE, str(data)
-                t.addfile(ti)
-    return buf.getvalue()
-
-
 def _context(where: Path) -> Path:
     ctx = where / "copy-ctx"
     (ctx / "realdir").mkdir(parents=True)
@@ -93,8 +75,8 @@ def _context(where: Path) -> Path:
                        ("caps", "#!/bin/sh\n")):
         (ctx / name).write_text(text)
     os.chmod(ctx / "caps", 0o755)
-    (ctx / "a.tar").write_bytes(_tar([("symldir1", "sym", ".."),
-                                      ("symldir1/file", "file", b"hello\n")]))
+    (ctx / "a.tar").write_bytes(tar_of([("symldir1", "sym", ".."),
+                                        ("symldir1/file", "file", b"hello\n")]))
     for link, target in (("link", "real.txt"), ("dlink", "realdir"), ("pdir", "realdir"),
                          ("abs", "/real.txt"), ("tree/inside", "t.txt")):
         os.symlink(target, ctx / link)
