@@ -246,6 +246,34 @@ class ContainerTools:
         return f"containers-storage:[{self.driver}@{self.root}+{self.runroot}]{name}"
 
 
+@contextmanager
+def busybox_in_kiln_and_buildah(tools: ContainerTools, busybox_rootfs: Path,
+                                work: Path) -> Iterator[KilnCLI]:
+    """A kiln store under ``work`` holding busybox, and the same image (kiln's own
+    oci-archive of it) in ``tools``' storage as BUSYBOX, so that kiln and buildah build from
+    one base. The storage is shared with the other interop modules: on leaving, the images
+    built meanwhile (--layers' unnamed step images too) go, and the base only loses its name
+    (another module may hold the same image under another one)."""
+    kiln = KilnCLI(work / "kiln-root")
+    kiln("import", str(busybox_rootfs), "busybox:latest")
+    archive = work / "busybox.oci.tar"
+    kiln("save", "-q", "busybox:latest", "-o", str(archive), "--format", "oci-archive")
+    tools.skopeo("--insecure-policy", "copy", f"oci-archive:{archive}:{BUSYBOX}",
+                 tools.storage_ref(BUSYBOX))
+    before = _buildah_image_ids(tools)
+    try:
+        yield kiln
+    finally:
+        new = _buildah_image_ids(tools) - before
+        if new:
+            tools.buildah("rmi", "--force", *new, check=False)
+        tools.buildah("rmi", BUSYBOX, check=False)
+
+
+def _buildah_image_ids(tools: ContainerTools) -> set[str]:
+    return set(tools.buildah("images", "--all", "--quiet", "--no-trunc").stdout.split())
+
+
 def make_container_tools(base: Path) -> ContainerTools:
     """podman, buildah and skopeo over a new containers-storage in ``base``."""
     for sub in ("storage", "podman-tmp", "net"):

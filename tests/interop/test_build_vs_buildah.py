@@ -18,12 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, KilnCLI
-from tests.interop.conftest import differences, require_tool, run_tool, tree_view, umoci_unpack
+from tests.conftest import PROJECT
+from tests.interop.conftest import (
+    busybox_in_kiln_and_buildah,
+    differences,
+    require_tool,
+    run_tool,
+    tree_view,
+    umoci_unpack,
+)
 
 pytestmark = pytest.mark.interop
 
-BASE = "docker.io/library/busybox:latest"
 EXAMPLES = ("web", "multistage")  # every example in Containerfiles/ but bench/
 PROBE = "probe"  # and a Containerfile of this file's, for what the examples never touch
 CONFIG_FIELDS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
@@ -53,15 +59,8 @@ def builds(container_tools, busybox_rootfs, tmp_path_factory) -> dict[str, dict[
     """{example: {"kiln": Built, "buildah": Built}} for every example Containerfile."""
     tools = container_tools
     work = tmp_path_factory.mktemp("build-vs-buildah")
-    kiln = KilnCLI(work / "kiln-root")
-    kiln("import", str(busybox_rootfs), "busybox:latest")
-    base_archive = work / "busybox.oci.tar"
-    kiln("save", "-q", "busybox:latest", "-o", str(base_archive), "--format", "oci-archive")
-    tools.skopeo("--insecure-policy", "copy", f"oci-archive:{base_archive}:{BASE}",
-                 tools.storage_ref(BASE))
-    before = _image_ids(tools)
     out: dict[str, dict[str, Built]] = {}
-    try:
+    with busybox_in_kiln_and_buildah(tools, busybox_rootfs, work) as kiln:
         contexts = {name: PROJECT / "Containerfiles" / name for name in EXAMPLES}
         contexts[PROBE] = _probe_context(work)
         for name, ctx in contexts.items():
@@ -81,20 +80,7 @@ def builds(container_tools, busybox_rootfs, tmp_path_factory) -> dict[str, dict[
                 "kiln": _unpack(kiln_layout, kiln_ref, work / f"kiln-{name}-bundle"),
                 "buildah": _unpack(buildah_layout, buildah_ref, work / f"buildah-{name}-bundle"),
             }
-    finally:
-        # the storage is shared with the other interop modules: leave it as it was. The
-        # built images and --layers' unnamed step images go; the base only loses its name
-        # (another module may hold the same image under another one).
-        new = _image_ids(tools) - before
-        if new:
-            tools.buildah("rmi", "--force", *new, check=False)
-        tools.buildah("rmi", BASE, check=False)
     return out
-
-
-def _image_ids(tools) -> set[str]:
-    listed = tools.buildah("images", "--all", "--quiet", "--no-trunc").stdout
-    return set(listed.split())
 
 
 # The config fields the examples leave unset (Volumes, StopSignal, a numeric User...),

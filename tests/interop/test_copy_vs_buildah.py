@@ -22,12 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KilnCLI, tar_of
-from tests.interop.conftest import differences, require_tool, run_tool, tree_view, umoci_unpack
+from tests.conftest import tar_of
+from tests.interop.conftest import (
+    busybox_in_kiln_and_buildah,
+    differences,
+    require_tool,
+    run_tool,
+    tree_view,
+    umoci_unpack,
+)
 
 pytestmark = pytest.mark.interop
-
-BASE = "docker.io/library/busybox:latest"
 
 CONTAINERFILE = """\
 FROM busybox AS builder
@@ -96,16 +101,9 @@ def trees(container_tools, busybox_rootfs, tmp_path_factory) -> dict[str, dict]:
     """{"kiln": tree_view, "buildah": tree_view} of the Containerfile's image."""
     tools = container_tools
     work = tmp_path_factory.mktemp("copy-vs-buildah")
-    kiln = KilnCLI(work / "kiln-root")
-    kiln("import", str(busybox_rootfs), "busybox:latest")
-    base_archive = work / "busybox.oci.tar"
-    kiln("save", "-q", "busybox:latest", "-o", str(base_archive), "--format", "oci-archive")
-    tools.skopeo("--insecure-policy", "copy", f"oci-archive:{base_archive}:{BASE}",
-                 tools.storage_ref(BASE))
-    before = set(tools.buildah("images", "--all", "--quiet", "--no-trunc").stdout.split())
     ctx = _context(work)
     ref = "localhost/copy-semantics:latest"
-    try:
+    with busybox_in_kiln_and_buildah(tools, busybox_rootfs, work) as kiln:
         kiln("build", "-q", "--network", "none", "-t", ref, str(ctx))
         kiln("save", "-q", ref, "-o", str(work / "kiln-layout"), "--format", "oci",
              "--compression-format", "gzip")
@@ -113,11 +111,6 @@ def trees(container_tools, busybox_rootfs, tmp_path_factory) -> dict[str, dict]:
                       "--network", "none", "-q", "-t", ref, str(ctx))
         tools.skopeo("--insecure-policy", "copy", tools.storage_ref(ref),
                      f"oci:{work / 'buildah-layout'}:{ref}")
-    finally:
-        new = set(tools.buildah("images", "--all", "--quiet", "--no-trunc").stdout.split())
-        if new - before:
-            tools.buildah("rmi", "--force", *(new - before), check=False)
-        tools.buildah("rmi", BASE, check=False)
     out = {}
     for who in ("kiln", "buildah"):
         run_tool([require_tool("skopeo"), "inspect", f"oci:{work / f'{who}-layout'}:{ref}"])
