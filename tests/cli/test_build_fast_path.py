@@ -11,28 +11,16 @@ import time
 import pytest
 
 from builder.context import RACY_WINDOW_NS
-from tests.cli.test_run_fast_path import _click_parse as click_parse
-from tests.cli.test_run_fast_path import _fake_store_init, _imported_by
+from tests.cli.test_run_fast_path import (
+    _imported_by,
+    check_fast_parse_is_click_parse,
+    fast_parse,
+)
 from tests.conftest import PROJECT
 
 
-def _use_root(monkeypatch, env_root: str | None) -> None:
-    if env_root is None:
-        monkeypatch.delenv("KILN_ROOT", raising=False)
-    else:
-        monkeypatch.setenv("KILN_ROOT", env_root)
-
-
-def _click_parse(args: list[str], monkeypatch, env_root: str | None):
-    """What the click command hands to build_image for ``args``: (root, params)."""
-    return click_parse(args, monkeypatch, env_root, runner="kiln.build_run.build_image")
-
-
 def _fast_parse(args: list[str], monkeypatch, env_root: str | None):
-    from kiln.cli import parse_build_args
-
-    _use_root(monkeypatch, env_root)
-    return parse_build_args(list(args))
+    return fast_parse(args, monkeypatch, env_root, "parse_build_args")
 
 
 ACCEPTED = [
@@ -60,23 +48,11 @@ ACCEPTED = [
 
 
 @pytest.mark.parametrize("args", ACCEPTED, ids=[" ".join(a) for a in ACCEPTED])
-@pytest.mark.parametrize("how", ["env", "flag", "default"])
+@pytest.mark.parametrize("how", ["env", "flag", "flag=", "default"])
 def test_fast_parse_is_what_click_parses(args, how, monkeypatch, tmp_path):
-    root = str(tmp_path / "root")
-    env_root = root if how == "env" else None
-    full = {"flag": ["--root", root]}.get(how, []) + args
-    if how == "default":  # the default root: /var/lib/kiln as root; never made by this test
-        monkeypatch.setattr("store.store.Store.__init__", _fake_store_init)
-    want_root, want = _click_parse(full, monkeypatch, env_root)
-    got = _fast_parse(full, monkeypatch, env_root)
-    assert got is not None, "the fast path should take this command line"
-    got_root, got_params = got
-    if how == "default":
-        assert got_root is None
-    else:
-        assert os.path.abspath(got_root) == want_root
-    assert got_params == want
-    assert {k: type(v) for k, v in got_params.items()} == {k: type(v) for k, v in want.items()}
+    check_fast_parse_is_click_parse(args, how, monkeypatch, tmp_path,
+                                    runner="kiln.build_run.build_image",
+                                    parser="parse_build_args")
 
 
 REJECTED = [

@@ -16,6 +16,13 @@ class _Ran(Exception):
     pass
 
 
+def _use_root(monkeypatch, env_root: str | None) -> None:
+    if env_root is None:
+        monkeypatch.delenv("KILN_ROOT", raising=False)
+    else:
+        monkeypatch.setenv("KILN_ROOT", env_root)
+
+
 def _click_parse(args: list[str], monkeypatch, env_root: str | None,
                  runner: str = "kiln.cli.run_and_exit"):
     """What the click command hands to ``runner`` (a (store, params) function) for
@@ -29,23 +36,40 @@ def _click_parse(args: list[str], monkeypatch, env_root: str | None,
         raise _Ran
 
     monkeypatch.setattr(runner, capture)
-    if env_root is None:
-        monkeypatch.delenv("KILN_ROOT", raising=False)
-    else:
-        monkeypatch.setenv("KILN_ROOT", env_root)
+    _use_root(monkeypatch, env_root)
     with pytest.raises(_Ran):
         kiln.cli._click_main(list(args))
     return seen["root"], seen["params"]
 
 
-def _fast_parse(args: list[str], monkeypatch, env_root: str | None):
-    from kiln.cli import parse_run_args
+def fast_parse(args: list[str], monkeypatch, env_root: str | None,
+               parser: str = "parse_run_args"):
+    import kiln.cli
 
-    if env_root is None:
-        monkeypatch.delenv("KILN_ROOT", raising=False)
+    _use_root(monkeypatch, env_root)
+    return getattr(kiln.cli, parser)(list(args))
+
+
+def check_fast_parse_is_click_parse(args: list[str], how: str, monkeypatch, tmp_path, *,
+                                    runner: str = "kiln.cli.run_and_exit",
+                                    parser: str = "parse_run_args") -> None:
+    """kiln.cli's ``parser`` reads ``args`` (after a --root given as ``how`` says) into
+    exactly what click hands ``runner``: the same root, parameters and their types."""
+    root = str(tmp_path / "root")
+    env_root = root if how == "env" else None
+    full = {"flag": ["--root", root], "flag=": [f"--root={root}"]}.get(how, []) + args
+    if how == "default":  # the default root: /var/lib/kiln as root; never made by this test
+        monkeypatch.setattr("store.store.Store.__init__", _fake_store_init)
+    want_root, want = _click_parse(full, monkeypatch, env_root, runner)
+    got = fast_parse(full, monkeypatch, env_root, parser)
+    assert got is not None, "the fast path should take this command line"
+    got_root, got_params = got
+    if how == "default":
+        assert got_root is None
     else:
-        monkeypatch.setenv("KILN_ROOT", env_root)
-    return parse_run_args(list(args))
+        assert os.path.abspath(got_root) == want_root
+    assert got_params == want
+    assert {k: type(v) for k, v in got_params.items()} == {k: type(v) for k, v in want.items()}
 
 
 ACCEPTED = [
@@ -76,21 +100,7 @@ ACCEPTED = [
 @pytest.mark.parametrize("args", ACCEPTED, ids=[" ".join(a) for a in ACCEPTED])
 @pytest.mark.parametrize("how", ["env", "flag", "flag=", "default"])
 def test_fast_parse_is_what_click_parses(args, how, monkeypatch, tmp_path):
-    root = str(tmp_path / "root")
-    env_root = root if how == "env" else None
-    full = {"flag": ["--root", root], "flag=": [f"--root={root}"]}.get(how, []) + args
-    if how == "default":  # the default root: /var/lib/kiln as root; never made by this test
-        monkeypatch.setattr("store.store.Store.__init__", _fake_store_init)
-    want_root, want = _click_parse(full, monkeypatch, env_root)
-    got = _fast_parse(full, monkeypatch, env_root)
-    assert got is not None, "the fast path should take this command line"
-    got_root, got_params = got
-    if how == "default":
-        assert got_root is None
-    else:
-        assert os.path.abspath(got_root) == want_root
-    assert got_params == want
-    assert {k: type(v) for k, v in got_params.items()} == {k: type(v) for k, v in want.items()}
+    check_fast_parse_is_click_parse(args, how, monkeypatch, tmp_path)
 
 
 def _fake_store_init(self, root=None, *, create=True):
@@ -112,14 +122,14 @@ REJECTED = [
 
 @pytest.mark.parametrize("args", REJECTED, ids=[" ".join(a) for a in REJECTED])
 def test_anything_else_is_left_to_click(args, monkeypatch):
-    assert _fast_parse(args, monkeypatch, None) is None
+    assert fast_parse(args, monkeypatch, None) is None
 
 
 def test_an_unreadable_env_file_is_left_to_click(tmp_path, monkeypatch):
     env_file = tmp_path / "env"
     env_file.write_text("A=1\n")
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    assert _fast_parse(["run", "--env-file", str(env_file), "img"], monkeypatch, None) is None
+    assert fast_parse(["run", "--env-file", str(env_file), "img"], monkeypatch, None) is None
 
 
 def test_run_options_are_those_of_the_click_command():
