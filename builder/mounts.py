@@ -487,7 +487,7 @@ def _lower_lstat(lowers: list[str], rel: str) -> os.stat_result | None:
 def resolve_in_layers(lowers: list[str], path: str) -> str:
     """``path`` with symlinks followed as the merged view of ``lowers`` would, relative to
     its root ('' for the root)."""
-    from runtime.rootfs import walk_path
+    from store.fsutil import walk_path
 
     def link_target(rel: str) -> str | None:
         st = _lower_lstat(lowers, rel)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from builder import globs
 from store.errors import KilnError
+from store.fsutil import walk_path
 
 
 class CopyError(KilnError):
@@ -29,9 +30,6 @@ class SourceEntry:
     link_target: str | None = None
 
 
-MAX_SYMLINKS = 40  # as the kernel's
-
-
 @dataclass(frozen=True)
 class Followed:
     path: str  # the resolved path, relative to the source root ('' is the root)
@@ -43,26 +41,16 @@ def follow(path: str, link_target: Callable[[str], str | None]) -> Followed:
     (BuildKit's FollowLinks: an absolute target starts again at the root, '..' stops there).
 
     ``link_target(rel)`` gives the target of the symlink at ``rel``, or None."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
     links: list[tuple[str, str]] = []
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        rel = "/".join([*resolved, part])
+
+    def recorded(rel: str) -> str | None:
         target = link_target(rel)
-        if target is None:
-            resolved.append(part)
-            continue
-        links.append((rel, target))
-        if len(links) > MAX_SYMLINKS:
-            raise CopyError(f"{path}: too many levels of symbolic links")
-        if target.startswith("/"):
-            resolved = []
-        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+        if target is not None:
+            links.append((rel, target))
+        return target
+
+    resolved = walk_path(path, recorded,
+                         too_many=CopyError(f"{path}: too many levels of symbolic links"))
     return Followed("/".join(resolved), tuple(links))
 
 

@@ -15,8 +15,7 @@ import stat
 from runtime import syscalls as sc
 from runtime.spec import BindMount, ContainerSpec, TmpfsMount
 from store.errors import KilnError
-
-MAX_SYMLINKS = 40
+from store.fsutil import MAX_SYMLINKS, walk_path
 
 
 class RootfsError(KilnError):
@@ -93,36 +92,6 @@ def _mount_overlay_classic(lowers: list[str], upper: str, work: str, target: str
 
 
 # -- resolving paths inside the rootfs ---------------------------------------------
-def walk_path(path: str, link_target, *, too_many=None) -> list[str]:
-    """The components of ``path`` with symlinks followed as if '/' were the root.
-
-    ``link_target(rel)`` gives the target of the symlink at ``rel`` (components joined by
-    '/'), or None when ``rel`` is no symlink (or missing). After MAX_SYMLINKS links,
-    ``too_many`` is raised, or with None the walk stops following and takes names as they are.
-    """
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        target = link_target("/".join([*resolved, part])) if links < MAX_SYMLINKS or \
-            too_many is not None else None
-        if target is not None:
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise too_many
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return resolved
-
-
 def resolve_in_root(root: str, path: str) -> str:
     """The host path of ``path`` inside ``root``, symlinks followed as if root were '/'.
 

@@ -112,3 +112,36 @@ def current_umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+MAX_SYMLINKS = 40  # as the kernel's
+
+
+def walk_path(path: str, link_target, *, too_many=None) -> list[str]:
+    """The components of ``path`` with symlinks followed as if '/' were the root.
+
+    ``link_target(rel)`` gives the target of the symlink at ``rel`` (components joined by
+    '/'), or None when ``rel`` is no symlink (or missing). After MAX_SYMLINKS links,
+    ``too_many`` is raised, or with None the walk stops following and takes names as they are.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        target = link_target("/".join([*resolved, part])) if links < MAX_SYMLINKS or \
+            too_many is not None else None
+        if target is not None:
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise too_many
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return resolved
