@@ -139,10 +139,6 @@ class Context:
         nodes: dict[str, _Node] = {}
         maybe_parents: dict[str, _Node] = {}  # excluded dirs walked for '!' re-inclusions
         stack = [("", self._root_str)]
-        # the loop runs once per entry of the context: what it looks up is local
-        s_ifdir, s_ifreg, s_iflnk, fullmatch = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, \
-            _HEX64.fullmatch
-        cached_get = cached.get
         while stack:
             rel_dir, abs_dir = stack.pop()
             try:
@@ -161,10 +157,9 @@ class Context:
                     raise ContextError(f"cannot stat {rel!r} in the build context: "
                                        f"{e.strerror}") from e
                 excluded = ignore is not None and ignore.matches(rel)
-                st_mode = st.st_mode
-                fmt = st_mode & 0o170000  # stat.S_IFMT
-                mode = st_mode & 0o7777  # stat.S_IMODE
-                if fmt == s_ifdir:
+                fmt = stat.S_IFMT(st.st_mode)
+                mode = stat.S_IMODE(st.st_mode)
+                if fmt == stat.S_IFDIR:
                     if excluded and not ignore.may_match_inside(rel):
                         self.stats["dirs_pruned"] += 1
                         continue
@@ -174,19 +169,17 @@ class Context:
                     continue
                 if excluded:
                     continue
-                if fmt == s_ifreg:
-                    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                    node = _Node(rel, "file", mode, key[0], None, key, st.st_nlink)
-                    hit = cached_get(rel)
-                    # the cache is read, not trusted: a line of it counts only whole and sane
-                    if (hit.__class__ is list and len(hit) == 6 and hit[0] == key[0]
-                            and hit[1] == key[1] and hit[2] == key[2] and hit[3] == key[3]
-                            and hit[4] == key[4] and hit[5].__class__ is str
-                            and fullmatch(hit[5])):
+                if fmt == stat.S_IFREG:
+                    node = _Node(rel, "file", mode, st.st_size, stat_key=_stat_key(st),
+                                 nlink=st.st_nlink)
+                    hit = cached.get(rel)
+                    if (isinstance(hit, list) and len(hit) == 6
+                            and tuple(hit[:5]) == node.stat_key and isinstance(hit[5], str)
+                            and _HEX64.fullmatch(hit[5])):
                         node.digest = _DIGEST_PREFIX + hit[5]
                         node.from_cache = True
                     nodes[rel] = node
-                elif fmt == s_iflnk:
+                elif fmt == stat.S_IFLNK:
                     try:
                         target = os.readlink(de.path)
                     except OSError as e:
@@ -323,8 +316,7 @@ class Context:
             ordered = [p for p in self._order if p in chosen]
         else:
             ordered = sorted(chosen, key=_fs)
-        entry = self._entry
-        return [entry(nodes[p]) for p in ordered]
+        return [self._entry(nodes[p]) for p in ordered]
 
     def _kind(self, path: str) -> str | None:
         node = self._nodes.get(path) if self._nodes is not None else None
