@@ -37,6 +37,7 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     """
     import _signal
     import pickle
+    import tempfile
 
     from runtime import rootfs  # imported here: a cached build step never needs them
     from runtime import syscalls as sc
@@ -60,8 +61,6 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             points = []
             for i, view in enumerate(views):
-                import tempfile
-
                 base = tempfile.mkdtemp(dir=scratch, prefix=f"view{i}-")
                 upper = view.upper or os.path.join(base, "upper")
                 work = os.path.join(os.path.dirname(upper), f"work-{i}") if view.upper \
