@@ -55,6 +55,7 @@ from store.fsutil import current_umask, write_all
 if TYPE_CHECKING:
     import tarfile
 
+    from builder.reuse import FileReuse
     from store.layer_extract import ExtractLimits
 
 
@@ -277,7 +278,7 @@ def resolve_dest(root: str, path: str) -> str:
 def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: int = 0,
                gid: int = 0, mtime: int | None = None,
                archive_owner: tuple[int, int] | None = None, keep_owner: bool = False,
-               dir_mode: int = 0o755) -> int:
+               dir_mode: int = 0o755, reuse: FileReuse | None = None) -> int:
     """Write ``actions`` into ``root`` (the merged view); returns bytes copied.
 
     Entries are owned by ``uid:gid``, or with ``keep_owner`` (COPY --from without --chown,
@@ -291,8 +292,13 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     An action with ``unpack_to`` whose source is a tar archive (plain, gzip, bzip2, xz or
     zstd) is extracted there instead, its entries owned as the archive says unless
     ``archive_owner`` (ADD --chown) is given.
+    With ``reuse`` (builder.reuse), files an earlier result of the same step has exactly as
+    this copy would write them are left for ``reuse.link_into`` once the workspace is gone.
     """
-    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner, dir_mode)
+    w = _Writer(root, source_root, uid, gid, mtime, archive_owner, keep_owner, dir_mode,
+                reuse=reuse)
+    if reuse is not None:
+        reuse.plan(actions)
     copied = 0
     for a in actions:
         try:
@@ -306,6 +312,8 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
     except OSError as e:
         raise CopyError(f"setting the times of the copied directories: {e.strerror or e}"
                         ) from None
+    if reuse is not None:
+        reuse.stamps.update((os.path.relpath(host, root), src) for host, src in w.stamps)
     return copied
 
 
@@ -323,6 +331,7 @@ class _Writer:
     archive_owner: tuple[int, int] | None
     keep_owner: bool
     dir_mode: int = 0o755
+    reuse: FileReuse | None = None
     parents: dict[str, str] = field(default_factory=dict)  # image dir -> host dir
     stamps: list[tuple[str, str]] = field(default_factory=list)  # (host dir, source dir)
     group: int = -1
@@ -357,6 +366,13 @@ class _Writer:
         else:
             target = os.path.join(self._parent(a.dest), posixpath.basename(a.dest))
         src = os.path.join(self.source_root, a.src) if a.src is not None else None
+        if self.reuse is not None:
+            if a.kind == "file" and src is not None:
+                size = self.reuse.offer(a, src, self.root, target, stat.S_IMODE(a.mode),
+                                        self._owner, self.mtime)
+                if size is not None:
+                    return size
+            self.reuse.wrote(self.root, target, a.src, a.kind)
         if a.kind == "dir":
             self._inside_dir(a, target, src)
             return 0
@@ -422,6 +438,8 @@ class _Writer:
                 raise CopyError(f"cannot copy a directory to {a.dest}: it is not a directory "
                                 "in the image")
         self.parents[posixpath.normpath(a.dest)] = host
+        if self.reuse is not None:
+            self.reuse.wrote(self.root, host, None, "dir")
         if a.src is not None:
             self.stamps.append((host, os.path.join(self.source_root, a.src)))
         return 0

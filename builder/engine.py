@@ -16,6 +16,7 @@ and so is a word (builder.shell.MAX_WORD) and the file (builder.parser).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -198,6 +199,7 @@ class _PendingCommit:
     key: str
     entry: dict
     where: str  # the step, for its errors: "Containerfile:3: COPY big /big"
+    reuse: tuple[str, dict[str, str]] | None = None  # a COPY's lineage record (builder.reuse)
     thread: threading.Thread | None = None
     result: tuple[Descriptor, str] | None = None
     error: BaseException | None = None
@@ -707,7 +709,8 @@ class Builder:
         state.key = key
         cache.save(self.store, key, history=[entry], layer=None)
 
-    def commit(self, state: StageState, key: str, upper: str, created_by: str) -> None:
+    def commit(self, state: StageState, key: str, upper: str, created_by: str, *,
+               reuse: tuple[str, dict[str, str]] | None = None) -> None:
         """``upper`` becomes the step's layer. Its blob is written by a thread meanwhile the
         next steps run (see _PendingCommit); a cache hit, the end of the stage or a third
         commit waits for it."""
@@ -736,7 +739,7 @@ class Builder:
         state.key = key
         inst = state.inst
         where = f"{state.where}: {_step_text(inst)}" if inst is not None else state.where
-        pending = _PendingCommit(layer, path, stage_dir, key, entry, where)
+        pending = _PendingCommit(layer, path, stage_dir, key, entry, where, reuse)
         pending.thread = threading.Thread(
             target=pending.run, args=(self.store, self.opts.compression, self.opts.epoch),
             name="kiln-commit")
@@ -771,6 +774,12 @@ class Builder:
                         p.layer.media_type, p.layer.size = desc.media_type, desc.size
                         cache.save(self.store, p.key, history=[p.entry],
                                    layer=p.layer.to_json())
+                        if p.reuse is not None:  # a hint for the step's next run
+                            from builder import reuse
+
+                            lineage, files = p.reuse
+                            with contextlib.suppress(OSError):
+                                reuse.save(self.store, lineage, diff_id, files)
                     except Exception as e:  # noqa: BLE001 - raised below, naming the step
                         failed = (p, e)
         finally:

@@ -765,11 +765,24 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         content = hashlib.sha256(json.dumps(content_parts).encode()).hexdigest()
         key = cache.step_key(state.key, text, content=content, extra={"workdir": workdir_})
         created_by = f"{inst.cmd} " + " ".join(inst.args)
+        parent_key = state.key
         if b.cached(state, key, created_by):
             return
         if work is None:
             work, upper = b.new_upper()
         from builder.copy import apply_copy, plan_copy
+
+        file_reuse = lineage = None
+        if not add and local and from_ref is None and not urls and not docs \
+                and not b.opts.no_cache:  # see builder.reuse
+            from builder import reuse
+
+            lineage = reuse.lineage_key(parent_key, text, workdir_)
+            file_reuse = reuse.FileReuse({f.path: f.digest for f in selected if f.digest},
+                                         upper=upper)
+            earlier = reuse.load(b.store, lineage)
+            if earlier is not None:
+                file_reuse.earlier_dir, file_reuse.earlier = earlier
 
         if local and from_ref is None and context_actions is None:
             try:
@@ -807,15 +820,16 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         source_name = "the build context" if from_ref is None else \
             f"stage {from_ref}" if plan.lookup(from_ref) is not None else f"image {from_ref}"
 
-        def do_copy(root: str, src_root: str | None = None) -> tuple[int, tuple[str, ...]]:
+        def do_copy(root: str, src_root: str | None = None):
             try:
                 return copy_in(root, src_root)
             except OSError as e:  # not a traceback from the workspace process
                 raise CopyError(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
                                 ) from None
 
-        def copy_in(root: str, src_root: str | None) -> tuple[int, tuple[str, ...]]:
-            """Runs in the workspace process; returns the bytes copied and the warnings."""
+        def copy_in(root: str, src_root: str | None):
+            """Runs in the workspace process; returns the bytes copied, the warnings and
+            what the copy left for file_reuse.link_into."""
             from builder.chown import ChownError, resolve_owner
             from builder.copy import source_entries_from_tree, tree_entries_for
 
@@ -841,11 +855,12 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             archive_owner = (uid, gid) if chown else None
             if context_actions is not None:
                 copied += apply_copy(root, context_root, context_actions, uid=uid, gid=gid,
-                                     archive_owner=archive_owner, dir_mode=dir_mode)
+                                     archive_owner=archive_owner, dir_mode=dir_mode,
+                                     reuse=file_reuse)
             for source_root, actions in singles:
                 copied += apply_copy(root, source_root, actions, uid=uid, gid=gid,
                                      archive_owner=archive_owner, dir_mode=dir_mode)
-            return copied, warnings
+            return copied, warnings, file_reuse
 
         from runtime.workspace import View, with_views
 
@@ -853,12 +868,15 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
         if src_layers is not None:
             views.append(View(src_layers, readonly=True))
         try:
-            _, warnings = with_views(views, do_copy, work)
+            _, warnings, file_reuse = with_views(views, do_copy, work)
+            if file_reuse is not None:
+                file_reuse.link_into()
         except KilnError as e:  # the copy's, --chown's, the workspace's: all at this line
             raise BuildError(f"{_where(inst)}: {e}") from None
         for warning in warnings:
             b.say_stage(state, f"[Warning] {_where(inst)}: {inst.cmd} --chown: {warning}")
-        b.commit(state, key, upper, created_by)
+        b.commit(state, key, upper, created_by,
+                 reuse=(lineage, file_reuse.written) if file_reuse is not None else None)
     finally:
         if work is not None:
             remove_tree(work)
