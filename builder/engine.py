@@ -179,7 +179,7 @@ _COMMIT_THREAD_BLOCKS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "S
 # Stages building at once (each in a thread; most wait on a RUN's process).
 _MAX_STAGE_THREADS = 8
 
-# Layers of a stage being committed at once; one more commit waits for them first.
+# Layers of a stage being committed at once; one more commit waits for the oldest first.
 _MAX_PENDING = 2
 
 
@@ -712,8 +712,8 @@ class Builder:
     def commit(self, state: StageState, key: str, upper: str, created_by: str, *,
                reuse: tuple[str, dict[str, str]] | None = None) -> None:
         """``upper`` becomes the step's layer. Its blob is written by a thread meanwhile the
-        next steps run (see _PendingCommit); a cache hit, the end of the stage or a third
-        commit waits for it."""
+        next steps run (see _PendingCommit); a cache hit or the end of the stage waits for
+        it, and so does the commit after the next."""
         # what the thread uses is loaded here, not there: see _PendingCommit.run
         import contextlib  # noqa: F401
         import signal  # noqa: F401
@@ -723,8 +723,8 @@ class Builder:
         from store.fsutil import remove_tree
 
         self.flush_metadata(state)
-        if len(state.pending) >= _MAX_PENDING:
-            self._finish_commits(state)
+        if len(state.pending) >= _MAX_PENDING:  # the oldest only: the newer keeps going
+            self._finish_commits(state, keep=_MAX_PENDING - 1)
         stage_dir = self.store.mkdtemp("pending-layer-")
         path = os.path.join(stage_dir, "diff")
         try:
@@ -750,15 +750,17 @@ class Builder:
             raise
         state.pending.append(pending)
 
-    def _finish_commits(self, state: StageState, *, quiet: bool = False) -> None:
-        """Wait for the stage's pending commits; their layers go into layers/ and their steps
-        into the cache. ``quiet``: a failure only cleans up (another error is on its way).
-        A failure names the step whose layer it was (it shows up steps later)."""
-        if not state.pending:
+    def _finish_commits(self, state: StageState, *, quiet: bool = False, keep: int = 0) -> None:
+        """Wait for the stage's pending commits but the newest ``keep``; their layers go into
+        layers/ and their steps into the cache. ``quiet``: a failure only cleans up (another
+        error is on its way). A failure names the step whose layer it was (it shows up steps
+        later)."""
+        if len(state.pending) <= keep:
             return
         from store.fsutil import remove_tree
 
-        pending, state.pending = state.pending, []
+        cut = len(state.pending) - keep
+        pending, state.pending = state.pending[:cut], state.pending[cut:]
         failed: tuple[_PendingCommit, BaseException] | None = None
         try:
             for p in pending:
@@ -793,7 +795,7 @@ class Builder:
                 raise e
             reason = _os_error(e) if isinstance(e, OSError) else str(e)
             raise BuildError(f"{p.where}: writing its layer: {reason}") from None
-        diff_ids = [la.diff_id for la in state.layers]
+        diff_ids = [la.diff_id for la in state.layers if la.diff_id]  # those still pending last
         state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         state.config["rootfs"]["diff_ids"] = diff_ids
 
