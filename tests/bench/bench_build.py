@@ -58,7 +58,10 @@ class Builder:
         self.generation = 0
 
     def fresh(self) -> None:
-        self.cleanup()
+        # The previous generation stays until the end: deleting thousands of files makes
+        # the next creates in that part of the disk slow for a while on some filesystems
+        # (ext4 without a journal skips inodes freed in the last 2 x dirty_expire, 60 s),
+        # which would charge this benchmark's own clean-up to whichever builder runs next.
         self.generation += 1
 
     def build(self) -> None:
@@ -110,7 +113,9 @@ class Kiln(Builder):
         super().__init__(work, inputs)
         # as installed by pip: byte-compiled modules are used, not recompiled on every run
         self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.kiln = [sys.executable, "-m", "kiln"]
+        # the `kiln` command pip installed beside this python, as users start it
+        script = Path(sys.executable).parent / "kiln"
+        self.kiln = [str(script)] if script.exists() else [sys.executable, "-m", "kiln"]
 
     @property
     def root(self) -> Path:
@@ -135,12 +140,16 @@ class Kiln(Builder):
         return (self.work / "kiln.iid").read_text().strip()
 
     def cleanup(self) -> None:
-        if self.generation:
-            shutil.rmtree(self.root, ignore_errors=True)
+        for generation in range(1, self.generation + 1):
+            shutil.rmtree(self.work / f"kiln-{generation}", ignore_errors=True)
 
 
 class Buildah(Builder):
     name = "buildah"
+
+    def __init__(self, work: Path, inputs: Inputs):
+        super().__init__(work, inputs)
+        self.all_tools: list[ContainerTools] = []
 
     def fresh(self) -> None:
         super().fresh()
@@ -157,6 +166,7 @@ class Buildah(Builder):
             "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
             "XDG_CONFIG_HOME": str(base / "xdg-config"),
         })
+        self.all_tools.append(self.tools)
         self.tools.skopeo("--insecure-policy", "copy",
                           f"oci-archive:{self.inputs.oci_archive}:{BASE}",
                           self.tools.storage_ref(BASE))
@@ -171,12 +181,11 @@ class Buildah(Builder):
         return (self.work / "buildah.iid").read_text().strip()
 
     def cleanup(self) -> None:
-        if not self.generation:
-            return
-        self.tools.buildah("rm", "--all", check=False)
-        for path in (self.tools.base, self.tools.runroot):
-            _unmount_below(path)
-            shutil.rmtree(path, ignore_errors=True)
+        for tools in self.all_tools:
+            tools.buildah("rm", "--all", check=False)
+            for path in (tools.base, tools.runroot):
+                _unmount_below(path)
+                shutil.rmtree(path, ignore_errors=True)
 
 
 class ChImage(Builder):
@@ -202,8 +211,8 @@ class ChImage(Builder):
                    str(self.inputs.context)], self.env)
 
     def cleanup(self) -> None:
-        if self.generation:
-            shutil.rmtree(self.storage, ignore_errors=True)
+        for generation in range(1, self.generation + 1):
+            shutil.rmtree(self.work / f"ch-{generation}", ignore_errors=True)
 
 
 def _unmount_below(path: Path) -> None:
