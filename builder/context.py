@@ -21,7 +21,6 @@ import bisect
 import hashlib
 import json
 import os
-import re
 import stat
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ MAX_CACHE_ENTRIES = 2_000_000
 RACY_WINDOW_NS = 2_000_000_000
 _HASH_ATTEMPTS = 3
 _DIGEST_PREFIX = "sha256:"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_LOWER_HEX = "0123456789abcdef"
 
 _SPECIAL_KINDS = {
     stat.S_IFIFO: "fifo",
@@ -52,7 +51,7 @@ class ContextError(KilnError):
     """The build context cannot be read, or a COPY/ADD source is not in it."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a no-op rebuild makes thousands, twice as fast so
 class ContextFile:
     path: str  # relative to the context root, '/'-separated
     kind: str  # "file" | "dir" | "symlink"
@@ -175,7 +174,7 @@ class Context:
                     hit = cached.get(rel)
                     if (isinstance(hit, list) and len(hit) == 6
                             and tuple(hit[:5]) == node.stat_key and isinstance(hit[5], str)
-                            and _HEX64.fullmatch(hit[5])):
+                            and len(hit[5]) == 64 and not hit[5].strip(_LOWER_HEX)):
                         node.digest = _DIGEST_PREFIX + hit[5]
                         node.from_cache = True
                     nodes[rel] = node
@@ -195,8 +194,9 @@ class Context:
                 while parent and parent not in nodes and parent in maybe_parents:
                     nodes[parent] = maybe_parents[parent]
                     parent = parent.rpartition("/")[0]
-        self._order = sorted(nodes, key=_fs)
-        self._order_keys = [_fs(p) for p in self._order]
+        keyed = sorted((_fs(p), p) for p in nodes)
+        self._order = [p for _, p in keyed]
+        self._order_keys = [k for k, _ in keyed]
         self._nodes = nodes
         self.stats["entries"] = len(nodes)
         return nodes
