@@ -313,6 +313,7 @@ def apply_copy(root: str, source_root: str, actions: list[CopyAction], *, uid: i
         raise CopyError(f"setting the times of the copied directories: {e.strerror or e}"
                         ) from None
     if reuse is not None:
+        reuse.copied()
         reuse.stamps.update((os.path.relpath(host, root), src) for host, src in w.stamps)
     return copied
 

@@ -92,6 +92,7 @@ class FileReuse:
     stamps: dict[str, str] = field(default_factory=dict)  # image dir -> source dir (its times)
     _safe: set[str] = field(default_factory=set)
     _in_upper: set[str] = field(default_factory=set)
+    _earlier_fds: dict[str, int] = field(default_factory=dict)
 
     def plan(self, actions) -> None:
         """Which destinations no other action of the copy can interfere with."""
@@ -132,19 +133,21 @@ class FileReuse:
             return None
         if os.path.lexists(target):
             return None  # the image has something there: the copy replaces it
+        parent, name = os.path.split(rel)
         try:
             st = os.lstat(src)
-            old = os.lstat(os.path.join(self.earlier_dir, rel))
-        except FileNotFoundError:
+            # walked by fd, symlinks refused: only a file the earlier copy made is compared
+            old_dir = f"/proc/self/fd/{_dir_fd(self.earlier_dir, parent, self._earlier_fds)}"
+            old = os.lstat(name, dir_fd=self._earlier_fds[parent])
+        except OSError:
             return None
         uid, gid = owner(st)
         mtime_ns = st.st_mtime_ns if mtime is None else mtime * 10**9
         if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(old.st_mode) and st.st_nlink == 1
                 and old.st_size == st.st_size and stat.S_IMODE(old.st_mode) == mode
                 and (old.st_uid, old.st_gid) == (uid, gid) and old.st_mtime_ns == mtime_ns
-                and _xattrs(src) == _xattrs(os.path.join(self.earlier_dir, rel))):
+                and _xattrs(src) == _xattrs(os.path.join(old_dir, name))):
             return None
-        parent = os.path.dirname(rel)
         if parent not in self._in_upper:
             if not os.path.isdir(os.path.join(self.upper, parent)):
                 # overlayfs copies a directory up when its attributes are set: it is in the
@@ -156,6 +159,12 @@ class FileReuse:
         self.deferred[rel] = (src, mode, uid, gid, mtime)
         self.written[rel] = digest
         return st.st_size
+
+    def copied(self) -> None:
+        """The copy is over: the earlier layer's directories are closed."""
+        for fd in self._earlier_fds.values():
+            os.close(fd)
+        self._earlier_fds.clear()
 
     def wrote(self, root: str, target: str, src: str | None, kind: str) -> None:
         """The copy put something at ``target``: it replaces whatever was deferred there."""
@@ -183,15 +192,20 @@ class FileReuse:
             for rel in sorted(self.deferred):
                 src, mode, uid, gid, mtime = self.deferred[rel]
                 parent, name = os.path.split(rel)
-                dst_fd = _dir_fd(self.upper, parent, upper_fds)
+                try:
+                    dst_fd = _dir_fd(self.upper, parent, upper_fds)
+                except OSError as e:
+                    raise CopyError(f"linking /{rel}: its directory in the new layer: "
+                                    f"{e.strerror}") from None
                 try:
                     os.link(name, name, src_dir_fd=_dir_fd(self.earlier_dir, parent, earlier_fds),
                             dst_dir_fd=dst_fd, follow_symlinks=False)
-                except FileNotFoundError:  # pruned meanwhile: copied after all
-                    _copy_file(src, f"/proc/self/fd/{dst_fd}/{name}", mode, (uid, gid), mtime)
                 except OSError as e:
-                    raise CopyError(f"linking /{rel} from the step's earlier layer: "
-                                    f"{e.strerror}") from None
+                    # the earlier layer pruned meanwhile, or its inode at the link limit
+                    if e.errno not in (errno.ENOENT, errno.EMLINK):
+                        raise CopyError(f"linking /{rel} from the step's earlier layer: "
+                                        f"{e.strerror}") from None
+                    _copy_file(src, f"/proc/self/fd/{dst_fd}/{name}", mode, (uid, gid), mtime)
             for parent in {os.path.dirname(rel) for rel in self.deferred}:
                 src_dir = self.stamps.get(parent)
                 if src_dir is not None:

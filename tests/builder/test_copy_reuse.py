@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from store.store import Store
 from tests.builder.conftest import build_context
 from tests.conftest import KilnCLI, user_xattrs_work
@@ -105,3 +107,41 @@ def test_a_pruned_earlier_layer_means_a_plain_copy(kb, broot, tmp_path):
     _, layer = _copy_layer(broot, "pruned:2")
     assert os.lstat(layer / "src" / "pkg0" / "mod0.py").st_nlink == 1
     assert kb("run", "--rm", "pruned:2", "cat", "/src/pkg1/mod1.py").out == "changed\n"
+
+
+def _deferred(tmp_path: Path, earlier_dir: Path) -> tuple:
+    from builder.reuse import FileReuse
+
+    src = tmp_path / "src.txt"
+    src.write_text("content\n")
+    os.utime(src, (1_600_000_000, 1_600_000_000))
+    upper = tmp_path / "upper"
+    (upper / "app").mkdir(parents=True)
+    reuse = FileReuse({"src.txt": "sha256:x"}, earlier_dir=str(earlier_dir), upper=str(upper))
+    reuse.deferred["app/f.txt"] = (str(src), 0o640, 12, 34, None)
+    return reuse, upper
+
+
+def test_a_file_the_earlier_layer_lost_is_copied_instead(tmp_path):
+    reuse, upper = _deferred(tmp_path, tmp_path / "pruned-layer")
+    reuse.link_into()
+    st = os.lstat(upper / "app" / "f.txt")
+    assert (upper / "app" / "f.txt").read_text() == "content\n"
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime) == (0o640, 12, 34,
+                                                                       1_600_000_000)
+
+
+def test_links_never_follow_a_symlink_out_of_the_new_layer(tmp_path):
+    from builder.sources import CopyError
+
+    earlier = tmp_path / "earlier"
+    (earlier / "app").mkdir(parents=True)
+    (earlier / "app" / "f.txt").write_text("content\n")
+    reuse, upper = _deferred(tmp_path, earlier)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (upper / "app").rmdir()
+    (upper / "app").symlink_to(outside)
+    with pytest.raises(CopyError, match="app/f.txt"):
+        reuse.link_into()
+    assert list(outside.iterdir()) == []
