@@ -145,3 +145,39 @@ def test_links_never_follow_a_symlink_out_of_the_new_layer(tmp_path):
     with pytest.raises(CopyError, match="app/f.txt"):
         reuse.link_into()
     assert list(outside.iterdir()) == []
+
+
+FLAG_CASES = {
+    "chown-chmod": "FROM busybox\nCOPY --chown=1000:2000 --chmod=640 src/ /app/\n",
+    "exclude": "FROM busybox\nCOPY --exclude=*.log src/ /app/\n",
+    "parents": "FROM busybox\nCOPY --parents src/**/*.py /app/\n",
+    # /app is in the image (copied up for the links), and src/a.py replaces a file there
+    "into-image-dir": "FROM busybox\nRUN mkdir -p /app && echo base > /app/keep && "
+                      "echo old > /app/a.py\nCOPY src/ /app/\n",
+}
+
+
+def test_reuse_under_copy_flags_equals_a_fresh_copy(kb, broot, tmp_path, busybox_rootfs):
+    files = {f"src/d{i % 3}/m{i}.py": f"flags {i}\n" * (i + 1) for i in range(24)}
+    files.update({"src/a.py": "a\n", "src/skip.log": "log\n", "src/d0/x.log": "x\n"})
+    for name, containerfile in FLAG_CASES.items():
+        ctx = build_context(tmp_path, containerfile, files, name=name)
+        (ctx / ".dockerignore").write_text("src/d2/m5.py\n")
+        kb("build", "-q", "--timestamp", STAMP, "-t", f"flags-{name}:1", str(ctx))
+        with open(ctx / "src" / "d1" / "m1.py", "a") as f:
+            f.write("edited\n")
+        (ctx / "src" / "a.py").write_text("a, edited\n")
+        kb("build", "-q", "--timestamp", STAMP, "-t", f"flags-{name}:2", str(ctx))
+        built = Store(broot).image(f"flags-{name}:2").config()["rootfs"]["diff_ids"]
+        fresh = KilnCLI(tmp_path / f"fresh-{name}")
+        fresh("import", str(busybox_rootfs), "busybox")
+        fresh("build", "-q", "--timestamp", STAMP, "-t", "fresh:1", str(ctx))
+        assert built == Store(tmp_path / f"fresh-{name}").image("fresh:1").config()[
+            "rootfs"]["diff_ids"], name
+        _, first = _copy_layer(broot, f"flags-{name}:1", -1)
+        _, second = _copy_layer(broot, f"flags-{name}:2", -1)
+        shared = [p for p in second.rglob("m*.py")
+                  if os.lstat(p).st_ino == os.lstat(first / p.relative_to(second)).st_ino]
+        assert len(shared) >= 20, name  # all but the edited file were linked
+        edited = next(second.rglob("m1.py"))
+        assert edited.read_text().endswith("edited\n") and edited not in shared
