@@ -180,7 +180,9 @@ _COMMIT_THREAD_BLOCKS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "S
 _MAX_STAGE_THREADS = 8
 
 # Layers of a stage being committed at once; one more commit waits for the oldest first.
-_MAX_PENDING = 2
+# Three: a big RUN's layer, a small step's (WORKDIR) and the COPY after it go on while
+# the big one is written (each costs at most 24 MiB of buffers and zstd's workers).
+_MAX_PENDING = 3
 
 
 @dataclass
@@ -713,7 +715,7 @@ class Builder:
                reuse: tuple[str, dict[str, str]] | None = None) -> None:
         """``upper`` becomes the step's layer. Its blob is written by a thread meanwhile the
         next steps run (see _PendingCommit); a cache hit or the end of the stage waits for
-        it, and so does the commit after the next."""
+        it, and so does a commit when _MAX_PENDING are in flight."""
         # what the thread uses is loaded here, not there: see _PendingCommit.run
         import contextlib  # noqa: F401
         import signal  # noqa: F401
