@@ -113,6 +113,8 @@ class BuildOptions:
     # Called with each base image's name before it is used: raises when its signatures
     # do not hold (kiln build --verify-key / --signature-policy).
     check_base: Callable[[str], None] | None = None
+    # builder.memo's key of this build: a build that makes nothing new leaves a memo there
+    memo_key: str | None = None
 
 
 @dataclass
@@ -248,6 +250,12 @@ class Builder:
         self.stages_at_once = False  # RUN output is prefixed with its stage (builder.output)
         self.text_chars = 0  # counted against MAX_BUILD_TEXT (stages build in threads)
         self._text_lock = threading.Lock()
+        # for builder.memo: whether the build made nothing new (every step a cache hit,
+        # nothing pulled or downloaded), the image names it looked up in the store and
+        # what they were, and what it printed
+        self.made_nothing = True
+        self.looked_up: dict[str, str | None] = {}
+        self.said: list[str] = []
 
     def context_for(self, inst):
         """The build context, scanned once (with its stat cache) when a COPY first needs it.
@@ -276,6 +284,7 @@ class Builder:
     def say(self, text: str) -> None:
         if not self.opts.quiet:  # one write: print's two mix the lines of parallel stages
             with self._out_lock:
+                self.said.append(text)
                 self.out.write(text + "\n")
                 self.out.flush()
 
@@ -393,18 +402,40 @@ class Builder:
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
             Path(self.opts.iidfile).write_text(image_id)
+        if self.opts.memo_key is not None and self.made_nothing:
+            self._save_memo(desc, image_id, final)
         tags = ", ".join(self.opts.tags) or "no tag"
         self.say(f"--> {image_id[7:19]} ({tags}) in {time.monotonic() - started:.2f}s")
         return desc
+
+    def _save_memo(self, desc: Descriptor, image_id: str, final: StageState) -> None:
+        from builder import memo
+
+        context = containerfile = None
+        if self.opts.containerfile_text is None:
+            containerfile = str(self._containerfile())
+        if self.context is not None:
+            context = self.context.digest_of(self.context.files())
+            self.context.save_cache()
+        try:
+            memo.save(self.store, self.opts.memo_key,
+                      image={"mediaType": desc.media_type, "digest": desc.digest,
+                             "size": desc.size},
+                      config=image_id, layers=[la.digest for la in final.layers],
+                      refs=self.looked_up, context=context, containerfile=containerfile,
+                      said=list(self.said))
+        except OSError:
+            pass  # only the next no-op's speed is lost
 
     def _image_exists(self, ref: str) -> bool:
         from store.errors import NotFoundError, ReferenceError_
 
         try:
             self._apply_pull_policy(ref)
-            self.store.resolve(ref)
+            self.looked_up[ref] = self.store.resolve(ref).digest
             return True
         except (ReferenceError_, NotFoundError):
+            self.looked_up[ref] = None
             return False
 
     def _apply_pull_policy(self, ref: str) -> None:
@@ -449,6 +480,7 @@ class Builder:
                      f"using the stored {local}")
 
     def _pull(self, ref: str, why: str = "") -> None:
+        self.made_nothing = False
         self.say(f"pulling {ref}{why}")
         try:
             self.opts.fetch_image(ref)
@@ -460,6 +492,7 @@ class Builder:
     def _store_image(self, name: str):
         self._apply_pull_policy(name)
         image = self.store.image(name)
+        self.looked_up[name] = self.store.resolve(name).digest
         if self.opts.check_base is not None:
             self.opts.check_base(name)
         return image
@@ -677,6 +710,7 @@ class Builder:
         else:
             now = _now(self.opts.epoch)
             entries = [{"created": now, "created_by": t, "empty_layer": True} for t in texts]
+            self.made_nothing = False
             cache.save(self.store, key, history=entries, layer=None)
         state.meta, state.meta_chars = [], 0
         state.config.setdefault("history", []).extend(entries)
@@ -695,6 +729,7 @@ class Builder:
         if cache.describes(rec, [created_by]):
             state.config.setdefault("history", []).extend(rec["history"])
         else:  # the same step written another way: its layer, and its own history entry
+            self.made_nothing = False
             self.history(state, created_by, empty=rec["layer"] is None)
         if rec["layer"] is not None:
             la = rec["layer"]
@@ -709,6 +744,7 @@ class Builder:
         self.flush_metadata(state)
         entry = self.history(state, created_by, empty=True)
         state.key = key
+        self.made_nothing = False
         cache.save(self.store, key, history=[entry], layer=None)
 
     def commit(self, state: StageState, key: str, upper: str, created_by: str, *,
@@ -725,6 +761,7 @@ class Builder:
         from store.fsutil import remove_tree
 
         self.flush_metadata(state)
+        self.made_nothing = False
         if len(state.pending) >= _MAX_PENDING:  # the oldest only: the newer keeps going
             self._finish_commits(state, keep=_MAX_PENDING - 1)
         stage_dir = self.store.mkdtemp("pending-layer-")

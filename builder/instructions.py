@@ -748,6 +748,7 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
             if checksum is not None:
                 content_parts.append(["url", url_filename(url), checksum])
                 continue
+            b.made_nothing = False  # what the URL serves may change: no builder.memo
             if work is None:
                 work, upper = b.new_upper()
             try:

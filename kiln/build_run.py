@@ -47,9 +47,6 @@ class UsageError(KilnError):
 
 
 def build_image(store, params: dict) -> None:
-    from builder.engine import BuildOptions, build
-    from kiln.config import setting
-    from store.importer import source_date_epoch
     from store.reference import parse_reference
 
     p = params
@@ -68,6 +65,23 @@ def build_image(store, params: dict) -> None:
                          "(-f - with CONTEXT -)")
     if context != "-" and not os.path.isdir(context):
         raise UsageError(f"build context {context} is not a directory")
+    import time
+
+    from builder import memo
+
+    started = time.monotonic()
+    memo_key = memo.key(p, store)
+    if memo_key is not None:  # the same build made nothing new last time: its image again
+        with store.writing():
+            image_id = memo.replay(store, p, memo_key, started)
+        if image_id is not None:
+            if p["quiet"]:
+                sys.stdout.write(image_id + "\n")
+            return
+    from builder.engine import BuildOptions, build
+    from kiln.config import setting
+    from store.importer import source_date_epoch
+
     opts = BuildOptions(
         context=os.path.abspath(context), containerfile=containerfile, tags=list(p["tags"]),
         build_args=args, target=p["target"], no_cache=p["no_cache"], network=p["network"],
@@ -76,7 +90,8 @@ def build_image(store, params: dict) -> None:
         quiet=p["quiet"], iidfile=p["iidfile"],
         secrets=dict(_key_values(s, "--secret", ("id",)) for s in p["secrets"]),
         outputs=[_output_spec(o) for o in p["outputs"]], pull=p["pull_policy"],
-        squash=p["squash"], layers=p["layers"], pids_limit=setting("build", "pids_limit"))
+        squash=p["squash"], layers=p["layers"], pids_limit=setting("build", "pids_limit"),
+        memo_key=memo_key)
     if containerfile == "-":
         opts.containerfile, opts.containerfile_text = None, _read_stdin_containerfile()
     key = None

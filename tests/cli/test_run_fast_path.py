@@ -154,10 +154,10 @@ def test_run_options_are_those_of_the_click_command():
                                                                                  "command"]
 
 
-def _imported_by(args: list[str], root) -> set[str]:
+def _imported_by(args: list[str], root, env: dict[str, str] | None = None) -> set[str]:
     """Modules ``kiln ARGS`` imports beyond what the interpreter's start-up imports here
     (the editable install's path hook brings pathlib and more; a pip install does not)."""
-    env = {**os.environ, "KILN_ROOT": str(root)}
+    env = {**os.environ, "KILN_ROOT": str(root), **(env or {})}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     found = []
     for argv in ([sys.executable, "-X", "importtime", "-c", "pass"],

@@ -1,0 +1,164 @@
+"""A no-op rebuild without the build: the image the same build made last time.
+
+Rebuilding an unchanged Containerfile over an unchanged context hits the cache at every
+step, and most of its time is then Python starting the builder (parser, stages, engine,
+store documents) rather than work. A build that made nothing new (every step a cache hit,
+no cache record written, nothing pulled or downloaded) leaves a memo, and the next build
+with the same inputs takes its image from it without loading the builder.
+
+The memo's key is what a build reads besides the store and the context: its parameters
+but the names it gives the result (-t, --iidfile), the working directory, the environment
+variables kiln reads (KILN_*, SOURCE_DATE_EPOCH, where the config file is, those that
+``--build-arg NAME`` takes), kiln's config file, and the bytes of the Containerfile and the
+ignore file.
+The memo holds the image (manifest, config and layer digests, each checked to be in the
+store), every image reference the build looked up in the store with what it resolved to
+(or that it did not), the digest of every file the ignore file lets into the context when
+the build read the context, and what the build printed, which is printed again. A build
+that could pull (--pull=always|newer), downloads (ADD of a URL without --checksum), writes
+--output, squashes, signs or verifies signatures, reads stdin, or runs with --no-cache
+neither writes nor reads one;
+``kiln prune --build-cache`` drops them with the step cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+MEMO_FORMAT = 1
+MAX_MEMO = 16 << 20
+_NAMES_ONLY = ("tags", "iidfile")  # what a build calls its result: not what it makes
+_ENVIRONMENT = ("SOURCE_DATE_EPOCH", "HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+
+
+def key(params: dict, store) -> str | None:
+    """The memo key of a `kiln build` with ``params`` (as kiln.build_run takes them), or
+    None for a build that must run."""
+    p = params
+    if (p["no_cache"] or p["outputs"] or p["pull_policy"] in ("always", "newer")
+            or p["sign_key"] or p["verify_keys"] or p["signature_policy"]
+            or p["squash"] or not p["layers"]
+            or p["context"] == "-" or p["containerfile"] == "-"):
+        return None
+    from builder.ignore import find_ignore_file
+    from kiln.config import config_path
+
+    context = os.path.abspath(p["context"])
+    containerfile = p["containerfile"] or next(
+        (os.path.join(context, n) for n in ("Containerfile", "Dockerfile")
+         if os.path.isfile(os.path.join(context, n))), None)
+    if containerfile is None:
+        return None
+    ignore = find_ignore_file(context, containerfile)
+    h = hashlib.sha256(b"kiln-build-memo\0")
+    # the environment a build reads: kiln's own settings, SOURCE_DATE_EPOCH, where the
+    # config file is, and the variables `--build-arg NAME` (no value) takes
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("KILN_") or k in _ENVIRONMENT}
+    for arg in p["build_args"]:
+        if "=" not in arg:
+            env["arg:" + arg] = os.environ.get(arg)
+    h.update(json.dumps([MEMO_FORMAT, sorted((k, v) for k, v in p.items()
+                                             if k not in _NAMES_ONLY),
+                         os.getcwd(), sorted(env.items()), str(store.root), context,
+                         os.path.abspath(containerfile), str(ignore)],
+                        default=repr).encode())
+    for path in (containerfile, ignore, config_path()):
+        h.update(b"\0" + _content_digest(path).encode())
+    return h.hexdigest()
+
+
+def _content_digest(path) -> str:
+    if path is None:
+        return "-"
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return "-"
+
+
+def _path(store, memo_key: str) -> str:
+    return os.path.join(store.cache_dir, "builds", memo_key + ".json")
+
+
+def context_digest(store, context: str, containerfile: str | None) -> str:
+    """One digest over every file, directory and symlink of the context the ignore file
+    lets in, with the builder's own stat cache (a file unchanged since it was hashed is
+    not read)."""
+    from builder.context import Context
+    from builder.ignore import IgnoreMatcher, read_ignore_file
+
+    context_id = hashlib.sha256(os.fsencode(os.path.abspath(context))).hexdigest()
+    ctx = Context(context, ignore=IgnoreMatcher(read_ignore_file(context, containerfile)),
+                  cache_path=os.path.join(store.cache_dir, "context", context_id + ".json"))
+    digest = ctx.digest_of(ctx.files())
+    ctx.save_cache()
+    return digest
+
+
+def replay(store, params: dict, memo_key: str, started: float) -> str | None:
+    """If the memo of ``memo_key`` still holds, do what its build did (print its output,
+    name the image, write --iidfile) and return the image ID; else None. ``started``:
+    time.monotonic() when the build began, for the time it reports."""
+    try:
+        with open(_path(store, memo_key), "rb") as f:
+            rec = json.loads(f.read(MAX_MEMO))
+        if rec.get("format") != MEMO_FORMAT:
+            return None
+        image, refs, said = rec["image"], rec["refs"], rec["said"]
+        blobs = [image["digest"], rec["config"], *rec["layers"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    from store.documents import Descriptor
+    from store.errors import KilnError, NotFoundError
+
+    try:
+        if not all(isinstance(b, str) and store.has_blob(b) for b in blobs):
+            return None
+        for name, digest in refs.items():
+            try:
+                now = store.resolve(name).digest
+            except NotFoundError:
+                now = None
+            if now != digest:
+                return None
+        if rec.get("context") is not None and rec["context"] != context_digest(
+                store, params["context"], rec.get("containerfile")):
+            return None
+        desc = Descriptor(image["mediaType"], image["digest"], image["size"])
+    except (KilnError, OSError, KeyError, TypeError, ValueError):
+        return None
+    import time
+
+    if not params["quiet"]:
+        sys.stderr.write("".join(line + "\n" for line in said))
+    for tag in params["tags"]:
+        store.tag(tag, desc)
+    if not params["tags"]:
+        store.keep_untagged(desc)
+    image_id = rec["config"]
+    if params["iidfile"]:
+        with open(params["iidfile"], "w") as f:
+            f.write(image_id)
+    if not params["quiet"]:
+        tags = ", ".join(params["tags"]) or "no tag"
+        sys.stderr.write(f"--> {image_id[7:19]} ({tags}) in "
+                         f"{time.monotonic() - started:.2f}s\n")
+        sys.stderr.flush()
+    return image_id
+
+
+def save(store, memo_key: str, *, image: dict, config: str, layers: list[str],
+         refs: dict[str, str | None], context: str | None, containerfile: str | None,
+         said: list[str]) -> None:
+    from store.fsutil import replace_file  # not atomic_write: no tempfile in a no-op
+
+    path = _path(store, memo_key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rec = {"format": MEMO_FORMAT, "image": image, "config": config, "layers": layers,
+           "refs": refs, "context": context, "containerfile": containerfile, "said": said}
+    replace_file(path, json.dumps(rec, separators=(",", ":")).encode())
