@@ -35,6 +35,7 @@ CACHE_VERSION = 1
 MAX_CACHE_BYTES = 256 << 20
 MAX_CACHE_ENTRIES = 2_000_000
 RACY_WINDOW_NS = 2_000_000_000
+HASH_AHEAD_BYTES = 256 << 20  # what hash_ahead reads at most: more is left for COPY
 _HASH_ATTEMPTS = 3
 _DIGEST_PREFIX = "sha256:"
 _LOWER_HEX = "0123456789abcdef"
@@ -244,6 +245,27 @@ class Context:
             node.entry = ContextFile(node.path, node.kind, node.mode, node.size,
                                      node.link_target, node.digest)
         return node.entry
+
+    def hash_ahead(self, lock, stop) -> None:
+        """Hash the files the stat cache does not know, one at a time under ``lock`` (the
+        builder's, which every other use of the context holds), until ``stop`` is set: a
+        thread of the builder does this while the first steps run, and COPY then finds its
+        sources hashed. Any error is left for the COPY that meets it to report; a context
+        with more than HASH_AHEAD_BYTES to read is left to COPY (it may need little of it)."""
+        try:
+            with lock:
+                nodes = [n for n in self._scan().values()
+                         if n.kind == "file" and n.digest is None]
+            if sum(n.size for n in nodes) > HASH_AHEAD_BYTES:
+                return
+            for node in nodes:
+                if stop.is_set():
+                    return
+                with lock:
+                    if node.digest is None:
+                        self._hash(node)
+        except (ContextError, OSError):
+            return
 
     # -- public API --------------------------------------------------------------------------
 

@@ -380,7 +380,13 @@ class Builder:
         self.text_chars = plan.text_chars  # what the global ARGs and FROM lines expanded to
         # a build arg that a global ARG declares is consumed (FROM may use it)
         self.used_args.update(set(self.opts.build_args) & set(plan.declared_globals))
-        results = self._build_stages(plan)
+        hashing = self._hash_context_ahead(plan)
+        try:
+            results = self._build_stages(plan)
+        finally:
+            if hashing is not None:
+                hashing[1].set()
+                hashing[0].join()
         self.check_cancelled()
         final = results[plan.target.index]
         if self.context is not None:
@@ -407,6 +413,26 @@ class Builder:
         tags = ", ".join(self.opts.tags) or "no tag"
         self.say(f"--> {image_id[7:19]} ({tags}) in {time.monotonic() - started:.2f}s")
         return desc
+
+    def _hash_context_ahead(self, plan) -> tuple[threading.Thread, threading.Event] | None:
+        """When a step will COPY or ADD from the context: a thread that hashes its files
+        while the steps before run (a RUN leaves a core idle), so that a cold build's COPY
+        does not wait for thousands of files to be read. Returns the thread and the event
+        that stops it (the build's end), or None."""
+        if not any(inst.cmd in ("COPY", "ADD")
+                   and not any(f.startswith("--from") for f in inst.flags)
+                   for stage in plan.needed for inst in stage.instructions):
+            return None
+        try:
+            with self._lock:  # the imports here: the thread imports nothing (forks meanwhile)
+                context = self._context_locked()
+        except KilnError:  # a bad ignore file: the COPY that reads the context says so
+            return None
+        stop = threading.Event()
+        thread = threading.Thread(target=context.hash_ahead, args=(self._lock, stop),
+                                  name="kiln-context", daemon=True)
+        thread.start()
+        return thread, stop
 
     def _save_memo(self, desc: Descriptor, image_id: str, final: StageState) -> None:
         from builder import memo

@@ -436,3 +436,38 @@ def test_three_thousand_files_cached_rescan(aged, tmp_path):
     print(f"\n{BIG_FILES} files: first scan + hash + save {cold * 1000:.1f} ms, "
           f"cached rescan {warm * 1000:.1f} ms")
     assert warm < 1.0, f"cached rescan took {warm:.3f} s"
+
+
+def test_hash_ahead_leaves_copy_nothing_to_read(tmp_path):
+    import threading
+
+    root = make_tree(tmp_path / "ctx", {f"d{i % 3}/f{i}": f"{i}\n" * i for i in range(30)})
+    ctx = Context(root)
+    ctx.hash_ahead(threading.Lock(), threading.Event())
+    assert ctx.stats["files_hashed"] == 30
+    entries = ctx.select(["."])
+    assert ctx.stats["files_hashed"] == 30  # COPY read nothing again
+    assert ctx.digest_of(entries) == tree_digest(root)
+
+
+def test_hash_ahead_stops_and_leaves_errors_to_copy(tmp_path, monkeypatch):
+    import threading
+
+    import builder.context as context_module
+
+    root = make_tree(tmp_path / "ctx", {"a": "a", "b": "b", "c": "c"})
+    stop = threading.Event()
+    stop.set()
+    ctx = Context(root)
+    ctx.hash_ahead(threading.Lock(), stop)
+    assert ctx.stats["files_hashed"] == 0
+    monkeypatch.setattr(context_module, "HASH_AHEAD_BYTES", 2)  # more than it reads ahead
+    ctx.hash_ahead(threading.Lock(), threading.Event())
+    assert ctx.stats["files_hashed"] == 0
+    monkeypatch.undo()
+    ctx = Context(root)
+    ctx._scan()
+    (root / "a").unlink()  # gone after the scan: hash_ahead says nothing, COPY does
+    ctx.hash_ahead(threading.Lock(), threading.Event())
+    with pytest.raises(ContextError, match="'a'"):
+        ctx.select(["."])
