@@ -52,6 +52,33 @@ class ContextError(KilnError):
     """The build context cannot be read, or a COPY/ADD source is not in it."""
 
 
+def default_containerfile(context_dir: str | os.PathLike) -> str | None:
+    """The Containerfile a build without -f reads: Containerfile, else Dockerfile."""
+    for name in ("Containerfile", "Dockerfile"):
+        path = os.path.join(context_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def open_build_context(cache_dir: str | os.PathLike, context_dir: str | os.PathLike,
+                       containerfile: str | os.PathLike | None, *,
+                       stat_cache: bool = True) -> Context:
+    """The context of a build as the builder reads it: its ignore file (the one beside
+    ``containerfile`` first) applied, and its stat cache under the store's ``cache_dir``
+    (none with ``stat_cache=False``: a context made for one build)."""
+    from builder.ignore import IgnoreMatcher, read_ignore_file
+
+    patterns = read_ignore_file(context_dir, containerfile)
+    cache_path = None
+    if stat_cache:
+        context_id = hashlib.sha256(os.fsencode(os.path.abspath(context_dir))).hexdigest()
+        directory = os.path.join(cache_dir, "context")
+        os.makedirs(directory, exist_ok=True)
+        cache_path = os.path.join(directory, context_id + ".json")
+    return Context(context_dir, ignore=IgnoreMatcher(patterns), cache_path=cache_path)
+
+
 @dataclass(slots=True)  # not frozen: a no-op rebuild makes thousands, twice as fast so
 class ContextFile:
     path: str  # relative to the context root, '/'-separated

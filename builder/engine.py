@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
 import sys
 import threading
@@ -267,17 +266,12 @@ class Builder:
 
     def _context_locked(self):
         if self.context is None:
-            from builder.context import Context
-            from builder.ignore import IgnoreMatcher, read_ignore_file
+            from builder.context import open_build_context
 
-            patterns = read_ignore_file(self.opts.context, None if self.opts.containerfile_text
-                                        is not None else self._containerfile())
-            context_id = hashlib.sha256(os.fsencode(os.path.abspath(self.opts.context)))
-            cache_path = self.store.cache_dir / "context" / (context_id.hexdigest() + ".json")
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            self.context = Context(self.opts.context, ignore=IgnoreMatcher(patterns),
-                                   cache_path=str(cache_path) if self.opts.context_cache
-                                   else None)
+            self.context = open_build_context(
+                self.store.cache_dir, self.opts.context,
+                None if self.opts.containerfile_text is not None else self._containerfile(),
+                stat_cache=self.opts.context_cache)
         return self.context
 
     # -- output ---------------------------------------------------------------------
@@ -441,8 +435,7 @@ class Builder:
         if self.opts.containerfile_text is None:
             containerfile = str(self._containerfile())
         if self.context is not None:
-            context = self.context.digest_of(self.context.files())
-            self.context.save_cache()
+            context = memo.context_digest(self.context)
         try:
             memo.save(self.store, self.opts.memo_key,
                       image={"mediaType": desc.media_type, "digest": desc.digest,
@@ -517,8 +510,9 @@ class Builder:
 
     def _store_image(self, name: str):
         self._apply_pull_policy(name)
-        image = self.store.image(name)
-        self.looked_up[name] = self.store.resolve(name).digest
+        desc = self.store.resolve(name)
+        self.looked_up[name] = desc.digest
+        image = self.store.image_for(desc)
         if self.opts.check_base is not None:
             self.opts.check_base(name)
         return image
@@ -544,11 +538,12 @@ class Builder:
             return Path(self.opts.containerfile_name or "<stdin>")
         if self.opts.containerfile:
             return Path(self.opts.containerfile)
-        for name in ("Containerfile", "Dockerfile"):
-            p = Path(self.opts.context) / name
-            if p.is_file():
-                return p
-        raise BuildError(f"no Containerfile or Dockerfile in {self.opts.context}")
+        from builder.context import default_containerfile
+
+        found = default_containerfile(self.opts.context)
+        if found is None:
+            raise BuildError(f"no Containerfile or Dockerfile in {self.opts.context}")
+        return Path(found)
 
     # -- stages ---------------------------------------------------------------------
     def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
@@ -736,8 +731,7 @@ class Builder:
         else:
             now = _now(self.opts.epoch)
             entries = [{"created": now, "created_by": t, "empty_layer": True} for t in texts]
-            self.made_nothing = False
-            cache.save(self.store, key, history=entries, layer=None)
+            self._record(key, history=entries, layer=None)
         state.meta, state.meta_chars = [], 0
         state.config.setdefault("history", []).extend(entries)
 
@@ -764,14 +758,18 @@ class Builder:
         self.say_stage(state, "--> CACHED")
         return True
 
+    def _record(self, key: str, *, history: list[dict], layer: dict | None) -> None:
+        """A step's cache record written: this build made something (no builder.memo)."""
+        self.made_nothing = False
+        cache.save(self.store, key, history=history, layer=layer)
+
     def done_without_layer(self, state: StageState, key: str, created_by: str) -> None:
         """A filesystem step that changed nothing (WORKDIR of a directory that exists): an
         empty history entry, cached under the step's own key, which ``cached`` looks up."""
         self.flush_metadata(state)
         entry = self.history(state, created_by, empty=True)
         state.key = key
-        self.made_nothing = False
-        cache.save(self.store, key, history=[entry], layer=None)
+        self._record(key, history=[entry], layer=None)
 
     def commit(self, state: StageState, key: str, upper: str, created_by: str, *,
                reuse: tuple[str, dict[str, str]] | None = None) -> None:
@@ -787,7 +785,6 @@ class Builder:
         from store.fsutil import remove_tree
 
         self.flush_metadata(state)
-        self.made_nothing = False
         if len(state.pending) >= _MAX_PENDING:  # the oldest only: the newer keeps going
             self._finish_commits(state, keep=_MAX_PENDING - 1)
         stage_dir = self.store.mkdtemp("pending-layer-")
@@ -839,8 +836,7 @@ class Builder:
                         self.store.adopt_layer_dir(p.path, diff_id)
                         p.layer.digest, p.layer.diff_id = desc.digest, diff_id
                         p.layer.media_type, p.layer.size = desc.media_type, desc.size
-                        cache.save(self.store, p.key, history=[p.entry],
-                                   layer=p.layer.to_json())
+                        self._record(p.key, history=[p.entry], layer=p.layer.to_json())
                         if p.reuse is not None:  # a hint for the step's next run
                             from builder import reuse
 

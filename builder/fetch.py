@@ -39,18 +39,6 @@ class Fetched:
     mtime: int | None = None
 
 
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def is_git(source: str) -> bool:
-    """What BuildKit would clone instead of download."""
-    if source.startswith(("git@", "git://")):
-        return True
-    path = urllib.parse.urlsplit(source).path if is_url(source) else ""
-    return path.endswith(".git") or ".git#" in source
-
-
 def url_filename(url: str) -> str:
     path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
     base = posixpath.basename(path.rstrip("/")) if path.rstrip("/") else ""

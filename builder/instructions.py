@@ -625,7 +625,7 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
 
     # builder.copy, which writes the files, only on a cache miss: a hit needs just the sources
     from builder.parser import parse_flags, parse_heredoc_word
-    from builder.sources import CopyError, SourceEntry, select_from_context
+    from builder.sources import CopyError, SourceEntry, is_git, is_url, select_from_context
 
     allowed: dict[str, type] = {"chown": str, "chmod": str, "link": bool, "exclude": list}
     allowed.update({"checksum": str, "keep-git-dir": bool, "unpack": bool} if add else
@@ -655,13 +655,8 @@ def copy_(b: Builder, state: StageState, inst, plan, results, *, add: bool = Fal
     if dest_doc is not None and not inst.json:
         raise BuildError(f"{_where(inst)}: a heredoc cannot be the destination of {inst.cmd}")
     sources = [_expand(b, state, w, inst) for w in plain_words]
-    # downloads: ADD's, or a URL that COPY refuses; a plain COPY needs nothing of builder.fetch
-    if add or any(s.startswith(("http://", "https://")) for s in sources):
-        from builder.fetch import FetchError, fetch, is_git, is_url, parse_checksum, url_filename
-    else:
-        def is_url(_source: str) -> bool:
-            return False
-        is_git = is_url
+    if add:  # downloads: a COPY needs nothing of builder.fetch (it refuses URLs)
+        from builder.fetch import FetchError, fetch, parse_checksum, url_filename
     dest = _expand(b, state, inst.args[-1], inst)
     exclude = [_expand(b, state, w, inst) for w in flags["exclude"]]
     parents = bool(flags.get("parents"))

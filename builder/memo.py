@@ -43,13 +43,12 @@ def key(params: dict, store) -> str | None:
             or p["squash"] or not p["layers"]
             or p["context"] == "-" or p["containerfile"] == "-"):
         return None
+    from builder.context import default_containerfile
     from builder.ignore import find_ignore_file
     from kiln.config import config_path
 
     context = os.path.abspath(p["context"])
-    containerfile = p["containerfile"] or next(
-        (os.path.join(context, n) for n in ("Containerfile", "Dockerfile")
-         if os.path.isfile(os.path.join(context, n))), None)
+    containerfile = p["containerfile"] or default_containerfile(context)
     if containerfile is None:
         return None
     ignore = find_ignore_file(context, containerfile)
@@ -85,16 +84,10 @@ def _path(store, memo_key: str) -> str:
     return os.path.join(store.cache_dir, "builds", memo_key + ".json")
 
 
-def context_digest(store, context: str, containerfile: str | None) -> str:
-    """One digest over every file, directory and symlink of the context the ignore file
-    lets in, with the builder's own stat cache (a file unchanged since it was hashed is
-    not read)."""
-    from builder.context import Context
-    from builder.ignore import IgnoreMatcher, read_ignore_file
-
-    context_id = hashlib.sha256(os.fsencode(os.path.abspath(context))).hexdigest()
-    ctx = Context(context, ignore=IgnoreMatcher(read_ignore_file(context, containerfile)),
-                  cache_path=os.path.join(store.cache_dir, "context", context_id + ".json"))
+def context_digest(ctx) -> str:
+    """One digest over every file, directory and symlink of the context ``ctx`` (a
+    builder.context.Context) lets in, through its stat cache (a file unchanged since it was
+    hashed is not read), which is saved."""
     digest = ctx.digest_of(ctx.files())
     ctx.save_cache()
     return digest
@@ -126,9 +119,12 @@ def replay(store, params: dict, memo_key: str, started: float) -> str | None:
                 now = None
             if now != digest:
                 return None
-        if rec.get("context") is not None and rec["context"] != context_digest(
-                store, params["context"], rec.get("containerfile")):
-            return None
+        if rec.get("context") is not None:
+            from builder.context import open_build_context
+
+            if rec["context"] != context_digest(open_build_context(
+                    store.cache_dir, params["context"], rec.get("containerfile"))):
+                return None
         desc = Descriptor(image["mediaType"], image["digest"], image["size"])
     except (KilnError, OSError, KeyError, TypeError, ValueError):
         return None

@@ -22,6 +22,22 @@ class CopyError(KilnError):
     pass
 
 
+def is_url(source: str) -> bool:
+    """What ADD downloads (builder.fetch) and COPY refuses."""
+    return source.startswith(("http://", "https://"))
+
+
+def is_git(source: str) -> bool:
+    """What BuildKit would clone instead of download."""
+    if source.startswith(("git@", "git://")):
+        return True
+    if is_url(source):
+        import urllib.parse
+
+        return urllib.parse.urlsplit(source).path.endswith(".git") or ".git#" in source
+    return ".git#" in source
+
+
 @dataclass(frozen=True)
 class SourceEntry:
     path: str  # relative to the source root, '/'-separated

@@ -137,9 +137,10 @@ def build_image(store, params: dict) -> None:
             if text is not None:
                 opts.containerfile, opts.containerfile_text = None, text
             else:  # -f names a file of the archive, as for docker build -
-                name = containerfile or next(
-                    (n for n in ("Containerfile", "Dockerfile")
-                     if os.path.isfile(os.path.join(root, n))), None)
+                from builder.context import default_containerfile
+
+                found = default_containerfile(root)
+                name = containerfile or (found and os.path.basename(found))
                 if name is None:
                     raise UsageError("the build context on stdin has no Containerfile "
                                      "or Dockerfile (name one with -f)")
