@@ -7,6 +7,8 @@
     pids_limit = 4096    # kiln run without --pids-limit (0 or -1: no limit, Docker's default)
     [build]
     pids_limit = 4096    # every RUN step of kiln build
+    [network]
+    subnet = "10.89.0.0/16"  # the default bridge network's (made on first use)
 
 Only the commands that use a setting read the file, and tomllib is imported only when
 there is one: without it ``kiln run`` pays one failed open.
@@ -18,7 +20,9 @@ import os
 
 from store.errors import KilnError
 
-SETTINGS: dict[str, dict[str, type]] = {"run": {"pids_limit": int}, "build": {"pids_limit": int}}
+SETTINGS: dict[str, dict[str, type]] = {"run": {"pids_limit": int}, "build": {"pids_limit": int},
+                                        "network": {"subnet": str}}
+_KINDS = {int: "a whole number", str: "a string"}
 
 
 class ConfigError(KilnError):
@@ -91,7 +95,7 @@ def _check(path: str, text: str, doc: dict) -> None:
                 raise ConfigError(f"{where}: unknown setting {key!r} in [{section}] "
                                   f"(kiln knows {known})")
             if type(value) is not kind:  # bool is no int here
-                raise ConfigError(f"{where}: [{section}] {key} must be a whole number, not "
+                raise ConfigError(f"{where}: [{section}] {key} must be {_KINDS[kind]}, not "
                                   f"{value!r}")
 
 

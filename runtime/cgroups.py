@@ -246,8 +246,11 @@ def detect_driver(root: str = CGROUP_ROOT) -> str:
     return "v2" if _fstype(root) == "cgroup2" else "v1"
 
 
-def create_cgroup(name: str, limits: Limits, *, driver: str | None = None) -> Cgroup:
+def create_cgroup(name: str, limits: Limits, *, driver: str | None = None,
+                  also: tuple[str, ...] = ()) -> Cgroup:
     """Make the cgroup ``kiln/<name>`` with ``limits``; the caller then adds the container.
+    ``also``: v1 controllers to join besides those the limits need, where mounted (a
+    detached container's freezer and pids, for kiln pause and stats).
 
     Raises CgroupError naming the file and the value on failure, having removed what it made.
     """
@@ -255,7 +258,7 @@ def create_cgroup(name: str, limits: Limits, *, driver: str | None = None) -> Cg
     if driver == "v2":
         return V2Cgroup.create(name, limits)
     if driver == "v1":
-        return V1Cgroup.create(name, limits)
+        return V1Cgroup.create(name, limits, also=also)
     raise CgroupError(f"unknown cgroup driver {driver!r} (expected v1 or v2)")
 
 
@@ -658,6 +661,31 @@ def v1_hierarchies() -> dict[str, str]:
     return found
 
 
+def cgroup_dirs_of(pid: int) -> dict[str, str]:
+    """The directories of ``pid``'s cgroups in every hierarchy mounted here, by the
+    hierarchy's controllers ("memory", "cpu,cpuacct"; "" for v2): where writing a pid to
+    cgroup.procs puts it beside ``pid`` (kiln exec), where its freezer and stats are."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    mounts = [m for m in _parse_mountinfo() if m[2] in ("cgroup", "cgroup2")]
+    out = {}
+    for _id, controllers, path in lines:
+        wanted = set(controllers.split(",")) if controllers else None
+        for mount_root, point, fstype, opts in mounts:
+            if wanted is None and fstype != "cgroup2":
+                continue
+            if wanted is not None and (fstype != "cgroup" or not wanted <= set(opts)):
+                continue
+            root = mount_root.rstrip("/")
+            if root and not (path + "/").startswith(root + "/"):
+                continue  # this mount shows another part of the hierarchy
+            d = os.path.join(point, path[len(root):].lstrip("/"))
+            if os.path.isdir(d):
+                out[controllers] = d
+                break
+    return out
+
+
 class V1Cgroup:
     """A cgroup made of one directory in each v1 hierarchy it uses."""
 
@@ -672,7 +700,7 @@ class V1Cgroup:
 
     @classmethod
     def create(cls, name: str, limits: Limits, *, hierarchies: dict[str, str] | None = None,
-               parent: str = KILN_PARENT) -> V1Cgroup:
+               parent: str = KILN_PARENT, also: tuple[str, ...] = ()) -> V1Cgroup:
         _validate_name(name)
         if hierarchies is None:
             hierarchies = v1_hierarchies()
@@ -686,6 +714,7 @@ class V1Cgroup:
         # each), so besides what the limits need only one tracking hierarchy is used.
         tracker = next((c for c in cls.TRACKING if c in hierarchies), None)
         wanted = [c for c in (*cls.TRACKING, "cpu") if c in required or c == tracker]
+        wanted += [c for c in also if c in hierarchies and c not in wanted]
         if not wanted:
             raise CgroupError("no cgroup v1 hierarchy of memory, pids or freezer is mounted: "
                               "kiln cannot track a container's processes")

@@ -24,12 +24,15 @@ class RunOptions(Record):
         workdir: str | None = None, user: str | None = None, hostname: str | None = None,
         name: str | None = None, remove: bool = False, tty: bool = False,
         interactive: bool = False, read_only: bool = False, volumes: list[str] | None = None,
-        tmpfs: list[str] | None = None, network: str = "none",
+        tmpfs: list[str] | None = None, network: str | None = None,
         cap_add: list[str] | None = None, cap_drop: list[str] | None = None,
         privileged: bool = False, security_opts: list[str] | None = None, init: bool = False,
         memory: str | None = None, memory_swap: str | None = None, cpus: str | None = None,
         cpu_shares: str | None = None, pids_limit: str | None = None,
-        stop_timeout: float = 10.0,
+        stop_timeout: float = 10.0, publish: list[str] | None = None,
+        publish_all: bool = False, ip: str | None = None, dns: list[str] | None = None,
+        add_hosts: list[str] | None = None, network_aliases: list[str] | None = None,
+        default_subnet: str | None = None, restart: str | None = None,
     ):
         self.image = image
         self.command = [] if command is None else command
@@ -46,7 +49,7 @@ class RunOptions(Record):
         self.read_only = read_only
         self.volumes = [] if volumes is None else volumes
         self.tmpfs = [] if tmpfs is None else tmpfs
-        self.network = network
+        self.network = network  # None: bridge as root (Docker's default), else none
         self.cap_add = [] if cap_add is None else cap_add
         self.cap_drop = [] if cap_drop is None else cap_drop
         self.privileged = privileged
@@ -58,15 +61,26 @@ class RunOptions(Record):
         self.cpu_shares = cpu_shares
         self.pids_limit = pids_limit
         self.stop_timeout = stop_timeout
+        self.publish = [] if publish is None else publish
+        self.publish_all = publish_all
+        self.ip = ip
+        self.dns = [] if dns is None else dns
+        self.add_hosts = [] if add_hosts is None else add_hosts
+        self.network_aliases = [] if network_aliases is None else network_aliases
+        self.default_subnet = default_subnet  # kiln.conf [network] subnet
+        self.restart = restart  # a detached container's --restart policy
 
 
 class ContainerRecord(Record):
     FIELDS = ("id", "name", "image", "image_name", "command", "created", "status", "pid",
-              "exit_code", "finished")
+              "exit_code", "finished", "network", "ip", "ports", "monitor", "started",
+              "restart_count")
 
     def __init__(self, id: str, name: str, image: str, image_name: str, command: list[str],
                  created: float, status: str = "created", pid: int = 0,
-                 exit_code: int | None = None, finished: float | None = None):
+                 exit_code: int | None = None, finished: float | None = None,
+                 network: str | None = None, ip: str | None = None, ports: list | None = None,
+                 monitor: int = 0, started: float | None = None, restart_count: int = 0):
         self.id = id
         self.name = name
         self.image = image  # manifest digest: keeps the image alive for prune and rmi
@@ -77,6 +91,12 @@ class ContainerRecord(Record):
         self.pid = pid
         self.exit_code = exit_code
         self.finished = finished
+        self.network = network
+        self.ip = ip
+        self.ports = [] if ports is None else ports  # [proto, host_ip, host_port, ctr_port]
+        self.monitor = monitor  # a detached container's monitor process (0: kiln run's own)
+        self.started = started
+        self.restart_count = restart_count
 
     def save(self, directory: str | os.PathLike) -> None:
         """Replace state.json at once; not flushed to disk: it means nothing after a reboot
@@ -92,7 +112,7 @@ class ContainerRecord(Record):
 
         with open(os.path.join(directory, "state.json"), "rb") as f:
             data = json.loads(f.read(1 << 20))
-        return cls(**{k: data.get(k) for k in cls.FIELDS})
+        return cls(**{k: data[k] for k in cls.FIELDS if k in data})
 
 
 def default_root() -> str:
@@ -268,13 +288,18 @@ def _security(opts: RunOptions, caps: frozenset[str],
     return profile_for(seccomp_opt, set(caps)), nnp
 
 
-def _etc_files(directory: str, hostname: str, network: str) -> dict[str, str]:
+def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict[str, str]:
     resolv = b""
     try:
         with open("/etc/resolv.conf", "rb") as f:
             resolv = f.read(1 << 16)
     except OSError:
         pass
+    if mode != "host" and (dns or b"nameserver" in resolv):
+        from runtime.network.resolv import resolv_conf
+
+        resolv = resolv_conf(resolv.decode("utf-8", "replace"), dns,
+                             own_netns=mode != "none").encode()
     contents = {
         "/etc/hosts": ("hosts", ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost "
                                  f"ip6-loopback\n127.0.1.1\t{hostname}\n").encode()),
@@ -288,6 +313,62 @@ def _etc_files(directory: str, hostname: str, network: str) -> dict[str, str]:
             f.write(data)
         files[target] = path
     return files
+
+
+def network_mode(opts: RunOptions) -> tuple[str, str]:
+    """(kind, name): kind none|host|container|bridge; name the network or container."""
+    name = opts.network
+    if name is None:
+        name = "bridge" if os.geteuid() == 0 else "none"
+    if name in ("none", "host"):
+        return name, name
+    if name.startswith("container:"):
+        target = name[len("container:"):]
+        if not target:
+            raise KilnError("invalid --network container: give a container name or ID")
+        return "container", target
+    return "bridge", name
+
+
+def _check_network_options(opts: RunOptions, kind: str):
+    """The -p specs, --add-host pairs and --dns servers, checked before anything is made."""
+    if kind != "bridge":
+        given = [flag for flag, value in (("-p", opts.publish), ("-P", opts.publish_all),
+                                          ("--ip", opts.ip),
+                                          ("--network-alias", opts.network_aliases)) if value]
+        if given and kind == "host":
+            import sys
+
+            sys.stderr.write(f"kiln: warning: {', '.join(given)} discarded with --network "
+                             "host (the container uses the host's ports)\n")
+        elif given:
+            raise KilnError(f"{', '.join(given)} need a bridge network, not --network "
+                            f"{opts.network}")
+    specs = []
+    if kind == "bridge" and opts.publish:
+        from runtime.network import ports
+
+        specs = [s for text in opts.publish for s in ports.parse(text)]
+    if not opts.add_hosts and not opts.dns:
+        return specs, []
+    import ipaddress
+
+    extra = []
+    for text in opts.add_hosts:
+        host, sep, address = text.partition(":") if "=" not in text else text.partition("=")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise KilnError(f"invalid --add-host {text!r}: want NAME:IP") from None
+        if not sep or not host:
+            raise KilnError(f"invalid --add-host {text!r}: want NAME:IP")
+        extra.append((host, address))
+    for server in opts.dns:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise KilnError(f"invalid --dns {server!r}: not an IP address") from None
+    return specs, extra
 
 
 def _resolve_image(handle: StoreHandle, name: str):
@@ -312,35 +393,65 @@ def _resolve_image(handle: StoreHandle, name: str):
     return desc.digest, config, layer_dirs
 
 
-def create(store: Store | StoreHandle | str | None,
-           opts: RunOptions) -> tuple[ContainerRecord, ContainerSpec, str]:
+def create(store: Store | StoreHandle | str | None, opts: RunOptions):
+    """(record, spec, directory, network plan or None) of a new container, not started."""
     from runtime.capabilities import resolve as resolve_caps
 
     handle = store if isinstance(store, StoreHandle) else StoreHandle(store)
-    if opts.network not in ("none", "host"):
-        raise KilnError(f"unsupported --network {opts.network!r} (use none or host)")
+    kind, net_name = network_mode(opts)
     caps = resolve_caps(opts.cap_add, opts.cap_drop, privileged=opts.privileged)
     seccomp, nnp = _security(opts, caps, handle.cache_dir if handle.exists() else None)
     binds = [_parse_volume(v) for v in opts.volumes]
     tmpfs = [_parse_tmpfs(t) for t in opts.tmpfs]
+    port_specs, extra_hosts = _check_network_options(opts, kind)
     if not handle.exists():
         handle.store  # noqa: B018 - makes the store (and its lock file) as Store() does
+    netns_fd = None
+    plan = None
     with _SharedStoreLock(handle.root):
         digest, config, layer_dirs = _resolve_image(handle, opts.image)
         if opts.name and any(c.name == opts.name for c in list_containers(handle)):
             raise KilnError(f"the container name {opts.name!r} is already in use")
+        if kind == "container":
+            netns_fd, shared_etc = _join_network_of(handle, net_name)
         cid = os.urandom(32).hex()
         hostname = opts.hostname or cid[:12]
+        name = opts.name or f"kiln-{cid[:12]}"
         argv = command_for(config, opts)
         directory = os.path.join(handle.containers_dir, cid)
         os.mkdir(directory, 0o700)
         try:
             for sub in ("upper", "work", "rootfs"):
                 os.mkdir(os.path.join(directory, sub), 0o755)
-            record = ContainerRecord(cid, opts.name or f"kiln-{cid[:12]}", digest,
-                                     opts.image, argv, time.time())
+            etc_files = _etc_files(directory, hostname, kind, opts.dns)
+            if kind == "container":
+                etc_files.update(shared_etc)
+            elif kind == "bridge":
+                from runtime.network import attach, ports
+                from runtime.network.networks import Networks
+
+                if opts.publish_all:
+                    port_specs += ports.exposed(config)
+                plan = attach.plan(
+                    Networks(opts.default_subnet), net_name, container_id=cid,
+                    container_name=name, hostname=hostname, hosts_file=etc_files["/etc/hosts"],
+                    ip=opts.ip, port_specs=port_specs, extra_hosts=extra_hosts,
+                    aliases=opts.network_aliases)
+            elif extra_hosts:
+                with open(etc_files["/etc/hosts"], "a") as f:
+                    f.write("".join(f"{ip}\t{host}\n" for host, ip in extra_hosts))
+            record = ContainerRecord(cid, name, digest, opts.image, argv, time.time(),
+                                     network=net_name,
+                                     ip=plan.lease.ip if plan else None,
+                                     ports=plan.lease.ports if plan else [])
             record.save(directory)
         except BaseException:
+            if plan is not None:
+                from runtime.network import attach
+
+                attach.detach(Networks(), plan.lease)
+            if netns_fd is not None:
+                os.close(netns_fd)
             remove_container_dir(directory)
             raise
     process = ProcessSpec(
@@ -354,12 +465,43 @@ def create(store: Store | StoreHandle | str | None,
     spec = ContainerSpec(
         id=cid, layers=layer_dirs, upper=os.path.join(directory, "upper"),
         work=os.path.join(directory, "work"), rootfs=os.path.join(directory, "rootfs"),
-        process=process, hostname=hostname, binds=binds, tmpfs=tmpfs,
-        etc_files=_etc_files(directory, hostname, opts.network),
-        readonly_rootfs=opts.read_only, network=opts.network, capabilities=caps,
+        process=process, hostname=hostname, binds=binds, tmpfs=tmpfs, etc_files=etc_files,
+        readonly_rootfs=opts.read_only, network=kind, netns_fd=netns_fd, capabilities=caps,
         seccomp=seccomp, no_new_privileges=nnp, privileged=opts.privileged, init=opts.init,
     )
-    return record, spec, directory
+    save_exec_config(directory, spec)
+    return record, spec, directory, plan
+
+
+EXEC_FILE = "exec.json"  # what kiln exec needs to confine its process as the container
+
+
+def save_exec_config(directory: str, spec: ContainerSpec) -> None:
+    from runtime.json_writer import dumps
+
+    data = {"env": spec.process.env, "user": spec.process.user, "cwd": spec.process.cwd,
+            "capabilities": sorted(spec.capabilities), "no_new_privileges":
+            spec.no_new_privileges, "seccomp": spec.seccomp.hex() if spec.seccomp else None}
+    with open(os.path.join(directory, EXEC_FILE), "wb") as f:
+        f.write(dumps(data))
+
+
+def _join_network_of(handle: StoreHandle, target: str) -> tuple[int, dict[str, str]]:
+    """--network container:NAME: an fd of its network namespace, and its hosts and
+    resolv.conf (one network, one view of it)."""
+    other = find(handle, target)
+    if other.status != "running":
+        raise KilnError(f"--network container:{target}: container {other.name} is not running")
+    try:
+        fd = os.open(f"/proc/{other.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KilnError(f"--network container:{target}: cannot open its network namespace: "
+                        f"{e.strerror}") from None
+    directory = os.path.join(handle.containers_dir, other.id)
+    shared = {t: os.path.join(directory, n) for t, n in (("/etc/hosts", "hosts"),
+                                                          ("/etc/resolv.conf", "resolv.conf"))
+              if os.path.isfile(os.path.join(directory, n))}
+    return fd, shared
 
 
 def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: bool = True):
@@ -374,13 +516,17 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
                           cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit)
     if warm_up:
         warm_up_migration()  # the kernel's wait for the cgroup move, overlapped with create()
-    record, spec, directory = create(StoreHandle(store), opts)
+    record, spec, directory, plan = create(StoreHandle(store), opts)
     cgroup = None
     try:
         cgroup = create_cgroup(f"kiln-{record.id[:12]}", limits)
         container = Container(spec, cgroup)
 
         def running(pid: int) -> None:
+            if plan is not None:
+                from runtime.network.attach import connect
+
+                connect(plan, pid)
             record.status, record.pid = "running", pid
             record.save(directory)
 
@@ -397,6 +543,13 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
             record.save(directory)
         raise
     finally:
+        if spec.netns_fd is not None:
+            os.close(spec.netns_fd)
+        if plan is not None:
+            from runtime.network.attach import detach
+            from runtime.network.networks import Networks
+
+            detach(Networks(), plan.lease, plan.veth)
         if cgroup is not None:
             cgroup.remove()
         if opts.remove:
@@ -489,5 +642,27 @@ def remove(store: Store | str | None, name_or_id: str, *, force: bool = False) -
             os.kill(rec.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if rec.ip:
+        _release_network(rec)
     remove_container_dir(os.path.join(handle.containers_dir, rec.id))
     return rec.id
+
+
+def _release_network(rec: ContainerRecord, wait: float = 2.0) -> None:
+    """The container's lease, gone: its kiln releases it as the container ends (waited for
+    a moment), or nothing holds it any more and it is released here."""
+    from runtime.network.attach import release_leases
+    from runtime.network.networks import Networks, holder_alive
+
+    networks = Networks()
+    deadline = time.monotonic() + wait
+    while True:
+        with networks:
+            mine = [x for n in networks.list() for x in networks.leases(n.name)
+                    if x.container == rec.id]
+            if not mine:
+                return
+            if not any(holder_alive(x) for x in mine) or time.monotonic() > deadline:
+                release_leases(networks, mine)
+                return
+        time.sleep(0.05)

@@ -173,22 +173,7 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         # Only now is kiln our parent (stage 1 has exited and kiln is the subreaper):
         # if kiln dies from here on, so does the container.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if spec.process.terminal:
-            import socket  # loaded by the parent before the fork: no file is read here
-            import termios
-
-            master, slave = os.openpty()
-            socket.send_fds(tty_sock, [b"t"], [master])
-            os.close(master)
-            tty_sock.recv(1)  # kiln has set the window size: the program sees it from the start
-            tty_sock.close()
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(slave, fd)
-            if slave > 2:
-                os.close(slave)
-        elif tty_sock is not None:
-            tty_sock.close()
+        _take_terminal(spec, tty_sock)
         errpipe = _move_to_errpipe_fd(errpipe)
         # before seccomp, which a custom profile may make strict
         stub = _sealed_exec_stub("init" if spec.init else "exec")
@@ -209,6 +194,27 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         _fail_child(errpipe, str(e), 125)
     except BaseException as e:  # never let a traceback escape into the container
         _fail_child(errpipe, f"cannot start the container: {e!r}", 125)
+
+
+def _take_terminal(spec: ContainerSpec, tty_sock) -> None:
+    """With -t: a new pty as stdin/out/err and controlling terminal, its master handed to
+    kiln over ``tty_sock``; the program starts once kiln has set the window size."""
+    if spec.process.terminal:
+        import socket  # loaded by the parent before the fork: no file is read here
+        import termios
+
+        master, slave = os.openpty()
+        socket.send_fds(tty_sock, [b"t"], [master])
+        os.close(master)
+        tty_sock.recv(1)
+        tty_sock.close()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        if slave > 2:
+            os.close(slave)
+    elif tty_sock is not None:
+        tty_sock.close()
 
 
 def _move_to_errpipe_fd(errpipe: int) -> int:
@@ -318,8 +324,10 @@ def _stage1(spec: ContainerSpec, go_read: int, errpipe: int, pidpipe: int, tty_s
     try:
         # the cgroup namespace comes later, once PID 1 is in the container's cgroup
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
-        if spec.network == "none":
+        if spec.network in ("none", "bridge"):  # bridge: kiln plugs it in before go
             flags |= sc.CLONE_NEWNET
+        elif spec.network == "container":
+            sc.setns(spec.netns_fd, sc.CLONE_NEWNET)
         sc.unshare(flags)
         pid = os.fork()
         if pid == 0:
@@ -377,7 +385,7 @@ class Container:
             for fd, target in ((self.spec.process.stdout, 1), (self.spec.process.stderr, 2)):
                 if fd is not None:
                     os.dup2(fd, target)  # the copy is inherited; fd itself closes on exec
-            _stage1(self.spec, go_read, err_write, pid_write, tty_child)
+            self._stage1(go_read, err_write, pid_write, tty_child)
         os.close(go_read)
         os.close(err_write)
         os.close(pid_write)
@@ -429,6 +437,10 @@ class Container:
             os.close(pid_read)
             if tty_parent is not None:
                 tty_parent.close()
+
+    def _stage1(self, go_read: int, errpipe: int, pidpipe: int, tty_sock) -> None:
+        """In the forked stage 1: make PID 1 and report its pid (never returns)."""
+        _stage1(self.spec, go_read, errpipe, pidpipe, tty_sock)
 
     def _raise_start_error(self, err_read: int) -> None:
         data = _read_all(err_read)

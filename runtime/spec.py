@@ -92,7 +92,7 @@ class ContainerSpec(Record):
         self, id: str, layers: list[str], upper: str, work: str, rootfs: str,
         process: ProcessSpec, hostname: str = "", binds: list[BindMount] | None = None,
         tmpfs: list[TmpfsMount] | None = None, etc_files: dict[str, str] | None = None,
-        readonly_rootfs: bool = False, network: str = "none",
+        readonly_rootfs: bool = False, network: str = "none", netns_fd: int | None = None,
         capabilities: frozenset[str] = frozenset(), seccomp: bytes | None = None,
         no_new_privileges: bool = False, privileged: bool = False, init: bool = False,
         masked_paths: tuple[str, ...] = MASKED_PATHS,
@@ -109,7 +109,8 @@ class ContainerSpec(Record):
         self.tmpfs = [] if tmpfs is None else tmpfs
         self.etc_files = {} if etc_files is None else etc_files  # /etc/hosts -> host file
         self.readonly_rootfs = readonly_rootfs
-        self.network = network  # none | host
+        self.network = network  # none | host | bridge (a new netns) | container (netns_fd's)
+        self.netns_fd = netns_fd
         self.capabilities = capabilities
         self.seccomp = seccomp  # compiled BPF, None = unconfined
         self.no_new_privileges = no_new_privileges

@@ -113,7 +113,7 @@ def _fake_store_init(self, root=None, *, create=True):
 
 REJECTED = [
     ["run", "--help"], ["run"], ["run", "--rm"], ["run", "--bogus", "img"],
-    ["run", "--rm=1", "img"], ["run", "--network", "bridge", "img"],
+    ["run", "--rm=1", "img"],
     ["run", "--stop-timeout", "soon", "img"], ["run", "--name"], ["run", "-x", "img"],
     ["run", "-iz", "img"], ["--version"], ["--help"], ["images"], ["--root"], ["-h", "run"],
     ["--root", "/r"], ["--roo", "/r", "run", "img"], ["ps", "run"], ["--root", "/r", "ps"],
@@ -174,9 +174,15 @@ def test_kiln_run_starts_without_click_or_the_store_model(kiln, busybox_rootfs):
     kiln("import", str(busybox_rootfs), "busybox")
     first = _imported_by(["run", "--rm", "busybox", "true"], kiln.root)
     assert "click" not in first
+    heavy = ("click", "dataclasses", "store.store", "store.documents", "runtime.seccomp",
+             "pathlib", "hashlib", "typing", "socket", "shutil", "tempfile", "signal",
+             "subprocess", "tomllib")  # the config file's parser: only when there is one
+    again = _imported_by(["run", "--rm", "--network", "none", "busybox", "true"], kiln.root)
+    for module in (*heavy, "json", "runtime.network.networks"):
+        assert module not in again, f"kiln run --network none imported {module}"
+    # the default bridge network reads its leases (json), nothing more; nft only for -p
     again = _imported_by(["run", "--rm", "busybox", "true"], kiln.root)
-    for heavy in ("click", "dataclasses", "store.store", "store.documents", "runtime.seccomp",
-                  "pathlib", "hashlib", "typing", "socket", "shutil", "tempfile", "json",
-                  "signal", "tomllib"):  # the config file's parser: only when there is one
-        assert heavy not in again, f"kiln run imported {heavy}"
+    assert "runtime.network.netlink" in again
+    for module in heavy:
+        assert module not in again, f"kiln run imported {module}"
     assert "click" in _imported_by(["run", "--help"], kiln.root)

@@ -67,7 +67,7 @@ def test_masked_proc_files_are_empty(krun):
 
 
 def test_network_none_sees_only_loopback(krun):
-    p = krun("sh", "-c", "ls /sys/class/net; ip link show lo")
+    p = krun("sh", "-c", "ls /sys/class/net; ip link show lo", opts=("--network", "none"))
     names = p.out.split("\n")[0].split()
     assert "lo" in p.out and "UP" in p.out and "eth0" not in p.out, p.out
     assert names == ["lo"] or p.out.splitlines()[0] == "lo"

@@ -80,10 +80,10 @@ BAD = [
     ("[run]\npids_limit =\n", 2, "invalid value"),
     ("[run\npids_limit = 1\n", 1, "expected ']'"),
     ("# kiln\n[runn]\npids_limit = 1\n", 2, "unknown section [runn] (kiln knows [run] or "
-                                             "[build])"),
+                                             "[build] or [network])"),
     ("[run]\nmemory = 1\npids_limt = 1\n", 2, "unknown setting 'memory' in [run]"),
     ("pids_limit = 64\n", 1, "pids_limit is in no section (kiln's settings go under [run] "
-                             "or [build])"),
+                             "or [build] or [network])"),
     (b"[run]\n# caf\xe9\n", 2, "not UTF-8 text"),
 ]
 
