@@ -43,10 +43,15 @@ COMMANDS = {
     "rmi": "image_commands", "inspect": "image_commands", "history": "image_commands",
     "save": "image_commands", "load": "image_commands", "prune": "image_commands",
     "run": "container_commands", "ps": "container_commands", "rm": "container_commands",
+    "logs": "container_commands", "stop": "container_commands", "kill": "container_commands",
+    "wait": "container_commands", "exec": "container_commands",
+    "pause": "container_commands", "unpause": "container_commands",
+    "top": "container_commands", "stats": "container_commands",
     "build": "build_commands",
     "pull": "registry_commands", "push": "registry_commands", "copy": "registry_commands",
     "login": "registry_commands", "logout": "registry_commands",
     "key": "sign_commands", "sign": "sign_commands", "verify": "sign_commands",
+    "network": "network_commands", "port": "network_commands",
 }
 
 
@@ -280,9 +285,16 @@ RUN_OPTIONS = {
     "--stop-timeout": ("stop_timeout", "value"),
     "--verify-key": ("verify_keys", "multiple"),
     "--signature-policy": ("signature_policy", "value"),
+    "-p": ("publish", "multiple"), "--publish": ("publish", "multiple"),
+    "-P": ("publish_all", "flag"), "--publish-all": ("publish_all", "flag"),
+    "--ip": ("ip", "value"),
+    "--dns": ("dns", "multiple"),
+    "--add-host": ("add_host", "multiple"),
+    "--network-alias": ("network_alias", "multiple"),
+    "-d": ("detach", "flag"), "--detach": ("detach", "flag"),
+    "--restart": ("restart", "value"),
 }
-RUN_DEFAULTS = {"network": "none", "stop_timeout": 10.0}
-NETWORKS = ("none", "host")
+RUN_DEFAULTS = {"stop_timeout": 10.0}
 
 
 def _command_start(args: list[str], command: str) -> tuple[str | None, int] | None:
@@ -388,8 +400,6 @@ def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
     if not positional:
         return None  # no IMAGE (or not for us): click says so
     params["image"], params["command"] = positional[0], tuple(positional[1:])
-    if params["network"] not in NETWORKS:
-        return None
     try:
         params["stop_timeout"] = float(params["stop_timeout"])
     except ValueError:
@@ -520,6 +530,28 @@ def _pulled_missing_image(store, name: str, requirements=None) -> bool:
     return True
 
 
+def _run_detached(store, opts, requirements, p: dict) -> None:
+    from runtime.monitor import start_detached
+    from runtime.process import ContainerStartError
+    from store.errors import KilnError
+
+    if opts.tty or opts.interactive:
+        fail("-d with -i or -t is not supported: kiln cannot attach to a container later")
+    try:
+        try:
+            cid = start_detached(store, opts)
+        except KilnError as e:
+            if isinstance(e, ContainerStartError) or not _pulled_missing_image(
+                    store, p["image"], requirements):
+                raise
+            cid = start_detached(store, opts)
+    except ContainerStartError as e:
+        echo_error(f"kiln: error: {e}")
+        sys.exit(e.exit_code)
+    print(cid, flush=True)
+    sys.exit(0)
+
+
 def run_and_exit(store, params: dict) -> None:
     """Run a container with run_cmd's parameters; exit with its code (or kiln's error).
 
@@ -547,10 +579,24 @@ def run_and_exit(store, params: dict) -> None:
         cap_add=list(p["cap_add"]), cap_drop=list(p["cap_drop"]), privileged=p["privileged"],
         security_opts=list(p["security_opt"]), init=p["init"], memory=p["memory"],
         memory_swap=p["memory_swap"], cpus=p["cpus"], cpu_shares=p["cpu_shares"],
-        pids_limit=pids_limit, stop_timeout=p["stop_timeout"])
+        pids_limit=pids_limit, stop_timeout=p["stop_timeout"], publish=list(p["publish"]),
+        publish_all=p["publish_all"], ip=p["ip"], dns=list(p["dns"]),
+        add_hosts=list(p["add_host"]), network_aliases=list(p["network_alias"]),
+        restart=p["restart"])
+    if opts.network != "host" and opts.network != "none" and os.geteuid() == 0:
+        from kiln.config import setting
+
+        opts.default_subnet = setting("network", "subnet")
     requirements = None
     if p.get("verify_keys") or p.get("signature_policy"):
         store, requirements = _verified_image(store, p)
+    if p["restart"] not in (None, "no"):
+        if not p["detach"]:
+            fail("--restart needs -d: only a detached container has a monitor to restart it")
+        if p["remove"]:
+            fail("conflicting options: --restart and --rm")
+    if p["detach"]:
+        _run_detached(store, opts, requirements, p)
     try:
         try:
             status = run(store, opts, warm_up=False)

@@ -24,8 +24,20 @@ import click
 @click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only.")
 @click.option("-v", "--volume", "volumes", multiple=True, help="HOST:CONTAINER[:ro]")
 @click.option("--tmpfs", multiple=True, help="PATH[:OPTIONS]")
-@click.option("--network", "--net", default="none", show_default=True,
-              type=click.Choice(["none", "host"]))
+@click.option("--network", "--net", default=None,
+              help="bridge (default as root), none, host, container:NAME, or a network of "
+                   "kiln network create")
+@click.option("-p", "--publish", multiple=True,
+              help="[IP:][HOST:]CONTAINER[/PROTO]: publish a port (ranges: 8000-8009:80-89)")
+@click.option("-P", "--publish-all", is_flag=True, help="Publish every EXPOSEd port.")
+@click.option("--ip", default=None, help="The container's address on its network.")
+@click.option("--dns", multiple=True, help="A DNS server for /etc/resolv.conf.")
+@click.option("--add-host", multiple=True, help="NAME:IP, added to /etc/hosts.")
+@click.option("--network-alias", multiple=True, help="Another name on a user network.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background; print the container's ID.")
+@click.option("--restart", default=None,
+              help="With -d: no, always, unless-stopped or on-failure[:N].")
 @click.option("--cap-add", multiple=True)
 @click.option("--cap-drop", multiple=True)
 @click.option("--privileged", is_flag=True)
@@ -49,7 +61,8 @@ import click
 def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entrypoint, workdir,
             user, hostname, name, read_only, volumes, tmpfs, network, cap_add, cap_drop,
             privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
-            stop_timeout, verify_keys, signature_policy):
+            stop_timeout, verify_keys, signature_policy, publish, publish_all, ip, dns, add_host,
+            network_alias, detach, restart):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
     from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 
@@ -58,7 +71,9 @@ def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entryp
 
 def _status(rec) -> str:
     if rec.status == "running":
-        return "Up"
+        from runtime.lifecycle import is_paused
+
+        return "Up (Paused)" if is_paused(rec) else "Up"
     if rec.exit_code is not None:
         return f"Exited ({rec.exit_code})"
     return rec.status.capitalize()
@@ -74,6 +89,11 @@ def ps_cmd(ctx, show_all, quiet, fmt):
     from runtime.containers import list_containers
 
     rows = [c for c in list_containers(ctx.obj.store) if show_all or c.status == "running"]
+    if any(c.ip for c in rows):  # a kiln killed with -9 leaves a lease: released here
+        from runtime.network.networks import Networks
+
+        with Networks() as networks:
+            networks.collect()
     if fmt == "json":
         click.echo(json.dumps([c.__dict__ for c in rows], indent=2))
         return
@@ -81,10 +101,15 @@ def ps_cmd(ctx, show_all, quiet, fmt):
         for c in rows:
             click.echo(c.id[:12])
         return
-    click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<36}{'COMMAND':<24}{'STATUS':<14}NAMES")
+    from runtime.network.ports import describe
+
+    click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<28}{'COMMAND':<24}{'STATUS':<14}{'PORTS':<28}"
+               "NAMES")
     for c in rows:
         cmd = " ".join(c.command)[:22]
-        click.echo(f"{c.id[:12]:<14}{c.image_name[:34]:<36}{cmd:<24}{_status(c):<14}{c.name}")
+        ports = ", ".join(describe(p) for p in c.ports) if c.status == "running" else ""
+        click.echo(f"{c.id[:12]:<14}{c.image_name[:26]:<28}{cmd:<24}{_status(c):<14}"
+                   f"{ports:<28}{c.name}")
 
 
 @click.command("rm")
@@ -100,4 +125,161 @@ def rm_cmd(ctx, containers, force):
         click.echo(c)
 
 
-COMMANDS = {c.name: c for c in (run_cmd, ps_cmd, rm_cmd)}
+@click.command("logs")
+@click.argument("container")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the container exits.")
+@click.option("--tail", default=None, help="Only the last N lines (all: every line).")
+@click.option("-t", "--timestamps", is_flag=True)
+@click.pass_context
+def logs_cmd(ctx, container, follow, tail, timestamps):
+    """Print a detached container's output (stdout to stdout, stderr to stderr)."""
+    from runtime.lifecycle import logs
+    from store.errors import KilnError
+
+    count = None
+    if tail not in (None, "all"):
+        if not tail.isdigit():
+            raise KilnError(f"invalid --tail {tail!r}: a number of lines, or all")
+        count = int(tail)
+    logs(ctx.obj.root_arg, container, follow=follow, tail=count, timestamps=timestamps)
+
+
+@click.command("stop")
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", default=10.0, type=float, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.pass_context
+def stop_cmd(ctx, containers, timeout):
+    """Stop running containers: SIGTERM, then SIGKILL."""
+    from runtime.lifecycle import stop
+
+    for c in containers:
+        stop(ctx.obj.root_arg, c, timeout)
+        click.echo(c)
+
+
+@click.command("kill")
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-s", "--signal", "sig", default="KILL", show_default=True)
+@click.pass_context
+def kill_cmd(ctx, containers, sig):
+    """Send a signal to running containers' main process."""
+    from runtime.lifecycle import kill, parse_signal
+
+    number = parse_signal(sig)
+    for c in containers:
+        kill(ctx.obj.root_arg, c, number)
+        click.echo(c)
+
+
+@click.command("wait")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def wait_cmd(ctx, containers):
+    """Wait until containers exit; print each one's exit code."""
+    from runtime.lifecycle import wait
+
+    for c in containers:
+        click.echo(wait(ctx.obj.root_arg, c))
+
+
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("container")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", is_flag=True)
+@click.option("-u", "--user", default=None)
+@click.option("-w", "--workdir", default=None)
+@click.option("-e", "--env", multiple=True)
+@click.pass_context
+def exec_cmd(ctx, container, command, interactive, tty, user, workdir, env):
+    """Run COMMAND in a running container; exits with its code."""
+    import sys
+
+    from kiln.cli import echo_error
+    from runtime.exec import exec_in
+    from runtime.process import ContainerStartError
+
+    try:
+        status = exec_in(ctx.obj.root_arg, container, list(command), user=user,
+                         workdir=workdir, env=list(env), tty=tty, interactive=interactive)
+    except ContainerStartError as e:
+        echo_error(f"kiln: error: {e}")
+        sys.exit(e.exit_code)
+    sys.exit(status.code)
+
+
+@click.command("pause")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def pause_cmd(ctx, containers):
+    """Freeze every process of running containers."""
+    from runtime.lifecycle import set_paused
+
+    for c in containers:
+        set_paused(ctx.obj.root_arg, c, True)
+        click.echo(c)
+
+
+@click.command("unpause")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def unpause_cmd(ctx, containers):
+    """Thaw paused containers."""
+    from runtime.lifecycle import set_paused
+
+    for c in containers:
+        set_paused(ctx.obj.root_arg, c, False)
+        click.echo(c)
+
+
+@click.command("top")
+@click.argument("container")
+@click.pass_context
+def top_cmd(ctx, container):
+    """List a running container's processes (host PIDs)."""
+    from runtime.lifecycle import processes
+
+    click.echo(f"{'UID':<8}{'PID':<10}{'PPID':<10}{'TIME':<10}CMD")
+    for p in processes(ctx.obj.root_arg, container):
+        click.echo(f"{p['UID']:<8}{p['PID']:<10}{p['PPID']:<10}{p['TIME']:<10}{p['CMD']}")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.4g}{unit}" if unit != "B" else f"{n}B"
+        n /= 1024
+    return str(n)
+
+
+@click.command("stats")
+@click.argument("containers", nargs=-1)
+@click.option("--no-stream", is_flag=True, help="One sample, then exit (the only mode).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def stats_cmd(ctx, containers, no_stream, fmt):
+    """CPU, memory, pids and block I/O of running containers, from their cgroups."""
+    from runtime.containers import list_containers
+    from runtime.lifecycle import stats
+
+    names = containers or [c.id for c in list_containers(ctx.obj.root_arg)
+                           if c.status == "running"]
+    rows = [stats(ctx.obj.root_arg, c) for c in names]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'CONTAINER ID':<14}{'NAME':<22}{'CPU %':<9}{'MEM USAGE / LIMIT':<24}"
+               f"{'PIDS':<6}BLOCK I/O")
+    for r in rows:
+        mem = f"{_size(r['MemUsage'])} / {_size(r['MemLimit'])}"
+        io = f"{_size(r['BlockIO']['Read'])} / {_size(r['BlockIO']['Write'])}"
+        click.echo(f"{r['ID'][:12]:<14}{r['Name'][:20]:<22}{r['CPUPerc']:<9.2f}{mem:<24}"
+                   f"{r['PIDs']:<6}{io}")
+
+
+COMMANDS = {c.name: c for c in (run_cmd, ps_cmd, rm_cmd, logs_cmd, stop_cmd, kill_cmd,
+                                wait_cmd, exec_cmd, pause_cmd, unpause_cmd, top_cmd,
+                                stats_cmd)}

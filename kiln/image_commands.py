@@ -114,13 +114,31 @@ def rmi_cmd(ctx, images, force):
 
 
 @click.command("inspect")
-@click.argument("images", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True)
+@click.option("--type", "kind", type=click.Choice(["image", "container"]), default=None,
+              help="What the names are (default: an image, else a container).")
 @click.pass_context
-def inspect_cmd(ctx, images):
-    """Show images as JSON."""
+def inspect_cmd(ctx, names, kind):
+    """Show images or containers as JSON."""
+    from runtime.lifecycle import inspect as inspect_container
     from store.catalog import inspect_image
+    from store.errors import KilnError
 
-    click.echo(json.dumps([inspect_image(_store(ctx), n) for n in images], indent=2))
+    out = []
+    for name in names:
+        if kind == "container":
+            out.append(inspect_container(ctx.obj.root_arg, name))
+            continue
+        try:
+            out.append(inspect_image(_store(ctx), name))
+        except KilnError as e:
+            if kind == "image":
+                raise
+            try:
+                out.append(inspect_container(ctx.obj.root_arg, name))
+            except KilnError:
+                raise KilnError(f"{e}; no container has that name or ID either") from None
+    click.echo(json.dumps(out, indent=2))
 
 
 @click.command("history")

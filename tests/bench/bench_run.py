@@ -4,8 +4,9 @@ Run: python tests/bench/bench_run.py [--runs 10]
 
 What is timed, per case, from fork to exit status as a user's shell would see it:
 
-- kiln:   ``<venv>/bin/kiln run --rm bench true``, where <venv> is a scratch virtualenv made
-          with ``python -m venv`` (so it has pip and setuptools, like a user's) into which a
+- kiln:   ``<venv>/bin/kiln run --rm --network none bench true`` (as podman's), where <venv>
+          is a scratch virtualenv made with ``python -m venv`` (so it has pip and
+          setuptools, like a user's) into which a
           copy of this checkout is installed by ``pip install`` (a regular, non-editable
           install, byte-compiled by pip, with its dependencies): the console script pip
           writes, exactly what a user types after ``pip install kiln``.
@@ -99,7 +100,7 @@ def main() -> None:
         spec["process"]["args"] = ["true"]
         (bundle / "config.json").write_text(json.dumps(spec))
         cases = {
-            "kiln": kiln + ["run", "--rm", "bench", "true"],
+            "kiln": kiln + ["run", "--rm", "--network", "none", "bench", "true"],
             "podman": pod + ["run", "--rm", "--network", "none", "--pull", "never",
                              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
                              "localhost/bench", "true"],
