@@ -198,6 +198,10 @@ def _main(argv: list[str] | None) -> None:
         if fast is not None:
             root, params = fast
             build_and_exit(root, params)
+        fast = parse_exec_args(args)
+        if fast is not None:
+            root, params = fast
+            exec_and_exit(root, params)
         _click_main(args)
     except KeyboardInterrupt:
         interrupted()
@@ -407,6 +411,45 @@ def parse_run_args(args: list[str]) -> tuple[str | None, dict] | None:
     if any(os.path.exists(f) and not os.access(f, os.R_OK) for f in params["env_file"]):
         return None  # click.Path(readable=True) refuses it
     return _env_root(root), params
+
+
+# -- kiln exec without click --------------------------------------------------------------
+# as run: exec is on the hot path (a test holds these equal to the click command's options)
+EXEC_OPTIONS = {
+    "-i": ("interactive", "flag"), "--interactive": ("interactive", "flag"),
+    "-t": ("tty", "flag"), "--tty": ("tty", "flag"),
+    "-u": ("user", "value"), "--user": ("user", "value"),
+    "-w": ("workdir", "value"), "--workdir": ("workdir", "value"),
+    "-e": ("env", "multiple"), "--env": ("env", "multiple"),
+}
+
+
+def parse_exec_args(args: list[str]) -> tuple[str | None, dict] | None:
+    """``[--root DIR] exec [OPTIONS] CONTAINER COMMAND...`` as click would parse it."""
+    start = _command_start(args, "exec")
+    if start is None:
+        return None
+    root, i = start
+    params = _defaults(EXEC_OPTIONS, {})
+    positional = _parse_options(args, i, EXEC_OPTIONS, params, interspersed=False)
+    if not positional or len(positional) < 2:
+        return None  # click says what is missing
+    params["container"], params["command"] = positional[0], tuple(positional[1:])
+    return _env_root(root), params
+
+
+def exec_and_exit(root: str | None, p: dict) -> None:
+    from runtime.exec import exec_in
+    from runtime.process import ContainerStartError
+
+    try:
+        status = exec_in(root, p["container"], list(p["command"]), user=p["user"],
+                         workdir=p["workdir"], env=list(p["env"]), tty=p["tty"],
+                         interactive=p["interactive"])
+    except ContainerStartError as e:
+        echo_error(f"kiln: error: {e}")
+        sys.exit(e.exit_code)
+    sys.exit(status.code)
 
 
 # -- kiln build without click -------------------------------------------------------------

@@ -194,19 +194,9 @@ def wait_cmd(ctx, containers):
 @click.pass_context
 def exec_cmd(ctx, container, command, interactive, tty, user, workdir, env):
     """Run COMMAND in a running container; exits with its code."""
-    import sys
+    from kiln.cli import exec_and_exit  # shared with kiln exec's click-free path
 
-    from kiln.cli import echo_error
-    from runtime.exec import exec_in
-    from runtime.process import ContainerStartError
-
-    try:
-        status = exec_in(ctx.obj.root_arg, container, list(command), user=user,
-                         workdir=workdir, env=list(env), tty=tty, interactive=interactive)
-    except ContainerStartError as e:
-        echo_error(f"kiln: error: {e}")
-        sys.exit(e.exit_code)
-    sys.exit(status.code)
+    exec_and_exit(ctx.obj.root_arg, dict(ctx.params))
 
 
 @click.command("pause")

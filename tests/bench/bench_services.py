@@ -112,7 +112,12 @@ def main() -> None:
                 t = time.perf_counter()
                 cid = _run(run[name] + ["-d", "-p", f"{port}:80", image[name], "httpd", "-f",
                                         "-p", "80", "-h", "/www"], env).strip()
-                _until_answer(port, t + 30)
+                try:
+                    _until_answer(port, t + 30)
+                except SystemExit as e:
+                    logs = subprocess.run(runner[name] + ["logs", cid], capture_output=True,
+                                          env=env, text=True)
+                    raise SystemExit(f"{name}: {e} (logs: {logs.stdout}{logs.stderr})") from None
                 s3 = time.perf_counter() - t
                 _run(runner[name] + ["rm", "-f", cid], env)
                 if round_:

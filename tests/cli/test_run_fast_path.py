@@ -132,15 +132,12 @@ def test_an_unreadable_env_file_is_left_to_click(tmp_path, monkeypatch):
     assert fast_parse(["run", "--env-file", str(env_file), "img"], monkeypatch, None) is None
 
 
-def test_run_options_are_those_of_the_click_command():
+def _click_options(command) -> tuple[dict, dict]:
     import click
-
-    from kiln.cli import RUN_DEFAULTS, RUN_OPTIONS
-    from kiln.container_commands import run_cmd
 
     want = {}
     defaults = {}
-    for param in run_cmd.params:
+    for param in command.params:
         if not isinstance(param, click.Option) or param.name == "help":
             continue
         kind = "flag" if param.is_flag else "multiple" if param.multiple else "value"
@@ -148,6 +145,16 @@ def test_run_options_are_those_of_the_click_command():
             want[opt] = (param.name, kind)
         if kind == "value" and param.default is not None:
             defaults[param.name] = param.default
+    return want, defaults
+
+
+def test_run_options_are_those_of_the_click_command():
+    import click
+
+    from kiln.cli import RUN_DEFAULTS, RUN_OPTIONS
+    from kiln.container_commands import run_cmd
+
+    want, defaults = _click_options(run_cmd)
     assert want == RUN_OPTIONS
     assert defaults == RUN_DEFAULTS
     assert [p.name for p in run_cmd.params if isinstance(p, click.Argument)] == ["image",
@@ -186,3 +193,24 @@ def test_kiln_run_starts_without_click_or_the_store_model(kiln, busybox_rootfs):
     for module in heavy:
         assert module not in again, f"kiln run imported {module}"
     assert "click" in _imported_by(["run", "--help"], kiln.root)
+
+
+def test_exec_goes_without_click_with_the_click_commands_options(monkeypatch):
+    import click
+
+    from kiln.cli import EXEC_OPTIONS, parse_exec_args
+    from kiln.container_commands import exec_cmd
+
+    want, defaults = _click_options(exec_cmd)
+    assert want == EXEC_OPTIONS and defaults == {}
+    assert [p.name for p in exec_cmd.params if isinstance(p, click.Argument)] == [
+        "container", "command"]
+    monkeypatch.delenv("KILN_ROOT", raising=False)
+    root, params = parse_exec_args(["--root", "/r", "exec", "-it", "-u", "app", "-e", "A=1",
+                                    "c1", "sh", "-c", "echo -u"])
+    assert root == "/r" and params["container"] == "c1"
+    assert params["command"] == ("sh", "-c", "echo -u")
+    assert (params["tty"], params["interactive"], params["user"], params["env"]) == (
+        True, True, "app", ("A=1",))
+    for rejected in (["exec", "c1"], ["exec", "--help"], ["exec", "--nosuch", "c1", "true"]):
+        assert parse_exec_args(rejected) is None
