@@ -59,7 +59,7 @@ def plan(networks: Networks, name: str, *, container_id: str, container_name: st
 
 def connect(plan: Plan, pid: int) -> None:
     """Give PID ``pid``'s network namespace an eth0 on the plan's bridge."""
-    from runtime.network.netlink import Netlink, in_netns
+    from runtime.network.netlink import Netlink, in_netns, mac_for
 
     network, lease = plan.network, plan.lease
     nsfd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -69,7 +69,7 @@ def connect(plan: Plan, pid: int) -> None:
             if not bridge:
                 raise NetworkError(f"bridge {network.bridge} of network {network.name} is gone")
             nl.delete_link(plan.veth)  # one a crashed kiln left behind under this id
-            nl.add_veth(plan.veth, "eth0", nsfd, master=bridge)
+            nl.add_veth(plan.veth, "eth0", nsfd, master=bridge, peer_mac=mac_for(lease.ip))
             nl.set_up(nl.index_of(plan.veth))
         _write_sys(f"/sys/class/net/{plan.veth}/brport/hairpin_mode", "1")
         with in_netns(nsfd) as inner:
@@ -110,14 +110,14 @@ def release_leases(networks: Networks, leases: list[Lease], veths=None) -> None:
 
 def ensure_bridge(network: Network) -> bool:
     """The network's bridge, up with its gateway address; True when it was made now."""
-    from runtime.network.netlink import Netlink
+    from runtime.network.netlink import Netlink, mac_for
 
     with Netlink() as nl:
         index = nl.index_of(network.bridge)
         if index:
             return False
         try:
-            nl.add_bridge(network.bridge)
+            nl.add_bridge(network.bridge, mac=mac_for(network.gateway))
         except NetworkError:
             if not nl.index_of(network.bridge):  # another kiln made it meanwhile: fine
                 raise

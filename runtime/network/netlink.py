@@ -106,8 +106,12 @@ class Netlink:
         return 0
 
     # ------------------------------------------------------------------ links
-    def add_bridge(self, name: str, mtu: int | None = None) -> None:
+    def add_bridge(self, name: str, mtu: int | None = None, mac: bytes = b"") -> None:
+        """A bridge; with ``mac`` set its address no longer follows its ports' (the kernel
+        otherwise takes the lowest port address, and containers' ARP caches go stale)."""
         attrs = _attr(IFLA_IFNAME, _name(name))
+        if mac:
+            attrs += _attr(IFLA_ADDRESS, mac)
         if mtu:
             attrs += _attr(IFLA_MTU, struct.pack("=I", mtu))
         attrs += _attr(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"bridge"))
@@ -115,12 +119,14 @@ class Netlink:
                       _IFINFO.pack(0, 0, 0, 0, 0) + attrs)
 
     def add_veth(self, name: str, peer: str, peer_netns_fd: int, *, master: int = 0,
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, peer_mac: bytes = b"") -> None:
         """A veth pair: ``name`` here (enslaved to ``master``), ``peer`` created straight in
         the namespace of ``peer_netns_fd`` (never visible on the host under its name)."""
         mtu_attr = _attr(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b""
         peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
                      + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd)) + mtu_attr)
+        if peer_mac:
+            peer_info += _attr(IFLA_ADDRESS, peer_mac)
         info = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA,
                                                       _attr(VETH_INFO_PEER, peer_info))
         attrs = _attr(IFLA_IFNAME, _name(name)) + mtu_attr + _attr(IFLA_LINKINFO, info)
@@ -166,6 +172,14 @@ class Netlink:
                       _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
                                   RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
                       + _attr(RTA_GATEWAY, socket.inet_aton(gateway)))
+
+
+def mac_for(address: str) -> bytes:
+    """A locally administered MAC address made of an IPv4 address (Docker's 02:42:<ip>
+    scheme, with kiln's 02:6b): an address handed out again comes with the same MAC, so
+    the neighbours' ARP caches stay right (a new random MAC would be unreachable from
+    the host for up to 30 s, until its stale entry was probed out)."""
+    return b"\x02\x6b" + socket.inet_aton(address)
 
 
 def in_netns(netns_fd: int) -> Netlink:

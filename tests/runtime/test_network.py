@@ -392,3 +392,32 @@ def test_kill_9_of_kiln_is_cleaned_up_by_the_next_call(krun, run_root):
     krun.cli("network", "ls", check=True)  # any networking call collects what is stale
     krun.cli("network", "inspect", "bridge", check=True)
     assert _settled(before) == before
+
+
+def test_a_reused_address_answers_at_once(krun, bg, user_network):
+    """An address handed out again comes with the same MAC (made of the address, as
+    Docker's), and the bridge's MAC is fixed: the host's ARP entry for the previous holder
+    stays right. With random MACs, while another container keeps the bridge's MAC from
+    changing (which would flush the cache), the host sent to the old MAC for ~30 s."""
+    net = user_network()
+    bg("--network", net, "probe", "sleep", "60")
+    port = _free_port()
+    for _ in range(3):
+        c = bg("--network", net, "--ip", _ip_on(krun, net, 5), "-p", f"{port}:80", "probe",
+               "sh", "-c", SERVE)
+        t = time.monotonic()
+        assert _get(f"http://127.0.0.1:{port}/", timeout=15).startswith("served-by-")
+        assert time.monotonic() - t < 5
+        c.stop()
+        _settled_port(port)
+
+
+def _ip_on(krun, net: str, host: int) -> str:
+    subnet = json.loads(krun.cli("network", "inspect", net).out)[0]["IPAM"]["Config"][0]
+    return subnet["Subnet"].rsplit(".", 1)[0] + f".{host}"
+
+
+def _settled_port(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while f"{port}" in _nft_ports() and time.monotonic() < deadline:
+        time.sleep(0.05)
