@@ -47,6 +47,7 @@ COMMANDS = {
     "wait": "container_commands", "exec": "container_commands",
     "pause": "container_commands", "unpause": "container_commands",
     "top": "container_commands", "stats": "container_commands",
+    "start": "container_commands", "restart": "container_commands",
     "build": "build_commands",
     "pull": "registry_commands", "push": "registry_commands", "copy": "registry_commands",
     "login": "registry_commands", "logout": "registry_commands",

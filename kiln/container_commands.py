@@ -158,6 +158,32 @@ def stop_cmd(ctx, containers, timeout):
         click.echo(c)
 
 
+@click.command("start")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+def start_cmd(ctx, containers):
+    """Run stopped containers again, in the background (same writable layer and options)."""
+    from runtime.lifecycle import start
+
+    for c in containers:
+        start(ctx.obj.root_arg, c)
+        click.echo(c)
+
+
+@click.command("restart")
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-t", "--time", "timeout", default=10.0, type=float, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.pass_context
+def restart_cmd(ctx, containers, timeout):
+    """Stop, then start containers."""
+    from runtime.lifecycle import restart
+
+    for c in containers:
+        restart(ctx.obj.root_arg, c, timeout)
+        click.echo(c)
+
+
 @click.command("kill")
 @click.argument("containers", nargs=-1, required=True)
 @click.option("-s", "--signal", "sig", default="KILL", show_default=True)
@@ -272,4 +298,4 @@ def stats_cmd(ctx, containers, no_stream, fmt):
 
 COMMANDS = {c.name: c for c in (run_cmd, ps_cmd, rm_cmd, logs_cmd, stop_cmd, kill_cmd,
                                 wait_cmd, exec_cmd, pause_cmd, unpause_cmd, top_cmd,
-                                stats_cmd)}
+                                stats_cmd, start_cmd, restart_cmd)}

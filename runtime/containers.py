@@ -393,8 +393,10 @@ def _resolve_image(handle: StoreHandle, name: str):
     return desc.digest, config, layer_dirs
 
 
-def create(store: Store | StoreHandle | str | None, opts: RunOptions):
-    """(record, spec, directory, network plan or None) of a new container, not started."""
+def create(store: Store | StoreHandle | str | None, opts: RunOptions,
+           existing: ContainerRecord | None = None):
+    """(record, spec, directory, network plan or None) of a new container, not started; or
+    of ``existing`` again (kiln start: its writable layer, name and ID kept)."""
     from runtime.capabilities import resolve as resolve_caps
 
     handle = store if isinstance(store, StoreHandle) else StoreHandle(store)
@@ -410,19 +412,22 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions):
     plan = None
     with _SharedStoreLock(handle.root):
         digest, config, layer_dirs = _resolve_image(handle, opts.image)
-        if opts.name and any(c.name == opts.name for c in list_containers(handle)):
+        if existing is None and opts.name and any(c.name == opts.name
+                                                  for c in list_containers(handle)):
             raise KilnError(f"the container name {opts.name!r} is already in use")
         if kind == "container":
             netns_fd, shared_etc = _join_network_of(handle, net_name)
-        cid = os.urandom(32).hex()
+        cid = existing.id if existing else os.urandom(32).hex()
         hostname = opts.hostname or cid[:12]
-        name = opts.name or f"kiln-{cid[:12]}"
+        name = existing.name if existing else (opts.name or f"kiln-{cid[:12]}")
         argv = command_for(config, opts)
         directory = os.path.join(handle.containers_dir, cid)
-        os.mkdir(directory, 0o700)
+        if existing is None:
+            os.mkdir(directory, 0o700)
         try:
             for sub in ("upper", "work", "rootfs"):
-                os.mkdir(os.path.join(directory, sub), 0o755)
+                if existing is None:
+                    os.mkdir(os.path.join(directory, sub), 0o755)
             etc_files = _etc_files(directory, hostname, kind, opts.dns)
             if kind == "container":
                 etc_files.update(shared_etc)
@@ -440,11 +445,14 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions):
             elif extra_hosts:
                 with open(etc_files["/etc/hosts"], "a") as f:
                     f.write("".join(f"{ip}\t{host}\n" for host, ip in extra_hosts))
-            record = ContainerRecord(cid, name, digest, opts.image, argv, time.time(),
+            record = ContainerRecord(cid, name, digest, opts.image, argv,
+                                     existing.created if existing else time.time(),
                                      network=net_name,
                                      ip=plan.lease.ip if plan else None,
-                                     ports=plan.lease.ports if plan else [])
+                                     ports=plan.lease.ports if plan else [],
+                                     restart_count=existing.restart_count if existing else 0)
             record.save(directory)
+            _save_options(directory, opts)
         except BaseException:
             if plan is not None:
                 from runtime.network import attach
@@ -452,7 +460,8 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions):
                 attach.detach(Networks(), plan.lease)
             if netns_fd is not None:
                 os.close(netns_fd)
-            remove_container_dir(directory)
+            if existing is None:
+                remove_container_dir(directory)
             raise
     process = ProcessSpec(
         args=argv,
@@ -471,6 +480,27 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions):
     )
     save_exec_config(directory, spec)
     return record, spec, directory, plan
+
+
+OPTIONS_FILE = "options.json"  # what kiln start needs to run it again
+
+
+def _save_options(directory: str, opts: RunOptions) -> None:
+    from runtime.json_writer import dumps
+
+    with open(os.path.join(directory, OPTIONS_FILE), "wb") as f:
+        f.write(dumps(vars(opts)))
+
+
+def load_options(directory: str) -> RunOptions:
+    import json
+
+    try:
+        with open(os.path.join(directory, OPTIONS_FILE), "rb") as f:
+            data = json.loads(f.read(1 << 20))
+        return RunOptions(**data)
+    except (OSError, ValueError, TypeError) as e:
+        raise KilnError(f"cannot read {os.path.join(directory, OPTIONS_FILE)}: {e}") from None
 
 
 EXEC_FILE = "exec.json"  # what kiln exec needs to confine its process as the container

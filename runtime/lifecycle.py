@@ -96,6 +96,29 @@ def stop(store, name_or_id: str, timeout: float = 10.0) -> ContainerRecord:
     return wait_recorded(handle, rec)
 
 
+def start(store, name_or_id: str) -> ContainerRecord:
+    """Run a stopped container again, detached: its writable layer, name, ID and options
+    kept (the image by the name it was run with). Running already: nothing to do."""
+    from runtime.containers import load_options
+    from runtime.monitor import clear_stopped, start_detached
+
+    handle = StoreHandle(store)
+    rec = find(handle, name_or_id)
+    if rec.status == "running" and _alive(rec.pid):
+        return rec
+    directory = _directory(handle, rec)
+    opts = load_options(directory)
+    opts.tty = opts.interactive = False  # nothing to attach to: its output goes to its log
+    clear_stopped(directory)
+    start_detached(handle.root, opts, rec)
+    return rec
+
+
+def restart(store, name_or_id: str, timeout: float = 10.0) -> ContainerRecord:
+    stop(store, name_or_id, timeout)
+    return start(store, name_or_id)
+
+
 def wait_recorded(handle: StoreHandle, rec: ContainerRecord, timeout: float = 10.0):
     """The record once whoever runs the container has written down its exit."""
     deadline = time.monotonic() + timeout
@@ -223,7 +246,9 @@ def inspect(store, name_or_id: str) -> dict:
     directory = _directory(handle, rec)
     options: dict = {}
     try:
-        with open(os.path.join(directory, "options.json"), "rb") as f:
+        from runtime.containers import OPTIONS_FILE
+
+        with open(os.path.join(directory, OPTIONS_FILE), "rb") as f:
             options = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         pass

@@ -25,7 +25,6 @@ from runtime.containers import ContainerRecord, RunOptions, StoreHandle, remove_
 from store.errors import KilnError
 
 LOG = "ctr.log"
-OPTIONS = "options.json"
 _LINE_MAX = 16 << 10  # Docker's json-file splits longer lines too
 
 
@@ -41,7 +40,7 @@ def parse_restart(text: str | None) -> tuple[str, int]:
     return policy, int(count or 0)
 
 
-def start_detached(store, opts: RunOptions) -> str:
+def start_detached(store, opts: RunOptions, existing: ContainerRecord | None = None) -> str:
     """Start ``opts`` as a detached container; its ID once its program runs. A start error
     is raised here, with nothing left behind (the monitor cleans up before it reports)."""
     from runtime.process import ContainerStartError
@@ -55,7 +54,7 @@ def start_detached(store, opts: RunOptions) -> str:
             os.close(r)
             os.setsid()
             if os.fork() == 0:
-                _monitor(store, opts, w)  # never returns
+                _monitor(store, opts, w, existing)  # never returns
         except BaseException:
             code = 1
         os._exit(code)
@@ -75,7 +74,8 @@ def start_detached(store, opts: RunOptions) -> str:
     raise KilnError("the container's monitor failed before it could start the container")
 
 
-def _monitor(store, opts: RunOptions, report_fd: int) -> None:
+def _monitor(store, opts: RunOptions, report_fd: int,
+             existing: ContainerRecord | None) -> None:
     from runtime.process import ContainerStartError
 
     code = 0
@@ -83,7 +83,7 @@ def _monitor(store, opts: RunOptions, report_fd: int) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         try:
-            monitor = Monitor(StoreHandle(store), opts)
+            monitor = Monitor(StoreHandle(store), opts, existing)
             monitor.first_start()
         except ContainerStartError as e:
             os.write(report_fd, f"err {e.exit_code}\n{e}".encode())
@@ -106,9 +106,11 @@ def _monitor(store, opts: RunOptions, report_fd: int) -> None:
 
 
 class Monitor:
-    def __init__(self, handle: StoreHandle, opts: RunOptions):
+    def __init__(self, handle: StoreHandle, opts: RunOptions,
+                 existing: ContainerRecord | None = None):
         self.handle = handle
         self.opts = opts
+        self.existing = existing
         self.policy, self.max_retries = parse_restart(opts.restart)
         self.record: ContainerRecord | None = None
         self.directory = ""
@@ -122,17 +124,17 @@ class Monitor:
     def first_start(self) -> None:
         from runtime.containers import create
 
-        record, spec, directory, plan = create(self.handle, self.opts)
+        record, spec, directory, plan = create(self.handle, self.opts, self.existing)
         self.record, self.spec, self.directory, self.plan = record, spec, directory, plan
         try:
-            from runtime.json_writer import dumps
-
-            with open(os.path.join(directory, OPTIONS), "wb") as f:
-                f.write(dumps(vars(self.opts)))
             self._start()
         except BaseException:
             self._teardown()
-            remove_container_dir(directory)
+            if self.existing is None:
+                remove_container_dir(directory)
+            else:
+                record.status, record.pid = "exited", 0
+                record.save(directory)
             raise
 
     def _start(self) -> None:

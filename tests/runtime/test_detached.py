@@ -205,3 +205,29 @@ def test_pause_top_stats_inspect(detached):
     assert info["State"]["Status"] == "exited" and info["State"]["ExitCode"] == 137
     p = cli("inspect", "nosuchthing", check=False)
     assert p.returncode == 125 and "no container has that name or ID either" in p.err
+
+
+def test_start_and_restart_keep_the_writable_layer(detached):
+    cli = detached.cli
+    name = f"again{os.getpid()}"
+    p = cli("run", "--name", name, "probe", "sh", "-c", "echo run >> /runs; cat /runs")
+    assert p.out == "run\n"
+    try:
+        assert cli("start", name).out == f"{name}\n"
+        assert cli("wait", name).out == "0\n"
+        assert cli("logs", name).out == "run\nrun\n"  # the same upper layer, run again
+        cid = json.loads(cli("inspect", "--type", "container", name).out)[0]["Id"]
+        assert _state(cli, cid)["name"] == name
+        cli("rm", name)
+        cid = detached("--name", f"r{name}", "probe", "sh", "-c", TRAP_TERM).out.strip()
+        _until(lambda: "ready" in cli("logs", cid).out)
+        first = _state(cli, cid)["pid"]
+        assert cli("restart", cid).out == f"{cid}\n"
+        _until(lambda: cli("logs", cid).out.count("ready") == 2)
+        assert "got-term" in cli("logs", cid).out
+        state = _state(cli, cid)
+        assert state["status"] == "running" and state["pid"] != first
+        p = cli("start", "nosuchcontainer", check=False)
+        assert p.returncode == 125 and "no such container" in p.err
+    finally:
+        cli("rm", "-f", name, check=False)
