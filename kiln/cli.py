@@ -298,6 +298,11 @@ RUN_OPTIONS = {
     "--network-alias": ("network_alias", "multiple"),
     "-d": ("detach", "flag"), "--detach": ("detach", "flag"),
     "--restart": ("restart", "value"),
+    "--memory-reservation": ("memory_reservation", "value"),
+    "--cpuset-cpus": ("cpuset_cpus", "value"), "--cpuset-mems": ("cpuset_mems", "value"),
+    "--ulimit": ("ulimit", "multiple"), "--shm-size": ("shm_size", "value"),
+    "--sysctl": ("sysctl", "multiple"), "--oom-score-adj": ("oom_score_adj", "value"),
+    "--cgroup-parent": ("cgroup_parent", "value"),
 }
 RUN_DEFAULTS = {"stop_timeout": 10.0}
 
@@ -626,7 +631,10 @@ def run_and_exit(store, params: dict) -> None:
         pids_limit=pids_limit, stop_timeout=p["stop_timeout"], publish=list(p["publish"]),
         publish_all=p["publish_all"], ip=p["ip"], dns=list(p["dns"]),
         add_hosts=list(p["add_host"]), network_aliases=list(p["network_alias"]),
-        restart=p["restart"])
+        restart=p["restart"], memory_reservation=p["memory_reservation"],
+        cpuset_cpus=p["cpuset_cpus"], cpuset_mems=p["cpuset_mems"], ulimits=list(p["ulimit"]),
+        shm_size=p["shm_size"], sysctls=list(p["sysctl"]), oom_score_adj=p["oom_score_adj"],
+        cgroup_parent=p["cgroup_parent"])
     if opts.network != "host" and opts.network != "none" and os.geteuid() == 0:
         from kiln.config import setting
 

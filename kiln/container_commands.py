@@ -38,6 +38,14 @@ import click
               help="Run in the background; print the container's ID.")
 @click.option("--restart", default=None,
               help="With -d: no, always, unless-stopped or on-failure[:N].")
+@click.option("--memory-reservation", default=None, help="Soft memory limit (256m).")
+@click.option("--cpuset-cpus", default=None, help="CPUs it may run on (0-1,3).")
+@click.option("--cpuset-mems", default=None, help="Memory nodes it may use (0).")
+@click.option("--ulimit", multiple=True, help="NAME=SOFT[:HARD], e.g. nofile=1024:2048.")
+@click.option("--shm-size", default=None, help="Size of /dev/shm (default 64m).")
+@click.option("--sysctl", multiple=True, help="KEY=VALUE, namespaced ones (net.*, IPC).")
+@click.option("--oom-score-adj", default=None, help="-1000 to 1000.")
+@click.option("--cgroup-parent", default=None, help="Cgroup to make its cgroup in.")
 @click.option("--cap-add", multiple=True)
 @click.option("--cap-drop", multiple=True)
 @click.option("--privileged", is_flag=True)
@@ -62,7 +70,8 @@ def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entryp
             user, hostname, name, read_only, volumes, tmpfs, network, cap_add, cap_drop,
             privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
             stop_timeout, verify_keys, signature_policy, publish, publish_all, ip, dns, add_host,
-            network_alias, detach, restart):
+            network_alias, detach, restart, memory_reservation, cpuset_cpus, cpuset_mems, ulimit,
+            shm_size, sysctl, oom_score_adj, cgroup_parent):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
     from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 

@@ -73,14 +73,21 @@ class Limits(FrozenRecord):
     cpus: float | None  # -> cfs quota / period (period CPU_PERIOD_US)
     cpu_shares: int | None  # v1 cpu.shares; v2 cpu.weight via runc's conversion
     pids_limit: int | None  # <= 0 or None = unlimited
+    memory_reservation: int | None  # v1 memory.soft_limit_in_bytes, v2 memory.low
+    cpuset_cpus: str | None  # "0-1,3": v1 cpuset.cpus, v2 cpuset.cpus
+    cpuset_mems: str | None
     # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
     warnings: tuple[str, ...]
 
     def __init__(self, memory: int | None = None, memory_swap: int | None = None,
                  cpus: float | None = None, cpu_shares: int | None = None,
-                 pids_limit: int | None = None, warnings: tuple[str, ...] = ()):
+                 pids_limit: int | None = None, warnings: tuple[str, ...] = (),
+                 memory_reservation: int | None = None, cpuset_cpus: str | None = None,
+                 cpuset_mems: str | None = None):
         self._set(memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
-                  pids_limit=pids_limit, warnings=warnings)
+                  pids_limit=pids_limit, warnings=warnings,
+                  memory_reservation=memory_reservation, cpuset_cpus=cpuset_cpus,
+                  cpuset_mems=cpuset_mems)
 
     def _compared(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "warnings"}
@@ -88,8 +95,11 @@ class Limits(FrozenRecord):
     def controllers(self) -> set[str]:
         """The controllers these limits need."""
         needed = set()
-        if self.memory is not None or (self.memory_swap not in (None, -1)):
+        if (self.memory is not None or (self.memory_swap not in (None, -1))
+                or self.memory_reservation is not None):
             needed.add("memory")
+        if self.cpuset_cpus is not None or self.cpuset_mems is not None:
+            needed.add("cpuset")
         if self.cpus is not None or self.cpu_shares is not None:
             needed.add("cpu")
         if self.pids_limit is not None and self.pids_limit > 0:
@@ -123,9 +133,60 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def parse_cpuset(flag: str, text: str, available: set[int] | None) -> str:
+    """A cpu or node list ("0-1,3") checked as docker checks it: the IDs must exist here."""
+    wanted: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise CgroupError(f"invalid value {text!r} for {flag}: want a list such as "
+                              "0-2,4") from None
+        if first < 0 or last < first:
+            raise CgroupError(f"invalid value {text!r} for {flag}: want a list such as 0-2,4")
+        wanted |= set(range(first, last + 1))
+    if available is not None and not wanted <= available:
+        missing = ",".join(str(i) for i in sorted(wanted - available))
+        raise CgroupError(f"{flag} {text}: requested {missing} not available here (have "
+                          f"{_ranges(available)})")
+    return text.replace(" ", "")
+
+
+def _ranges(ids: set[int]) -> str:
+    out, ordered = [], sorted(ids)
+    start = prev = ordered[0] if ordered else 0
+    for i in ordered[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def _online_nodes() -> set[int] | None:
+    try:
+        with open("/sys/devices/system/node/online") as f:
+            return set(_expand(f.read().strip()))
+    except OSError:
+        return None
+
+
+def _expand(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 def parse_limits(memory: str | None = None, memory_swap: str | None = None,
                  cpus: str | None = None, cpu_shares: str | None = None,
-                 pids_limit: str | None = None) -> Limits:
+                 pids_limit: str | None = None, memory_reservation: str | None = None,
+                 cpuset_cpus: str | None = None, cpuset_mems: str | None = None) -> Limits:
     """Limits from the strings of ``--memory --memory-swap --cpus --cpu-shares --pids-limit``.
 
     Checked as docker checks them. A value of 0 means "not set", as in docker.
@@ -178,8 +239,20 @@ def parse_limits(memory: str | None = None, memory_swap: str | None = None,
         pids = _parse_int("--pids-limit", pids_limit)
         if pids <= 0:
             pids = None
+    reservation = None
+    if memory_reservation is not None:
+        reservation = parse_size(str(memory_reservation)) or None
+        if reservation is not None and mem is not None and reservation > mem:
+            raise CgroupError(f"--memory-reservation {memory_reservation} is larger than "
+                              f"--memory {memory}: the reservation must be the smaller")
+    cpu_list = mem_list = None
+    if cpuset_cpus:
+        cpu_list = parse_cpuset("--cpuset-cpus", cpuset_cpus, set(os.sched_getaffinity(0)))
+    if cpuset_mems:
+        mem_list = parse_cpuset("--cpuset-mems", cpuset_mems, _online_nodes())
     return Limits(memory=mem, memory_swap=swap, cpus=ncpus, cpu_shares=shares,
-                  pids_limit=pids, warnings=tuple(warnings))
+                  pids_limit=pids, warnings=tuple(warnings), memory_reservation=reservation,
+                  cpuset_cpus=cpu_list, cpuset_mems=mem_list)
 
 
 def _parse_int(flag: str, text: str | int) -> int:
@@ -247,7 +320,7 @@ def detect_driver(root: str = CGROUP_ROOT) -> str:
 
 
 def create_cgroup(name: str, limits: Limits, *, driver: str | None = None,
-                  also: tuple[str, ...] = ()) -> Cgroup:
+                  also: tuple[str, ...] = (), parent: str = KILN_PARENT) -> Cgroup:
     """Make the cgroup ``kiln/<name>`` with ``limits``; the caller then adds the container.
     ``also``: v1 controllers to join besides those the limits need, where mounted (a
     detached container's freezer and pids, for kiln pause and stats).
@@ -256,9 +329,9 @@ def create_cgroup(name: str, limits: Limits, *, driver: str | None = None,
     """
     driver = driver or detect_driver()
     if driver == "v2":
-        return V2Cgroup.create(name, limits)
+        return V2Cgroup.create(name, limits, parent=parent)
     if driver == "v1":
-        return V1Cgroup.create(name, limits, also=also)
+        return V1Cgroup.create(name, limits, also=also, parent=parent)
     raise CgroupError(f"unknown cgroup driver {driver!r} (expected v1 or v2)")
 
 
@@ -527,6 +600,12 @@ class V2Cgroup:
             _write(self._file("cpu.weight"), cpu_weight(limits.cpu_shares))
         if limits.pids_limit is not None and limits.pids_limit > 0:
             _write(self._file("pids.max"), limits.pids_limit)
+        if limits.memory_reservation is not None:
+            _write(self._file("memory.low"), limits.memory_reservation)
+        if limits.cpuset_cpus is not None:
+            _write(self._file("cpuset.cpus"), limits.cpuset_cpus)
+        if limits.cpuset_mems is not None:
+            _write(self._file("cpuset.mems"), limits.cpuset_mems)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -686,6 +765,16 @@ def cgroup_dirs_of(pid: int) -> dict[str, str]:
     return out
 
 
+def _fill_cpuset(level: str) -> None:
+    """A v1 cpuset cgroup starts with no CPUs and no memory nodes: kiln's own levels get
+    their parent's, or no container could be put below them."""
+    parent = os.path.dirname(level)
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        path = os.path.join(level, name)
+        if os.path.exists(path) and not _read(path).strip():
+            _write(path, _read(os.path.join(parent, name)).strip())
+
+
 class V1Cgroup:
     """A cgroup made of one directory in each v1 hierarchy it uses."""
 
@@ -713,7 +802,7 @@ class V1Cgroup:
         # Moving a process into a v1 cgroup costs several ms per hierarchy (an RCU sync
         # each), so besides what the limits need only one tracking hierarchy is used.
         tracker = next((c for c in cls.TRACKING if c in hierarchies), None)
-        wanted = [c for c in (*cls.TRACKING, "cpu") if c in required or c == tracker]
+        wanted = [c for c in (*cls.TRACKING, "cpu", "cpuset") if c in required or c == tracker]
         wanted += [c for c in also if c in hierarchies and c not in wanted]
         if not wanted:
             raise CgroupError("no cgroup v1 hierarchy of memory, pids or freezer is mounted: "
@@ -724,7 +813,8 @@ class V1Cgroup:
             for c in wanted:
                 base = hierarchies[c]
                 if base not in made:
-                    made[base] = _make_leaf(base, parent, name)
+                    made[base] = _make_leaf(base, parent, name,
+                                            prepare=_fill_cpuset if c == "cpuset" else None)
                     cgroup._bases[made[base]] = base
                 cgroup.dirs[c] = made[base]
             cgroup.path = cgroup.dirs.get("memory") or next(iter(cgroup.dirs.values()))
@@ -754,6 +844,16 @@ class V1Cgroup:
             _write(self._file("cpu", "cpu.shares"), limits.cpu_shares)
         if limits.pids_limit is not None and limits.pids_limit > 0:
             _write(self._file("pids", "pids.max"), limits.pids_limit)
+        if limits.memory_reservation is not None:
+            _write(self._file("memory", "memory.soft_limit_in_bytes"),
+                   limits.memory_reservation)
+        if "cpuset" in self.dirs:
+            # a new v1 cpuset cgroup has no CPUs and no nodes: nothing could run in it
+            parent = os.path.dirname(self.dirs["cpuset"])
+            for name, value in (("cpuset.cpus", limits.cpuset_cpus),
+                                ("cpuset.mems", limits.cpuset_mems)):
+                _write(self._file("cpuset", name),
+                       value if value is not None else _read(os.path.join(parent, name)).strip())
 
     def _unique_dirs(self) -> list[str]:
         return list(dict.fromkeys(self.dirs.values()))

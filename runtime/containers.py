@@ -33,6 +33,10 @@ class RunOptions(Record):
         publish_all: bool = False, ip: str | None = None, dns: list[str] | None = None,
         add_hosts: list[str] | None = None, network_aliases: list[str] | None = None,
         default_subnet: str | None = None, restart: str | None = None,
+        memory_reservation: str | None = None, cpuset_cpus: str | None = None,
+        cpuset_mems: str | None = None, ulimits: list[str] | None = None,
+        shm_size: str | None = None, sysctls: list[str] | None = None,
+        oom_score_adj: str | None = None, cgroup_parent: str | None = None,
     ):
         self.image = image
         self.command = [] if command is None else command
@@ -69,6 +73,14 @@ class RunOptions(Record):
         self.network_aliases = [] if network_aliases is None else network_aliases
         self.default_subnet = default_subnet  # kiln.conf [network] subnet
         self.restart = restart  # a detached container's --restart policy
+        self.memory_reservation = memory_reservation
+        self.cpuset_cpus = cpuset_cpus
+        self.cpuset_mems = cpuset_mems
+        self.ulimits = [] if ulimits is None else ulimits
+        self.shm_size = shm_size
+        self.sysctls = [] if sysctls is None else sysctls
+        self.oom_score_adj = oom_score_adj
+        self.cgroup_parent = cgroup_parent
 
 
 class ContainerRecord(Record):
@@ -330,6 +342,47 @@ def network_mode(opts: RunOptions) -> tuple[str, str]:
     return "bridge", name
 
 
+def _process_settings(opts: RunOptions, kind: str) -> dict:
+    """--ulimit, --sysctl, --oom-score-adj, --shm-size as ContainerSpec fields."""
+    out: dict = {}
+    if not (opts.ulimits or opts.sysctls or opts.oom_score_adj is not None or opts.shm_size):
+        return out
+    from runtime import settings
+
+    if opts.ulimits:
+        out["rlimits"] = [settings.parse_ulimit(u) for u in opts.ulimits]
+    if opts.sysctls:
+        out["sysctls"] = dict(settings.parse_sysctl(t, kind) for t in opts.sysctls)
+    if opts.oom_score_adj is not None:
+        out["oom_score_adj"] = settings.parse_oom_score_adj(str(opts.oom_score_adj))
+    if opts.shm_size:
+        from runtime.cgroups import parse_size
+
+        size = parse_size(str(opts.shm_size))
+        if size <= 0:
+            raise KilnError(f"invalid --shm-size {opts.shm_size!r}: must be more than 0")
+        out["shm_size"] = size
+    return out
+
+
+def cgroup_options(opts: RunOptions) -> dict:
+    """create_cgroup's limits and parent for these options."""
+    from runtime.cgroups import parse_limits
+
+    limits = parse_limits(memory=opts.memory, memory_swap=opts.memory_swap, cpus=opts.cpus,
+                          cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit,
+                          memory_reservation=opts.memory_reservation,
+                          cpuset_cpus=opts.cpuset_cpus, cpuset_mems=opts.cpuset_mems)
+    out: dict = {"limits": limits}
+    if opts.cgroup_parent:
+        parent = opts.cgroup_parent.strip("/")
+        if not parent or any(p in ("", ".", "..") for p in parent.split("/")):
+            raise KilnError(f"invalid --cgroup-parent {opts.cgroup_parent!r}: a path of "
+                            "cgroup names, without . or ..")
+        out["parent"] = parent
+    return out
+
+
 def _check_network_options(opts: RunOptions, kind: str):
     """The -p specs, --add-host pairs and --dns servers, checked before anything is made."""
     if kind != "bridge":
@@ -406,6 +459,7 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
     binds = [_parse_volume(v) for v in opts.volumes]
     tmpfs = [_parse_tmpfs(t) for t in opts.tmpfs]
     port_specs, extra_hosts = _check_network_options(opts, kind)
+    settings = _process_settings(opts, kind)
     if not handle.exists():
         handle.store  # noqa: B018 - makes the store (and its lock file) as Store() does
     netns_fd = None
@@ -477,6 +531,7 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
         process=process, hostname=hostname, binds=binds, tmpfs=tmpfs, etc_files=etc_files,
         readonly_rootfs=opts.read_only, network=kind, netns_fd=netns_fd, capabilities=caps,
         seccomp=seccomp, no_new_privileges=nnp, privileged=opts.privileged, init=opts.init,
+        **settings,
     )
     save_exec_config(directory, spec)
     return record, spec, directory, plan
@@ -539,17 +594,16 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
 
     ``store`` is a Store or a store's root directory (None: the default root).
     ``warm_up=False``: the caller has called cgroups.warm_up_migration itself, earlier."""
-    from runtime.cgroups import create_cgroup, parse_limits, warm_up_migration
+    from runtime.cgroups import create_cgroup, warm_up_migration
     from runtime.process import Container
 
-    limits = parse_limits(memory=opts.memory, memory_swap=opts.memory_swap, cpus=opts.cpus,
-                          cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit)
+    cg = cgroup_options(opts)
     if warm_up:
         warm_up_migration()  # the kernel's wait for the cgroup move, overlapped with create()
     record, spec, directory, plan = create(StoreHandle(store), opts)
     cgroup = None
     try:
-        cgroup = create_cgroup(f"kiln-{record.id[:12]}", limits)
+        cgroup = create_cgroup(f"kiln-{record.id[:12]}", **cg)
         container = Container(spec, cgroup)
 
         def running(pid: int) -> None:

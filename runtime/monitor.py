@@ -138,18 +138,17 @@ class Monitor:
             raise
 
     def _start(self) -> None:
-        from runtime.cgroups import create_cgroup, parse_limits
+        from runtime.cgroups import create_cgroup
+        from runtime.containers import cgroup_options
         from runtime.process import FORWARDED, Container
         from runtime.process import signal as _signal
 
-        opts = self.opts
-        limits = parse_limits(memory=opts.memory, memory_swap=opts.memory_swap, cpus=opts.cpus,
-                              cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit)
+        cg = cgroup_options(self.opts)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         self.pipes = {out_r: "stdout", err_r: "stderr"}
         self.spec.process.stdout, self.spec.process.stderr = out_w, err_w
-        self.cgroup = create_cgroup(f"kiln-{self.record.id[:12]}", limits,
+        self.cgroup = create_cgroup(f"kiln-{self.record.id[:12]}", **cg,
                                     also=("freezer", "pids", "cpuacct", "blkio"))
         self.container = Container(self.spec, self.cgroup)
         record, plan = self.record, self.plan

@@ -402,6 +402,10 @@ class Container:
                     self.cgroup.add_process(self.pid)
                 if on_pid is not None:
                     on_pid(self.pid)
+                if self.spec.rlimits or self.spec.sysctls or self.spec.oom_score_adj is not None:
+                    from runtime.settings import apply_to
+
+                    apply_to(self.spec, self.pid)  # its network is in place by now
                 # Stage 1 exits by itself meanwhile. Once it is gone PID 1 is kiln's child,
                 # as it must be before go: PR_SET_PDEATHSIG then watches kiln, not stage 1.
                 stage1 = _reap(stage1)

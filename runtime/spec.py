@@ -97,6 +97,8 @@ class ContainerSpec(Record):
         no_new_privileges: bool = False, privileged: bool = False, init: bool = False,
         masked_paths: tuple[str, ...] = MASKED_PATHS,
         readonly_paths: tuple[str, ...] = READONLY_PATHS, shm_size: int = 64 << 20,
+        rlimits: list[tuple[int, int, int]] | None = None,
+        sysctls: dict[str, str] | None = None, oom_score_adj: int | None = None,
     ):
         self.id = id
         self.layers = layers  # unpacked layer dirs, bottom layer first
@@ -119,3 +121,6 @@ class ContainerSpec(Record):
         self.masked_paths = masked_paths
         self.readonly_paths = readonly_paths
         self.shm_size = shm_size
+        self.rlimits = [] if rlimits is None else rlimits  # (RLIMIT_*, soft, hard)
+        self.sysctls = {} if sysctls is None else sysctls  # namespaced ones only
+        self.oom_score_adj = oom_score_adj
