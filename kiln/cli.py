@@ -303,6 +303,10 @@ RUN_OPTIONS = {
     "--ulimit": ("ulimit", "multiple"), "--shm-size": ("shm_size", "value"),
     "--sysctl": ("sysctl", "multiple"), "--oom-score-adj": ("oom_score_adj", "value"),
     "--cgroup-parent": ("cgroup_parent", "value"),
+    "--blkio-weight": ("blkio_weight", "value"),
+    "--device-read-bps": ("device_read_bps", "multiple"),
+    "--device-write-bps": ("device_write_bps", "multiple"),
+    "--device": ("device", "multiple"),
 }
 RUN_DEFAULTS = {"stop_timeout": 10.0}
 
@@ -634,7 +638,9 @@ def run_and_exit(store, params: dict) -> None:
         restart=p["restart"], memory_reservation=p["memory_reservation"],
         cpuset_cpus=p["cpuset_cpus"], cpuset_mems=p["cpuset_mems"], ulimits=list(p["ulimit"]),
         shm_size=p["shm_size"], sysctls=list(p["sysctl"]), oom_score_adj=p["oom_score_adj"],
-        cgroup_parent=p["cgroup_parent"])
+        cgroup_parent=p["cgroup_parent"], blkio_weight=p["blkio_weight"],
+        device_read_bps=list(p["device_read_bps"]), device_write_bps=list(p["device_write_bps"]),
+        devices=list(p["device"]))
     if opts.network != "host" and opts.network != "none" and os.geteuid() == 0:
         from kiln.config import setting
 

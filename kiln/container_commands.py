@@ -46,6 +46,10 @@ import click
 @click.option("--sysctl", multiple=True, help="KEY=VALUE, namespaced ones (net.*, IPC).")
 @click.option("--oom-score-adj", default=None, help="-1000 to 1000.")
 @click.option("--cgroup-parent", default=None, help="Cgroup to make its cgroup in.")
+@click.option("--blkio-weight", default=None, help="Block I/O weight, 10 to 1000.")
+@click.option("--device-read-bps", multiple=True, help="DEVICE:RATE, e.g. /dev/sda:10mb.")
+@click.option("--device-write-bps", multiple=True, help="DEVICE:RATE.")
+@click.option("--device", multiple=True, help="HOST[:CONTAINER[:PERMS]], e.g. /dev/fuse.")
 @click.option("--cap-add", multiple=True)
 @click.option("--cap-drop", multiple=True)
 @click.option("--privileged", is_flag=True)
@@ -71,7 +75,8 @@ def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entryp
             privileged, security_opt, init, memory, memory_swap, cpus, cpu_shares, pids_limit,
             stop_timeout, verify_keys, signature_policy, publish, publish_all, ip, dns, add_host,
             network_alias, detach, restart, memory_reservation, cpuset_cpus, cpuset_mems, ulimit,
-            shm_size, sysctl, oom_score_adj, cgroup_parent):
+            shm_size, sysctl, oom_score_adj, cgroup_parent, blkio_weight, device_read_bps,
+            device_write_bps, device):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
     from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 

@@ -55,6 +55,10 @@ SWAP_ACCOUNTING_OFF = (
 )
 
 
+BLKIO_WEIGHT_OFF = ("this kernel or cgroup has no block I/O weight (no BFQ scheduler on the "
+                    "disks?): --blkio-weight was discarded")
+
+
 class CgroupError(KilnError):
     """A cgroup cannot be created, limited or removed."""
 
@@ -76,6 +80,9 @@ class Limits(FrozenRecord):
     memory_reservation: int | None  # v1 memory.soft_limit_in_bytes, v2 memory.low
     cpuset_cpus: str | None  # "0-1,3": v1 cpuset.cpus, v2 cpuset.cpus
     cpuset_mems: str | None
+    blkio_weight: int | None  # 10-1000: v1 blkio(.bfq).weight, v2 io(.bfq).weight
+    device_read_bps: tuple[tuple[int, int, int], ...]  # (major, minor, bytes per second)
+    device_write_bps: tuple[tuple[int, int, int], ...]
     # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
     warnings: tuple[str, ...]
 
@@ -83,11 +90,14 @@ class Limits(FrozenRecord):
                  cpus: float | None = None, cpu_shares: int | None = None,
                  pids_limit: int | None = None, warnings: tuple[str, ...] = (),
                  memory_reservation: int | None = None, cpuset_cpus: str | None = None,
-                 cpuset_mems: str | None = None):
+                 cpuset_mems: str | None = None, blkio_weight: int | None = None,
+                 device_read_bps: tuple = (), device_write_bps: tuple = ()):
         self._set(memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
                   pids_limit=pids_limit, warnings=warnings,
                   memory_reservation=memory_reservation, cpuset_cpus=cpuset_cpus,
-                  cpuset_mems=cpuset_mems)
+                  cpuset_mems=cpuset_mems, blkio_weight=blkio_weight,
+                  device_read_bps=tuple(device_read_bps),
+                  device_write_bps=tuple(device_write_bps))
 
     def _compared(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "warnings"}
@@ -100,6 +110,8 @@ class Limits(FrozenRecord):
             needed.add("memory")
         if self.cpuset_cpus is not None or self.cpuset_mems is not None:
             needed.add("cpuset")
+        if self.blkio_weight is not None or self.device_read_bps or self.device_write_bps:
+            needed.add("blkio")  # "io" on v2
         if self.cpus is not None or self.cpu_shares is not None:
             needed.add("cpu")
         if self.pids_limit is not None and self.pids_limit > 0:
@@ -183,10 +195,28 @@ def _expand(text: str) -> list[int]:
     return out
 
 
+def parse_device_rate(flag: str, text: str) -> tuple[int, int, int]:
+    """/dev/sda:10mb -> (8, 0, 10485760): a block device of the host and bytes per second."""
+    import stat
+
+    path, sep, rate = text.rpartition(":")
+    if not sep or not path:
+        raise CgroupError(f"invalid {flag} {text!r}: want DEVICE:RATE, e.g. /dev/sda:10mb")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CgroupError(f"invalid {flag} {text!r}: {path}: {e.strerror}") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise CgroupError(f"invalid {flag} {text!r}: {path} is not a block device")
+    return os.major(st.st_rdev), os.minor(st.st_rdev), parse_size(rate)
+
+
 def parse_limits(memory: str | None = None, memory_swap: str | None = None,
                  cpus: str | None = None, cpu_shares: str | None = None,
                  pids_limit: str | None = None, memory_reservation: str | None = None,
-                 cpuset_cpus: str | None = None, cpuset_mems: str | None = None) -> Limits:
+                 cpuset_cpus: str | None = None, cpuset_mems: str | None = None,
+                 blkio_weight: str | None = None, device_read_bps=(),
+                 device_write_bps=()) -> Limits:
     """Limits from the strings of ``--memory --memory-swap --cpus --cpu-shares --pids-limit``.
 
     Checked as docker checks them. A value of 0 means "not set", as in docker.
@@ -250,9 +280,21 @@ def parse_limits(memory: str | None = None, memory_swap: str | None = None,
         cpu_list = parse_cpuset("--cpuset-cpus", cpuset_cpus, set(os.sched_getaffinity(0)))
     if cpuset_mems:
         mem_list = parse_cpuset("--cpuset-mems", cpuset_mems, _online_nodes())
+    weight = None
+    if blkio_weight is not None:
+        weight = _parse_int("--blkio-weight", blkio_weight)
+        if weight == 0:
+            weight = None
+        elif not 10 <= weight <= 1000:
+            raise CgroupError(f"--blkio-weight {blkio_weight}: range of blkio weight is from "
+                              "10 to 1000")
     return Limits(memory=mem, memory_swap=swap, cpus=ncpus, cpu_shares=shares,
                   pids_limit=pids, warnings=tuple(warnings), memory_reservation=reservation,
-                  cpuset_cpus=cpu_list, cpuset_mems=mem_list)
+                  cpuset_cpus=cpu_list, cpuset_mems=mem_list, blkio_weight=weight,
+                  device_read_bps=tuple(parse_device_rate("--device-read-bps", t)
+                                        for t in device_read_bps),
+                  device_write_bps=tuple(parse_device_rate("--device-write-bps", t)
+                                         for t in device_write_bps))
 
 
 def _parse_int(flag: str, text: str | int) -> int:
@@ -565,7 +607,7 @@ class V2Cgroup:
         if not os.path.exists(os.path.join(root, "cgroup.controllers")):
             raise CgroupError(f"cgroup v2 is not mounted at {root} (no cgroup.controllers): "
                               "use the v1 driver on this host")
-        required = limits.controllers()
+        required = {"io" if c == "blkio" else c for c in limits.controllers()}
         wanted = required | {"memory", "pids"}  # OOM-kill events, process accounting
 
         def enable(level: str) -> None:
@@ -606,6 +648,19 @@ class V2Cgroup:
             _write(self._file("cpuset.cpus"), limits.cpuset_cpus)
         if limits.cpuset_mems is not None:
             _write(self._file("cpuset.mems"), limits.cpuset_mems)
+        if limits.blkio_weight is not None:
+            self._weight(limits.blkio_weight, ("io.bfq.weight", "io.weight"))
+        for major, minor, rate in limits.device_read_bps:
+            _write(self._file("io.max"), f"{major}:{minor} rbps={rate}")
+        for major, minor, rate in limits.device_write_bps:
+            _write(self._file("io.max"), f"{major}:{minor} wbps={rate}")
+
+    def _weight(self, weight: int, names: tuple[str, ...]) -> None:
+        for name in names:
+            if os.path.exists(self._file(name)):
+                _write(self._file(name), weight)
+                return
+        self.warnings.append(BLKIO_WEIGHT_OFF)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -802,7 +857,8 @@ class V1Cgroup:
         # Moving a process into a v1 cgroup costs several ms per hierarchy (an RCU sync
         # each), so besides what the limits need only one tracking hierarchy is used.
         tracker = next((c for c in cls.TRACKING if c in hierarchies), None)
-        wanted = [c for c in (*cls.TRACKING, "cpu", "cpuset") if c in required or c == tracker]
+        wanted = [c for c in (*cls.TRACKING, "cpu", "cpuset", "blkio")
+                  if c in required or c == tracker]
         wanted += [c for c in also if c in hierarchies and c not in wanted]
         if not wanted:
             raise CgroupError("no cgroup v1 hierarchy of memory, pids or freezer is mounted: "
@@ -854,6 +910,17 @@ class V1Cgroup:
                                 ("cpuset.mems", limits.cpuset_mems)):
                 _write(self._file("cpuset", name),
                        value if value is not None else _read(os.path.join(parent, name)).strip())
+        if limits.blkio_weight is not None:
+            for name in ("blkio.bfq.weight", "blkio.weight"):
+                if os.path.exists(self._file("blkio", name)):
+                    _write(self._file("blkio", name), limits.blkio_weight)
+                    break
+            else:
+                self.warnings.append(BLKIO_WEIGHT_OFF)
+        for name, rates in (("blkio.throttle.read_bps_device", limits.device_read_bps),
+                            ("blkio.throttle.write_bps_device", limits.device_write_bps)):
+            for major, minor, rate in rates:
+                _write(self._file("blkio", name), f"{major}:{minor} {rate}")
 
     def _unique_dirs(self) -> list[str]:
         return list(dict.fromkeys(self.dirs.values()))

@@ -37,6 +37,8 @@ class RunOptions(Record):
         cpuset_mems: str | None = None, ulimits: list[str] | None = None,
         shm_size: str | None = None, sysctls: list[str] | None = None,
         oom_score_adj: str | None = None, cgroup_parent: str | None = None,
+        blkio_weight: str | None = None, device_read_bps: list[str] | None = None,
+        device_write_bps: list[str] | None = None, devices: list[str] | None = None,
     ):
         self.image = image
         self.command = [] if command is None else command
@@ -81,6 +83,10 @@ class RunOptions(Record):
         self.sysctls = [] if sysctls is None else sysctls
         self.oom_score_adj = oom_score_adj
         self.cgroup_parent = cgroup_parent
+        self.blkio_weight = blkio_weight
+        self.device_read_bps = [] if device_read_bps is None else device_read_bps
+        self.device_write_bps = [] if device_write_bps is None else device_write_bps
+        self.devices = [] if devices is None else devices  # HOST[:CONTAINER[:PERMS]]
 
 
 class ContainerRecord(Record):
@@ -345,6 +351,8 @@ def network_mode(opts: RunOptions) -> tuple[str, str]:
 def _process_settings(opts: RunOptions, kind: str) -> dict:
     """--ulimit, --sysctl, --oom-score-adj, --shm-size as ContainerSpec fields."""
     out: dict = {}
+    if opts.devices:
+        out["devices"] = [_parse_device(d) for d in opts.devices]
     if not (opts.ulimits or opts.sysctls or opts.oom_score_adj is not None or opts.shm_size):
         return out
     from runtime import settings
@@ -365,6 +373,47 @@ def _process_settings(opts: RunOptions, kind: str) -> dict:
     return out
 
 
+def warn_about(*warnings) -> None:
+    """What the limits had to change or drop, as docker warns about it."""
+    import sys
+
+    for group in warnings:
+        for w in group:
+            sys.stderr.write(f"kiln: warning: {w}\n")
+
+
+def _parse_device(text: str) -> tuple[str, str, bool]:
+    """--device HOST[:CONTAINER[:PERMS]] -> (host node, path inside, writable). kiln's
+    mounts are all nodev, so a device is the host's node bind-mounted in; "m" (mknod)
+    grants nothing more, as every mount stays nodev. Without "w" it is refused: a
+    read-only mount does not stop writes to a device node (only a devices cgroup could,
+    which kiln does not use), and kiln will not pretend."""
+    import stat
+
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise KilnError(f"invalid --device {text!r}: want HOST[:CONTAINER[:PERMS]]")
+    host = parts[0]
+    target = parts[1] if len(parts) > 1 and parts[1] else host
+    perms = parts[2] if len(parts) == 3 else "rwm"
+    if len(parts) == 2 and parts[1] and set(parts[1]) <= set("rwm"):
+        target, perms = host, parts[1]  # --device /dev/fuse:r, as docker reads it
+    if not perms or not set(perms) <= set("rwm") or "r" not in perms:
+        raise KilnError(f"invalid --device {text!r}: permissions are r, w and m (r needed)")
+    if "w" not in perms:
+        raise KilnError(f"--device {text}: kiln cannot give a device read-only (a read-only "
+                        "mount does not stop writes to a device node); use rw")
+    if not os.path.isabs(target):
+        raise KilnError(f"invalid --device {text!r}: the container path must be absolute")
+    try:
+        st = os.stat(host)
+    except OSError as e:
+        raise KilnError(f"invalid --device {text!r}: {host}: {e.strerror}") from None
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise KilnError(f"invalid --device {text!r}: {host} is not a device")
+    return host, target, "w" in perms
+
+
 def cgroup_options(opts: RunOptions) -> dict:
     """create_cgroup's limits and parent for these options."""
     from runtime.cgroups import parse_limits
@@ -372,7 +421,9 @@ def cgroup_options(opts: RunOptions) -> dict:
     limits = parse_limits(memory=opts.memory, memory_swap=opts.memory_swap, cpus=opts.cpus,
                           cpu_shares=opts.cpu_shares, pids_limit=opts.pids_limit,
                           memory_reservation=opts.memory_reservation,
-                          cpuset_cpus=opts.cpuset_cpus, cpuset_mems=opts.cpuset_mems)
+                          cpuset_cpus=opts.cpuset_cpus, cpuset_mems=opts.cpuset_mems,
+                          blkio_weight=opts.blkio_weight, device_read_bps=opts.device_read_bps,
+                          device_write_bps=opts.device_write_bps)
     out: dict = {"limits": limits}
     if opts.cgroup_parent:
         parent = opts.cgroup_parent.strip("/")
@@ -604,6 +655,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
     cgroup = None
     try:
         cgroup = create_cgroup(f"kiln-{record.id[:12]}", **cg)
+        warn_about(cg["limits"].warnings, cgroup.warnings)
         container = Container(spec, cgroup)
 
         def running(pid: int) -> None:

@@ -111,6 +111,7 @@ class Monitor:
         self.handle = handle
         self.opts = opts
         self.existing = existing
+        self.restarted = False
         self.policy, self.max_retries = parse_restart(opts.restart)
         self.record: ContainerRecord | None = None
         self.directory = ""
@@ -150,6 +151,10 @@ class Monitor:
         self.spec.process.stdout, self.spec.process.stderr = out_w, err_w
         self.cgroup = create_cgroup(f"kiln-{self.record.id[:12]}", **cg,
                                     also=("freezer", "pids", "cpuacct", "blkio"))
+        if not self.restarted:
+            from runtime.containers import warn_about
+
+            warn_about(cg["limits"].warnings, self.cgroup.warnings)  # still on the caller's
         self.container = Container(self.spec, self.cgroup)
         record, plan = self.record, self.plan
 
@@ -186,6 +191,7 @@ class Monitor:
                     record.save(self.directory)
                     return
                 try:
+                    self.restarted = True
                     self._replan()
                     self._start()
                     continue

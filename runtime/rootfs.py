@@ -316,6 +316,14 @@ def mount_defaults(spec: ContainerSpec, root: str) -> None:
             sc.mount(host, _fd_path(fd), None, sc.MS_BIND)
         finally:
             os.close(fd)
+    for host, path, _writable in spec.devices:  # --device: the host's node, bound in
+        fd = open_in_root(root, path, make="file")
+        try:
+            _bind(host, fd, sc.MS_NOSUID, lambda path=path: open_in_root(root, path))
+        except OSError as e:
+            raise RootfsError(f"cannot add --device {host} at {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
 
 _HOST_DEV_SKIP = {"pts", "shm", "mqueue", "fd", "stdin", "stdout", "stderr", "core", "ptmx",

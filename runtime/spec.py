@@ -99,6 +99,7 @@ class ContainerSpec(Record):
         readonly_paths: tuple[str, ...] = READONLY_PATHS, shm_size: int = 64 << 20,
         rlimits: list[tuple[int, int, int]] | None = None,
         sysctls: dict[str, str] | None = None, oom_score_adj: int | None = None,
+        devices: list[tuple[str, str, bool]] | None = None,
     ):
         self.id = id
         self.layers = layers  # unpacked layer dirs, bottom layer first
@@ -124,3 +125,4 @@ class ContainerSpec(Record):
         self.rlimits = [] if rlimits is None else rlimits  # (RLIMIT_*, soft, hard)
         self.sysctls = {} if sysctls is None else sysctls  # namespaced ones only
         self.oom_score_adj = oom_score_adj
+        self.devices = [] if devices is None else devices  # (host node, path inside, writable)

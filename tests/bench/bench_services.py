@@ -112,6 +112,7 @@ def main() -> None:
                 t = time.perf_counter()
                 cid = _run(run[name] + ["-d", "-p", f"{port}:80", image[name], "httpd", "-f",
                                         "-p", "80", "-h", "/www"], env).strip()
+                started.append(runner[name] + ["rm", "-f", cid])  # removed even if it fails
                 try:
                     _until_answer(port, t + 30)
                 except SystemExit as e:
@@ -119,7 +120,7 @@ def main() -> None:
                                           env=env, text=True)
                     raise SystemExit(f"{name}: {e} (logs: {logs.stdout}{logs.stderr})") from None
                 s3 = time.perf_counter() - t
-                _run(runner[name] + ["rm", "-f", cid], env)
+                _run(started.pop(), env)
                 if round_:
                     for s, v in (("S1", s1), ("S2", s2), ("S3", s3)):
                         times[s][name].append(v)

@@ -89,3 +89,34 @@ def test_memory_reservation_and_cgroup_parent(krun, detached_probe):
     assert p.returncode == 125 and "reservation must be the smaller" in p.err
     p = krun("true", opts=("--cgroup-parent", "../escape"))
     assert p.returncode == 125 and "invalid --cgroup-parent" in p.err
+
+
+def test_device_and_block_io_limits(krun, detached_probe):
+    p = krun("sh", "-c", "head -c 3 /dev/myzero | od -An -c; echo x > /dev/myzero && echo wrote",
+             opts=("--device", "/dev/zero:/dev/myzero:rwm"))
+    assert p.out.split() == ["\\0", "\\0", "\\0", "wrote"], p.err
+    # a node the container makes itself stays unusable: every mount is nodev
+    p = krun("sh", "-c", "mknod /dev/z2 c 1 5 && head -c 1 /dev/z2")
+    assert p.returncode != 0 and "Permission denied" in p.err
+    for bad, why in [("/dev/zero:/dev/z:r", "cannot give a device read-only"),
+                     ("/etc/passwd", "is not a device"), ("/nosuch", "No such file"),
+                     ("/dev/zero:rel/path", "must be absolute")]:
+        p = krun("true", opts=("--device", bad))
+        assert p.returncode == 125 and why in p.err, (bad, p.err)
+    disk = next((f"/dev/{n}" for n in sorted(os.listdir("/sys/block"))
+                 if not n.startswith(("loop", "ram", "zram", "nbd"))
+                 and os.path.exists(f"/dev/{n}")), None)
+    if disk is None:
+        pytest.skip("no block device here to throttle")
+    rdev = os.stat(disk).st_rdev
+    rec = detached_probe("--device-read-bps", f"{disk}:1mb", "--device-write-bps",
+                         f"{disk}:2mb", "--blkio-weight", "300")
+    blkio = next(d for k, d in cgroup_dirs_of(rec["pid"]).items() if "blkio" in k.split(","))
+    with open(os.path.join(blkio, "blkio.throttle.read_bps_device")) as f:
+        assert f.read().split() == [f"{os.major(rdev)}:{os.minor(rdev)}", str(1 << 20)]
+    with open(os.path.join(blkio, "blkio.throttle.write_bps_device")) as f:
+        assert f.read().split() == [f"{os.major(rdev)}:{os.minor(rdev)}", str(2 << 20)]
+    p = krun("true", opts=("--blkio-weight", "5"))
+    assert p.returncode == 125 and "from 10 to 1000" in p.err
+    p = krun("true", opts=("--device-read-bps", "/etc/passwd:1mb"))
+    assert p.returncode == 125 and "is not a block device" in p.err
