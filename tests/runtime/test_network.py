@@ -421,3 +421,16 @@ def _settled_port(port: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while f"{port}" in _nft_ports() and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def test_rm_f_of_a_detached_container_takes_its_network_down(krun):
+    before = _state()
+    port = _free_port()
+    cid = krun.cli("run", "-d", "-p", f"{port}:80", "probe", "sh", "-c", SERVE,
+                   check=True).out.strip()
+    _get(f"http://127.0.0.1:{port}/")
+    assert _state() != before
+    krun.cli("rm", "-f", cid, check=True)
+    assert _state() == before  # at once: rm waited for (or did) the release
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
