@@ -83,6 +83,7 @@ class Limits(FrozenRecord):
     blkio_weight: int | None  # 10-1000: v1 blkio(.bfq).weight, v2 io(.bfq).weight
     device_read_bps: tuple[tuple[int, int, int], ...]  # (major, minor, bytes per second)
     device_write_bps: tuple[tuple[int, int, int], ...]
+    device_deny: tuple[str, ...]  # v1 devices.deny lines ("c 1:5 w"): read-only --device
     # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
     warnings: tuple[str, ...]
 
@@ -91,13 +92,14 @@ class Limits(FrozenRecord):
                  pids_limit: int | None = None, warnings: tuple[str, ...] = (),
                  memory_reservation: int | None = None, cpuset_cpus: str | None = None,
                  cpuset_mems: str | None = None, blkio_weight: int | None = None,
-                 device_read_bps: tuple = (), device_write_bps: tuple = ()):
+                 device_read_bps: tuple = (), device_write_bps: tuple = (),
+                 device_deny: tuple = ()):
         self._set(memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares,
                   pids_limit=pids_limit, warnings=warnings,
                   memory_reservation=memory_reservation, cpuset_cpus=cpuset_cpus,
                   cpuset_mems=cpuset_mems, blkio_weight=blkio_weight,
                   device_read_bps=tuple(device_read_bps),
-                  device_write_bps=tuple(device_write_bps))
+                  device_write_bps=tuple(device_write_bps), device_deny=tuple(device_deny))
 
     def _compared(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "warnings"}
@@ -112,6 +114,8 @@ class Limits(FrozenRecord):
             needed.add("cpuset")
         if self.blkio_weight is not None or self.device_read_bps or self.device_write_bps:
             needed.add("blkio")  # "io" on v2
+        if self.device_deny:
+            needed.add("devices")
         if self.cpus is not None or self.cpu_shares is not None:
             needed.add("cpu")
         if self.pids_limit is not None and self.pids_limit > 0:
@@ -216,7 +220,7 @@ def parse_limits(memory: str | None = None, memory_swap: str | None = None,
                  pids_limit: str | None = None, memory_reservation: str | None = None,
                  cpuset_cpus: str | None = None, cpuset_mems: str | None = None,
                  blkio_weight: str | None = None, device_read_bps=(),
-                 device_write_bps=()) -> Limits:
+                 device_write_bps=(), device_deny: tuple[str, ...] = ()) -> Limits:
     """Limits from the strings of ``--memory --memory-swap --cpus --cpu-shares --pids-limit``.
 
     Checked as docker checks them. A value of 0 means "not set", as in docker.
@@ -294,7 +298,8 @@ def parse_limits(memory: str | None = None, memory_swap: str | None = None,
                   device_read_bps=tuple(parse_device_rate("--device-read-bps", t)
                                         for t in device_read_bps),
                   device_write_bps=tuple(parse_device_rate("--device-write-bps", t)
-                                         for t in device_write_bps))
+                                         for t in device_write_bps),
+                  device_deny=tuple(device_deny))
 
 
 def _parse_int(flag: str, text: str | int) -> int:
@@ -607,6 +612,10 @@ class V2Cgroup:
         if not os.path.exists(os.path.join(root, "cgroup.controllers")):
             raise CgroupError(f"cgroup v2 is not mounted at {root} (no cgroup.controllers): "
                               "use the v1 driver on this host")
+        if limits.device_deny:
+            raise CgroupError("a read-only --device needs the v1 devices cgroup: on cgroup v2 "
+                              "that takes a BPF device program, which kiln does not load "
+                              "(give the device rw)")
         required = {"io" if c == "blkio" else c for c in limits.controllers()}
         wanted = required | {"memory", "pids"}  # OOM-kill events, process accounting
 
@@ -857,7 +866,7 @@ class V1Cgroup:
         # Moving a process into a v1 cgroup costs several ms per hierarchy (an RCU sync
         # each), so besides what the limits need only one tracking hierarchy is used.
         tracker = next((c for c in cls.TRACKING if c in hierarchies), None)
-        wanted = [c for c in (*cls.TRACKING, "cpu", "cpuset", "blkio")
+        wanted = [c for c in (*cls.TRACKING, "cpu", "cpuset", "blkio", "devices")
                   if c in required or c == tracker]
         wanted += [c for c in also if c in hierarchies and c not in wanted]
         if not wanted:
@@ -917,6 +926,8 @@ class V1Cgroup:
                     break
             else:
                 self.warnings.append(BLKIO_WEIGHT_OFF)
+        for rule in limits.device_deny:
+            _write(self._file("devices", "devices.deny"), rule)
         for name, rates in (("blkio.throttle.read_bps_device", limits.device_read_bps),
                             ("blkio.throttle.write_bps_device", limits.device_write_bps)):
             for major, minor, rate in rates:

@@ -385,9 +385,8 @@ def warn_about(*warnings) -> None:
 def _parse_device(text: str) -> tuple[str, str, bool]:
     """--device HOST[:CONTAINER[:PERMS]] -> (host node, path inside, writable). kiln's
     mounts are all nodev, so a device is the host's node bind-mounted in; "m" (mknod)
-    grants nothing more, as every mount stays nodev. Without "w" it is refused: a
-    read-only mount does not stop writes to a device node (only a devices cgroup could,
-    which kiln does not use), and kiln will not pretend."""
+    grants nothing more, as every mount stays nodev. Without "w", the v1 devices cgroup
+    denies writes to it (a read-only mount would not stop writes to a device node)."""
     import stat
 
     parts = text.split(":")
@@ -400,9 +399,6 @@ def _parse_device(text: str) -> tuple[str, str, bool]:
         target, perms = host, parts[1]  # --device /dev/fuse:r, as docker reads it
     if not perms or not set(perms) <= set("rwm") or "r" not in perms:
         raise KilnError(f"invalid --device {text!r}: permissions are r, w and m (r needed)")
-    if "w" not in perms:
-        raise KilnError(f"--device {text}: kiln cannot give a device read-only (a read-only "
-                        "mount does not stop writes to a device node); use rw")
     if not os.path.isabs(target):
         raise KilnError(f"invalid --device {text!r}: the container path must be absolute")
     try:
@@ -414,6 +410,19 @@ def _parse_device(text: str) -> tuple[str, str, bool]:
     return host, target, "w" in perms
 
 
+def _read_only_devices(devices: list[str]) -> tuple[str, ...]:
+    import stat
+
+    rules = []
+    for text in devices:
+        host, _target, writable = _parse_device(text)
+        if not writable:
+            st = os.stat(host)
+            kind = "b" if stat.S_ISBLK(st.st_mode) else "c"
+            rules.append(f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} w")
+    return tuple(rules)
+
+
 def cgroup_options(opts: RunOptions) -> dict:
     """create_cgroup's limits and parent for these options."""
     from runtime.cgroups import parse_limits
@@ -423,7 +432,8 @@ def cgroup_options(opts: RunOptions) -> dict:
                           memory_reservation=opts.memory_reservation,
                           cpuset_cpus=opts.cpuset_cpus, cpuset_mems=opts.cpuset_mems,
                           blkio_weight=opts.blkio_weight, device_read_bps=opts.device_read_bps,
-                          device_write_bps=opts.device_write_bps)
+                          device_write_bps=opts.device_write_bps,
+                          device_deny=_read_only_devices(opts.devices))
     out: dict = {"limits": limits}
     if opts.cgroup_parent:
         parent = opts.cgroup_parent.strip("/")

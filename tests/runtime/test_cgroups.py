@@ -479,10 +479,12 @@ def test_v2_real_missing_controller_is_a_clear_error_and_leaves_nothing():
 
 
 INTERFACE = {
-    "memory": {"memory.max": "max", "memory.swap.max": "max",
+    "memory": {"memory.max": "max", "memory.swap.max": "max", "memory.low": "0",
                "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n"},
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
     "pids": {"pids.max": "max"},
+    "cpuset": {"cpuset.cpus": "", "cpuset.mems": ""},
+    "io": {"io.max": "", "io.weight": "default 100"},
 }
 
 
@@ -557,6 +559,29 @@ def test_v2_files_enable_controllers_and_hold_the_limits(fake2):
 
     cg.add_process(4242)
     assert (leaf / "cgroup.procs").read_text() == "4242"
+
+
+def test_v2_cpuset_reservation_and_io_files(fake2):
+    fake = fake2()
+    disk = next((f"/dev/{n}" for n in sorted(os.listdir("/sys/block"))
+                 if not n.startswith(("loop", "ram")) and os.path.exists(f"/dev/{n}")), None)
+    rates = (f"{disk}:1mb",) if disk else ()
+    limits = parse_limits(memory="64m", memory_reservation="32m", cpuset_cpus="0",
+                          cpuset_mems="0", blkio_weight="300", device_read_bps=rates)
+    cg = V2Cgroup.create("kiln-c2", limits, root=str(fake.root))
+    leaf = Path(cg.path)
+    assert "+cpuset" in (fake.root / "kiln" / "cgroup.subtree_control").read_text()
+    assert "+io" in (fake.root / "kiln" / "cgroup.subtree_control").read_text()
+    assert (leaf / "memory.low").read_text() == str(32 * MiB)
+    assert (leaf / "cpuset.cpus").read_text() == "0"
+    assert (leaf / "cpuset.mems").read_text() == "0"
+    assert (leaf / "io.weight").read_text() == "300"
+    if disk:
+        rdev = os.stat(disk).st_rdev
+        assert (leaf / "io.max").read_text() == f"{os.major(rdev)}:{os.minor(rdev)} rbps={MiB}"
+    with pytest.raises(CgroupError, match="read-only --device needs the v1 devices cgroup"):
+        V2Cgroup.create("kiln-c3", parse_limits(device_deny=("c 1:5 w",)),
+                        root=str(fake.root))
 
 
 def test_v2_swap_defaults_and_unlimited(fake2):

@@ -98,8 +98,10 @@ def test_device_and_block_io_limits(krun, detached_probe):
     # a node the container makes itself stays unusable: every mount is nodev
     p = krun("sh", "-c", "mknod /dev/z2 c 1 5 && head -c 1 /dev/z2")
     assert p.returncode != 0 and "Permission denied" in p.err
-    for bad, why in [("/dev/zero:/dev/z:r", "cannot give a device read-only"),
-                     ("/etc/passwd", "is not a device"), ("/nosuch", "No such file"),
+    p = krun("sh", "-c", "head -c 2 /dev/roz | od -An -c; echo x > /dev/roz || echo refused",
+             opts=("--device", "/dev/zero:/dev/roz:r"))
+    assert p.out.split() == ["\\0", "\\0", "refused"], p.err  # the devices cgroup says no
+    for bad, why in [("/etc/passwd", "is not a device"), ("/nosuch", "No such file"),
                      ("/dev/zero:rel/path", "must be absolute")]:
         p = krun("true", opts=("--device", bad))
         assert p.returncode == 125 and why in p.err, (bad, p.err)
