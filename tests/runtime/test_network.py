@@ -189,6 +189,27 @@ def test_publish_on_one_address_and_ranges_and_all(krun, bg, run_root, tmp_path)
     c.stop()
 
 
+def test_publish_a_range(krun, bg):
+    low = _free_port()
+    while any(not _port_free(p) for p in (low, low + 1)):
+        low = _free_port()
+    c = bg("-p", f"{low}-{low + 1}:80-81", "probe", "sh", "-c",
+           "mkdir -p /a /b && echo on-80 > /a/index.html && echo on-81 > /b/index.html && "
+           "httpd -p 81 -h /b && exec httpd -f -p 80 -h /a")
+    assert _get(f"http://127.0.0.1:{low}/") == "on-80\n"
+    assert _get(f"http://127.0.0.1:{low + 1}/") == "on-81\n"
+    c.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def test_port_conflicts_and_bad_specs_are_clear_errors(krun, bg, run_root):
     before = _state()
     port = _free_port()
