@@ -130,6 +130,7 @@ class Context:
         self._order: list[str] = []
         self._order_keys: list[bytes] = []
         self._specials: dict[str, str] = {}
+        self._dirs: list[tuple[str, tuple]] = []  # every directory walked, with its stat key
         self.stats = {"files_hashed": 0, "bytes_hashed": 0, "cache_hits": 0,
                       "entries": 0, "dirs_pruned": 0}
 
@@ -165,6 +166,7 @@ class Context:
         ignore = self._ignore
         nodes: dict[str, _Node] = {}
         maybe_parents: dict[str, _Node] = {}  # excluded dirs walked for '!' re-inclusions
+        self._dirs = [("", _stat_key(os.lstat(self._root_str)))]
         stack = [("", self._root_str)]
         while stack:
             rel_dir, abs_dir = stack.pop()
@@ -193,6 +195,7 @@ class Context:
                     node = _Node(rel, "dir", mode, 0)
                     (maybe_parents if excluded else nodes)[rel] = node
                     stack.append((rel, de.path))
+                    self._dirs.append((rel, _stat_key(st)))
                     continue
                 if excluded:
                     continue
@@ -212,7 +215,8 @@ class Context:
                     except OSError as e:
                         raise ContextError(f"cannot read symlink {rel!r} in the build context: "
                                            f"{e.strerror}") from e
-                    nodes[rel] = _Node(rel, "symlink", mode, len(_fs(target)), link_target=target)
+                    nodes[rel] = _Node(rel, "symlink", mode, len(_fs(target)), link_target=target,
+                                       stat_key=_stat_key(st))
                 else:
                     self._specials[rel] = _SPECIAL_KINDS.get(fmt, "special file")
         if maybe_parents:
@@ -446,6 +450,22 @@ class Context:
             if len(entries) >= MAX_CACHE_ENTRIES:
                 break
         return entries
+
+    def fingerprint(self) -> dict | None:
+        """The stat keys of every directory walked and every file and symlink let in, once
+        they are hashed: while each still has its key, the context is the same (a directory
+        keeps its key while no entry is added, removed or renamed in it). None when a key
+        is too recent to tell a later change from it (the stat cache's racy window), or
+        the context holds special files."""
+        if self._nodes is None or self._specials:
+            return None
+        now = time.time_ns()
+        entries = [[rel, *key] for rel, key in self._dirs]
+        entries += [[n.path, *n.stat_key] for n in self._nodes.values()
+                    if n.kind in ("file", "symlink") and n.stat_key is not None]
+        if any(max(e[2], e[3]) >= now - RACY_WINDOW_NS for e in entries):
+            return None
+        return {"root": os.path.abspath(self._root_str), "entries": entries}
 
     def save_cache(self) -> None:
         """Write the stat cache atomically (temp file + rename). Racy entries are left out."""

@@ -81,7 +81,7 @@ def _content_digest(path) -> str:
 
 
 def _path(store, memo_key: str) -> str:
-    return os.path.join(store.cache_dir, "builds", memo_key + ".json")
+    return os.path.join(str(store.root), "cache", "builds", memo_key + ".json")
 
 
 def context_digest(ctx) -> str:
@@ -93,49 +93,125 @@ def context_digest(ctx) -> str:
     return digest
 
 
-def replay(store, params: dict, memo_key: str, started: float) -> str | None:
-    """If the memo of ``memo_key`` still holds, do what its build did (print its output,
-    name the image, write --iidfile) and return the image ID; else None. ``started``:
-    time.monotonic() when the build began, for the time it reports."""
+def unchanged_since(fingerprint) -> bool:
+    """Whether every entry of a context fingerprint (Context.fingerprint) still has its
+    stat key: then the context is the one it was taken of, without walking it, matching
+    it against the ignore file or hashing anything."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("entries"), list):
+        return False
+    root = fingerprint.get("root")
+    if not isinstance(root, str) or not os.path.isabs(root):
+        return False
+    lstat, join = os.lstat, os.path.join
+    try:
+        for rel, size, mtime, ctime, ino, dev in fingerprint["entries"]:
+            st = lstat(join(root, rel)) if rel else lstat(root)
+            if (st.st_size != size or st.st_mtime_ns != mtime or st.st_ctime_ns != ctime
+                    or st.st_ino != ino or st.st_dev != dev):
+                return False
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _load(store, memo_key: str) -> dict | None:
     try:
         with open(_path(store, memo_key), "rb") as f:
             rec = json.loads(f.read(MAX_MEMO))
         if rec.get("format") != MEMO_FORMAT:
             return None
-        image, refs, said = rec["image"], rec["refs"], rec["said"]
-        blobs = [image["digest"], rec["config"], *rec["layers"]]
+        image = rec["image"]
+        rec["blobs"] = [image["digest"], rec["config"], *rec["layers"]]
+        if (not all(isinstance(b, str) for b in rec["blobs"])
+                or not isinstance(rec["refs"], dict) or not isinstance(rec["said"], list)):
+            return None
+        return rec
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _index_identity(store) -> list[int] | None:
+    try:
+        st = os.stat(os.path.join(str(store.root), "index.json"))
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def replay_quick(handle, params: dict, memo_key: str, started: float) -> str | None:
+    """The replay without the store's model (``handle``: runtime.containers.StoreHandle;
+    call with the store lock held shared): when index.json is the very file the last
+    replay left, every name the build looked up resolves as it did then and every tag
+    asked for is already there, so only the blobs' presence and the context are checked.
+    None when that does not hold: replay() then does the full check."""
+    rec = _load(handle, memo_key)
+    if (rec is None or rec.get("index") is None or rec["index"] != _index_identity(handle)
+            or not set(params["tags"]) <= set(rec.get("tagged") or ())
+            or (not params["tags"] and rec.get("tagged") != [])):
+        return None
+    blobs_dir = os.path.join(handle.root, "blobs")
+    for digest in rec["blobs"]:
+        algorithm, _, hexdigest = digest.partition(":")
+        if algorithm != "sha256" or not os.path.isfile(os.path.join(blobs_dir, algorithm,
+                                                                     hexdigest)):
+            return None
+    if rec.get("context") is not None and not unchanged_since(rec.get("fingerprint")):
+        return None
+    return _finish(rec, params, started)
+
+
+def replay(store, params: dict, memo_key: str, started: float) -> str | None:
+    """If the memo of ``memo_key`` still holds, do what its build did (print its output,
+    name the image, write --iidfile) and return the image ID; else None. ``started``:
+    time.monotonic() when the build began, for the time it reports."""
+    rec = _load(store, memo_key)
+    if rec is None:
         return None
     from store.documents import Descriptor
     from store.errors import KilnError, NotFoundError
 
     try:
-        if not all(isinstance(b, str) and store.has_blob(b) for b in blobs):
+        if not all(store.has_blob(b) for b in rec["blobs"]):
             return None
-        for name, digest in refs.items():
+        for name, digest in rec["refs"].items():
             try:
                 now = store.resolve(name).digest
             except NotFoundError:
                 now = None
             if now != digest:
                 return None
-        if rec.get("context") is not None:
+        context_checked = False
+        if rec.get("context") is not None and not unchanged_since(rec.get("fingerprint")):
             from builder.context import open_build_context
 
-            if rec["context"] != context_digest(open_build_context(
-                    store.cache_dir, params["context"], rec.get("containerfile"))):
+            ctx = open_build_context(store.cache_dir, params["context"],
+                                     rec.get("containerfile"))
+            if rec["context"] != context_digest(ctx):
                 return None
+            rec["fingerprint"] = ctx.fingerprint()  # the next no-op need not walk it
+            context_checked = True
+        image = rec["image"]
         desc = Descriptor(image["mediaType"], image["digest"], image["size"])
     except (KilnError, OSError, KeyError, TypeError, ValueError):
         return None
-    import time
-
-    if not params["quiet"]:
-        sys.stderr.write("".join(line + "\n" for line in said))
     for tag in params["tags"]:
         store.tag(tag, desc)
     if not params["tags"]:
         store.keep_untagged(desc)
+    # what replay_quick needs to trust this next time: the index as it is now (every name
+    # looked up resolves as above, these tags are set) and the context's fingerprint
+    index, tagged = _index_identity(store), sorted(params["tags"])
+    if context_checked or rec.get("index") != index or rec.get("tagged") != tagged:
+        rec["index"], rec["tagged"] = index, tagged
+        _write(_path(store, memo_key), {k: v for k, v in rec.items() if k != "blobs"})
+    return _finish(rec, params, started)
+
+
+def _finish(rec: dict, params: dict, started: float) -> str:
+    import time
+
+    if not params["quiet"]:
+        sys.stderr.write("".join(line + "\n" for line in rec["said"]))
     image_id = rec["config"]
     if params["iidfile"]:
         with open(params["iidfile"], "w") as f:
@@ -151,10 +227,14 @@ def replay(store, params: dict, memo_key: str, started: float) -> str | None:
 def save(store, memo_key: str, *, image: dict, config: str, layers: list[str],
          refs: dict[str, str | None], context: str | None, containerfile: str | None,
          said: list[str]) -> None:
-    from store.fsutil import replace_file  # not atomic_write: no tempfile in a no-op
-
     path = _path(store, memo_key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rec = {"format": MEMO_FORMAT, "image": image, "config": config, "layers": layers,
-           "refs": refs, "context": context, "containerfile": containerfile, "said": said}
+    _write(path, {"format": MEMO_FORMAT, "image": image, "config": config, "layers": layers,
+                  "refs": refs, "context": context, "containerfile": containerfile,
+                  "said": said})
+
+
+def _write(path: str, rec: dict) -> None:
+    from store.fsutil import replace_file  # not atomic_write: no tempfile in a no-op
+
     replace_file(path, json.dumps(rec, separators=(",", ":")).encode())

@@ -524,11 +524,10 @@ def parse_build_args(args: list[str]) -> tuple[str | None, dict] | None:
 
 def build_and_exit(root: str | None, params: dict) -> None:
     from kiln.build_run import UsageError, build_image
-    from store.store import Store
 
     _catch_stop_signals()
     try:
-        build_image(Store(root), params)
+        build_image(root, params)
     except UsageError as e:
         fail(f"{e} (see 'kiln build --help')")
     sys.exit(0)

@@ -173,14 +173,14 @@ class StoreHandle:
         return self._store is not None or os.path.isfile(os.path.join(self.root, "oci-layout"))
 
 
-class _SharedStoreLock:
+class SharedStoreLock:
     """The store lock held shared, as Store.writing() holds it, without importing the store."""
 
     def __init__(self, root: str):
         self.path = os.path.join(root, "locks", "store.lock")
         self.fd = -1
 
-    def __enter__(self) -> _SharedStoreLock:
+    def __enter__(self) -> SharedStoreLock:
         import fcntl
 
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -525,7 +525,7 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
         handle.store  # noqa: B018 - makes the store (and its lock file) as Store() does
     netns_fd = None
     plan = None
-    with _SharedStoreLock(handle.root):
+    with SharedStoreLock(handle.root):
         digest, config, layer_dirs = _resolve_image(handle, opts.image)
         if existing is None and opts.name and any(c.name == opts.name
                                                   for c in list_containers(handle)):

@@ -107,3 +107,42 @@ def test_whatever_changed_is_built(kb, broot, tmp_path, busybox_rootfs):
     kb("prune", "--build-cache")
     assert not os.path.exists(broot / "cache" / "builds")
     assert not _replayed(kb, args)
+
+
+def _memo_fingerprints(broot) -> list:
+    out = []
+    for name in sorted(os.listdir(broot / "cache" / "builds")):
+        with open(broot / "cache" / "builds" / name) as f:
+            out.append(json.load(f).get("fingerprint"))
+    return out
+
+
+def test_a_context_fingerprint_skips_the_walk_and_misses_no_change(kb, broot, tmp_path):
+    """After one replay the memo keeps the stat keys of the context's dirs and files: the
+    next no-op compares those instead of walking, matching and hashing the context. A
+    change that keeps size and mtime (content rewritten, mtime put back) still shows in
+    the ctime; an added file in the directory's mtime."""
+    ctx = build_context(tmp_path, CONTAINERFILE, {"app/main.py": "print(1)\n",
+                                                  "app/lib/util.py": "x = 1\n"})
+    _settled(ctx)
+    args = ["build", "-q", "--build-arg", "GREETING=hi", "-t", "memo:3", str(ctx)]
+    kb(*args)
+    kb(*args)  # a no-op: leaves the memo
+    assert _memo_fingerprints(broot) == [None]
+    assert _replayed(kb, args)  # the walk, then the fingerprint is kept
+    [fingerprint] = _memo_fingerprints(broot)
+    assert {e[0] for e in fingerprint["entries"]} >= {"", "app", "app/lib", "app/main.py",
+                                                      "app/lib/util.py", "Containerfile"}
+    assert _replayed(kb, args)  # from the fingerprint
+    main = ctx / "app" / "main.py"
+    st = os.stat(main)
+    main.write_text("print(7)\n")  # same size
+    os.utime(main, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the mtime put back
+    assert not _replayed(kb, args)
+    assert kb("run", "--rm", "memo:3", "cat", "/app/main.py").out == "print(7)\n"
+    _settled(ctx)
+    kb(*args)
+    assert _replayed(kb, args)
+    (ctx / "app" / "lib" / "new.py").write_text("y = 2\n")
+    assert not _replayed(kb, args)
+    assert kb("run", "--rm", "memo:3", "cat", "/app/lib/new.py").out == "y = 2\n"
