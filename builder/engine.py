@@ -431,18 +431,20 @@ class Builder:
     def _save_memo(self, desc: Descriptor, image_id: str, final: StageState) -> None:
         from builder import memo
 
-        context = containerfile = None
+        context = containerfile = fingerprint = None
         if self.opts.containerfile_text is None:
             containerfile = str(self._containerfile())
         if self.context is not None:
             context = memo.context_digest(self.context)
+            fingerprint = self.context.fingerprint()
         try:
             memo.save(self.store, self.opts.memo_key,
                       image={"mediaType": desc.media_type, "digest": desc.digest,
                              "size": desc.size},
                       config=image_id, layers=[la.digest for la in final.layers],
                       refs=self.looked_up, context=context, containerfile=containerfile,
-                      said=list(self.said))
+                      said=list(self.said), fingerprint=fingerprint,
+                      tagged=sorted(self.opts.tags))
         except OSError:
             pass  # only the next no-op's speed is lost
 

@@ -226,12 +226,17 @@ def _finish(rec: dict, params: dict, started: float) -> str:
 
 def save(store, memo_key: str, *, image: dict, config: str, layers: list[str],
          refs: dict[str, str | None], context: str | None, containerfile: str | None,
-         said: list[str]) -> None:
+         said: list[str], fingerprint: dict | None = None, tagged: list[str] | None = None,
+         ) -> None:
+    """Called once the build has named its image: the index as it is now is what
+    replay_quick may trust (``tagged``: the tags it set; [] for an untagged image)."""
     path = _path(store, memo_key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write(path, {"format": MEMO_FORMAT, "image": image, "config": config, "layers": layers,
                   "refs": refs, "context": context, "containerfile": containerfile,
-                  "said": said})
+                  "said": said, "fingerprint": fingerprint,
+                  "index": _index_identity(store) if tagged is not None else None,
+                  "tagged": tagged})
 
 
 def _write(path: str, rec: dict) -> None:

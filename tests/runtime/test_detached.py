@@ -231,3 +231,22 @@ def test_start_and_restart_keep_the_writable_layer(detached):
         assert p.returncode == 125 and "no such container" in p.err
     finally:
         cli("rm", "-f", name, check=False)
+
+
+def test_exec_with_a_terminal(detached, run_root):
+    import shlex
+    import shutil
+    import subprocess
+
+    from tests.runtime.conftest import kiln_argv
+
+    if not shutil.which("script"):
+        pytest.skip("script (bsdutils) is needed to give kiln exec a terminal")
+    cid = detached("probe", "sleep", "30").out.strip()
+    cmd = shlex.join(kiln_argv(run_root, "exec", "-it", cid, "sh", "-c",
+                               "tty; test -t 0 && echo stdin-is-a-tty"))
+    p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.replace("\r", "").split("\n")
+    assert lines[0].startswith("/dev/pts/") and "stdin-is-a-tty" in lines

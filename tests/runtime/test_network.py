@@ -455,3 +455,4 @@ def test_rm_f_of_a_detached_container_takes_its_network_down(krun):
     assert _state() == before  # at once: rm waited for (or did) the release
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+
