@@ -749,21 +749,26 @@ def list_containers(store: Store | StoreHandle | str | None) -> list[ContainerRe
         except (OSError, ValueError, TypeError):
             continue
     for rec in out:
-        if rec.status == "running" and not _alive(rec.pid):
+        if rec.status == "running" and not alive(rec.pid):
             rec.status = "exited"
     return out
 
 
-def _alive(pid: int) -> bool:
-    if not pid:
-        return False
+def process_start(pid: int) -> int:
+    """The start time of ``pid`` in clock ticks since boot; 0 when it is gone (or a zombie,
+    which has ended but is not reaped yet)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    fields = data[data.rindex(b")") + 2:].split()
+    return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: its container has ended)."""
+    return bool(pid) and bool(process_start(pid))
 
 
 def find(store: Store | StoreHandle | str | None, name_or_id: str) -> ContainerRecord:

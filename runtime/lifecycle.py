@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from runtime.containers import ContainerRecord, StoreHandle, find
+from runtime.containers import ContainerRecord, StoreHandle, alive, find
 from store.errors import KilnError
 
 
@@ -44,10 +44,7 @@ def _pidfd(rec: ContainerRecord) -> int | None:
         fd = os.pidfd_open(rec.pid)
     except ProcessLookupError:
         return None
-    # the pid may be another process's by now: its start must not be after the record's
-    from runtime.network.networks import process_start
-
-    if not process_start(rec.pid):
+    if not alive(rec.pid):  # ended, a zombie not reaped yet
         os.close(fd)
         return None
     return fd
@@ -75,7 +72,7 @@ def stop(store, name_or_id: str, timeout: float = 10.0) -> ContainerRecord:
 
     handle = StoreHandle(store)
     rec = find(handle, name_or_id)
-    if rec.monitor and _alive(rec.monitor):
+    if rec.monitor and alive(rec.monitor):
         mark_stopped(_directory(handle, rec))  # also between two runs of a restart policy
     fd = _pidfd(rec)
     if fd is None:
@@ -104,7 +101,7 @@ def start(store, name_or_id: str) -> ContainerRecord:
 
     handle = StoreHandle(store)
     rec = find(handle, name_or_id)
-    if rec.status == "running" and _alive(rec.pid):
+    if rec.status == "running" and alive(rec.pid):
         return rec
     directory = _directory(handle, rec)
     opts = load_options(directory)
@@ -132,16 +129,11 @@ def wait_recorded(handle: StoreHandle, rec: ContainerRecord, timeout: float = 10
             now = rec
         if now.status != "running" or time.monotonic() > deadline:
             return now
-        if not _alive(now.pid) and time.monotonic() > deadline - timeout + 0.5:
+        if not alive(now.pid) and time.monotonic() > deadline - timeout + 0.5:
             now.status = "exited"  # its kiln died with it (kill -9) and recorded nothing
             return now
         time.sleep(0.02)
 
-
-def _alive(pid: int) -> bool:
-    from runtime.network.networks import process_start
-
-    return bool(pid) and bool(process_start(pid))
 
 
 def wait(store, name_or_id: str) -> int:
@@ -218,7 +210,7 @@ def _print_log(stack, path: str, handle: StoreHandle, rec: ContainerRecord, *, t
             now = ContainerRecord.load(_directory(handle, rec))
         except (OSError, ValueError):
             now = None
-        ended = now is None or now.status != "running" or not _alive(now.pid)
+        ended = now is None or now.status != "running" or not alive(now.pid)
         if f is None:
             f = _open(stack, path)
         chunk = f.read() if f is not None else b""
@@ -252,7 +244,7 @@ def inspect(store, name_or_id: str) -> dict:
             options = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         pass
-    running = rec.status == "running" and _alive(rec.pid)
+    running = rec.status == "running" and alive(rec.pid)
     paused = running and is_paused(rec)
     ports: dict[str, list] = {}
     for proto, host_ip, host_port, ctr_port in rec.ports or []:
@@ -295,7 +287,7 @@ def inspect(store, name_or_id: str) -> dict:
 def _cgroup_dirs(rec: ContainerRecord) -> dict[str, str]:
     from runtime.cgroups import cgroup_dirs_of
 
-    if not (rec.status == "running" and _alive(rec.pid)):
+    if not (rec.status == "running" and alive(rec.pid)):
         raise KilnError(f"container {rec.name} is not running")
     own = f"kiln-{rec.id[:12]}"  # not a hierarchy it was never put in (its root is the host's)
     return {k: d for k, d in cgroup_dirs_of(rec.pid).items() if os.path.basename(d) == own}

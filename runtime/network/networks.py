@@ -26,6 +26,7 @@ import os
 import re
 import time
 
+from runtime.containers import process_start
 from runtime.spec import Record
 from store.errors import KilnError
 
@@ -78,18 +79,6 @@ class Lease(Record):
         self.hostname = hostname
         self.extra_hosts = [] if extra_hosts is None else extra_hosts  # [name, ip] of --add-host
         self.hosts_file = hosts_file  # the container's /etc/hosts on the host, kept current
-
-
-def process_start(pid: int) -> int:
-    """The start time of ``pid`` in clock ticks since boot; 0 when it is gone (or a zombie,
-    which has ended but is not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return 0
-    fields = data[data.rindex(b")") + 2:].split()
-    return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def holder_alive(lease: Lease) -> bool:
