@@ -83,7 +83,7 @@ class Limits(FrozenRecord):
     blkio_weight: int | None  # 10-1000: v1 blkio(.bfq).weight, v2 io(.bfq).weight
     device_read_bps: tuple[tuple[int, int, int], ...]  # (major, minor, bytes per second)
     device_write_bps: tuple[tuple[int, int, int], ...]
-    device_deny: tuple[str, ...]  # v1 devices.deny lines ("c 1:5 w"): read-only --device
+    device_deny: tuple[str, ...]  # "c 1:5 w" (v1 devices.deny; a BPF program on v2)
     # what parse_limits adjusted on the way, as docker warns about it (the CLI prints these)
     warnings: tuple[str, ...]
 
@@ -612,11 +612,8 @@ class V2Cgroup:
         if not os.path.exists(os.path.join(root, "cgroup.controllers")):
             raise CgroupError(f"cgroup v2 is not mounted at {root} (no cgroup.controllers): "
                               "use the v1 driver on this host")
-        if limits.device_deny:
-            raise CgroupError("a read-only --device needs the v1 devices cgroup: on cgroup v2 "
-                              "that takes a BPF device program, which kiln does not load "
-                              "(give the device rw)")
-        required = {"io" if c == "blkio" else c for c in limits.controllers()}
+        # v2 has no devices controller: device rules are an eBPF program (_apply)
+        required = {"io" if c == "blkio" else c for c in limits.controllers() - {"devices"}}
         wanted = required | {"memory", "pids"}  # OOM-kill events, process accounting
 
         def enable(level: str) -> None:
@@ -663,6 +660,15 @@ class V2Cgroup:
             _write(self._file("io.max"), f"{major}:{minor} rbps={rate}")
         for major, minor, rate in limits.device_write_bps:
             _write(self._file("io.max"), f"{major}:{minor} wbps={rate}")
+        if limits.device_deny:
+            from runtime.device_filter import attach_deny_rules
+
+            try:
+                attach_deny_rules(self.path, limits.device_deny)
+            except OSError as e:
+                rules = ", ".join(limits.device_deny)
+                raise CgroupError(f"cannot attach the device program ({rules}: read-only "
+                                  f"--device) to {self.path}: {e.strerror}") from None
 
     def _weight(self, weight: int, names: tuple[str, ...]) -> None:
         for name in names:

@@ -81,8 +81,8 @@ SECCOMP_FILTER_FLAG_TSYNC = 1
 _NR = {
     "x86_64": {"pivot_root": 155, "seccomp": 317, "open_tree": 428, "move_mount": 429,
                "fsopen": 430, "fsconfig": 431, "fsmount": 432, "close_range": 436,
-               "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "seccomp": 277, "open_tree": 428, "move_mount": 429,
+               "mount_setattr": 442, "bpf": 321},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "bpf": 280, "open_tree": 428, "move_mount": 429,
                 "fsopen": 430, "fsconfig": 431, "fsmount": 432, "close_range": 436,
                 "mount_setattr": 442},
 }
@@ -204,6 +204,59 @@ def seccomp_set_filter(bpf: bytes, flags: int = 0) -> None:
     prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _check(_syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags),
                     ctypes.byref(prog)), "seccomp")
+
+
+# -- eBPF (cgroup v2 device programs) ---------------------------------------------
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+
+
+class _BpfProgLoad(ctypes.Structure):
+    """The head of union bpf_attr for BPF_PROG_LOAD (through expected_attach_type)."""
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
+                ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
+
+
+class _BpfProgAttach(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32)]
+
+
+def bpf_prog_load(prog_type: int, insns: bytes, *, license: str, name: str = "",
+                  expected_attach_type: int = 0) -> int:
+    """Load an eBPF program (``insns`` = packed struct bpf_insn array); returns its fd.
+    A program the verifier refuses raises OSError whose message ends with the verifier's log."""
+    if len(insns) % 8:
+        raise ValueError("an eBPF program is a whole number of 8-byte instructions")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(65536)
+    attr = _BpfProgLoad(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                        insns=ctypes.addressof(code), license=ctypes.addressof(lic),
+                        log_level=1, log_size=len(log), log_buf=ctypes.addressof(log),
+                        prog_name=name.encode()[:15], expected_attach_type=expected_attach_type)
+    fd = _syscall("bpf", ctypes.c_int(BPF_PROG_LOAD), ctypes.byref(attr),
+                  ctypes.c_uint(ctypes.sizeof(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        verifier = log.value.decode(errors="replace").strip()
+        raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}"
+                      + (f"; verifier: {verifier[-500:]}" if verifier else ""))
+    return fd
+
+
+def bpf_prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) -> None:
+    attr = _BpfProgAttach(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type,
+                          attach_flags=flags)
+    _check(_syscall("bpf", ctypes.c_int(BPF_PROG_ATTACH), ctypes.byref(attr),
+                    ctypes.c_uint(ctypes.sizeof(attr))), "bpf(BPF_PROG_ATTACH)")
 
 
 # -- the new mount API ----------------------------------------------------------

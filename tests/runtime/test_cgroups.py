@@ -464,6 +464,45 @@ def test_v2_real_placement_add_and_remove_with_cgroup_kill(made, spawn, tmp_path
 
 
 @needs_unified
+def test_v2_real_read_only_device_is_refused_by_the_bpf_program(made, spawn):
+    """The eBPF device program kiln attaches on v2, run by the kernel for a real process:
+    the denied access fails with EPERM, the other accesses and other devices still work."""
+    cg = V2Cgroup.create(unique_name(), parse_limits(device_deny=("c 1:5 w", "c 1:3 r")),
+                         root=UNIFIED)
+    made.append(cg)
+    probe = spawn(cg, """
+        import os
+        for path, flags in [("/dev/zero", os.O_RDONLY), ("/dev/zero", os.O_WRONLY),
+                            ("/dev/zero", os.O_RDWR), ("/dev/null", os.O_WRONLY),
+                            ("/dev/null", os.O_RDONLY), ("/dev/full", os.O_RDWR)]:
+            try:
+                os.close(os.open(path, flags))
+                print(path, flags, "ok")
+            except PermissionError:
+                print(path, flags, "refused")
+    """, stdout=subprocess.PIPE, text=True)
+    out, _ = probe.communicate(timeout=30)
+    assert out.splitlines() == ["/dev/zero 0 ok", "/dev/zero 1 refused", "/dev/zero 2 refused",
+                                "/dev/null 1 ok", "/dev/null 0 refused", "/dev/full 2 ok"]
+    with open("/dev/zero", "wb"):  # the host, outside the cgroup, is not affected
+        pass
+    cg.remove()
+    assert not os.path.exists(cg.path)
+
+
+def test_device_program_rules_and_bad_rules():
+    from runtime.device_filter import deny_program, parse_rule
+
+    assert parse_rule("b 8:0 rwm") == (1, 8, 0, 7)
+    assert parse_rule("c 1:5 w") == (2, 1, 5, 4)
+    # six instructions of prologue, seven per rule, two to allow: 8 bytes each
+    assert len(deny_program(["c 1:5 w", "b 8:0 r"])) == (6 + 2 * 7 + 2) * 8
+    for bad in ("c 1:5", "x 1:5 w", "c a:5 w", "c 1:5 wq"):
+        with pytest.raises(ValueError, match="invalid device rule"):
+            parse_rule(bad)
+
+
+@needs_unified
 def test_v2_real_missing_controller_is_a_clear_error_and_leaves_nothing():
     if "memory" in read(f"{UNIFIED}/cgroup.controllers").split():
         pytest.skip("the unified hierarchy has the memory controller here")
@@ -579,9 +618,12 @@ def test_v2_cpuset_reservation_and_io_files(fake2):
     if disk:
         rdev = os.stat(disk).st_rdev
         assert (leaf / "io.max").read_text() == f"{os.major(rdev)}:{os.minor(rdev)} rbps={MiB}"
-    with pytest.raises(CgroupError, match="read-only --device needs the v1 devices cgroup"):
+    # a device rule is a BPF program, which a directory that is no cgroup cannot take: a
+    # clear error, and the cgroup it was made for is removed
+    with pytest.raises(CgroupError, match="cannot attach the device program .c 1:5 w"):
         V2Cgroup.create("kiln-c3", parse_limits(device_deny=("c 1:5 w",)),
                         root=str(fake.root))
+    assert not (fake.root / "kiln" / "kiln-c3").exists()
 
 
 def test_v2_swap_defaults_and_unlimited(fake2):
