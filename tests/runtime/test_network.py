@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -199,6 +200,54 @@ def test_publish_a_range(krun, bg):
     assert _get(f"http://127.0.0.1:{low}/") == "on-80\n"
     assert _get(f"http://127.0.0.1:{low + 1}/") == "on-81\n"
     c.stop()
+
+
+UDP_ECHO = """
+import os, socket, sys
+from runtime import syscalls
+fd = os.open(f"/proc/{sys.argv[1]}/ns/net", os.O_RDONLY)
+syscalls.setns(fd, syscalls.CLONE_NEWNET)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5353))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(100)
+    s.sendto(b"echo " + data, peer)
+"""
+
+
+def _udp_ask(address: str, port: int, text: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(text, (address, port))
+        return s.recvfrom(100)[0]
+
+
+def test_published_udp_port_carries_datagrams_both_ways(krun, bg, run_root):
+    """busybox has no UDP server, so the server is a host process that joined the
+    container's network namespace: the datagrams still go through kiln's NAT and veth."""
+    before = _state()
+    port = _free_port()
+    name = f"udp{port}"
+    c = bg("--name", name, "-p", f"{port}:5353/udp", "probe", "sleep", "60")
+    deadline = time.monotonic() + 10
+    while not (pid := json.loads(krun.cli("inspect", name, check=False).out or "[{}]")[0]
+               .get("State", {}).get("Pid")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server = subprocess.Popen([sys.executable, "-c", UDP_ECHO, str(pid)],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert server.stdout.readline() == "ready\n"
+        assert _udp_ask("127.0.0.1", port, b"one") == b"echo one"
+        assert _udp_ask("10.89.0.1", port, b"two") == b"echo two"
+        assert f"0.0.0.0:{port}->5353/udp" in krun.cli("ps").out
+    finally:
+        server.kill()
+        server.wait()
+    c.stop()
+    assert _settled(before) == before
 
 
 def _port_free(port: int) -> bool:
