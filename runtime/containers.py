@@ -458,6 +458,14 @@ def _check_network_options(opts: RunOptions, kind: str):
         elif given:
             raise KilnError(f"{', '.join(given)} need a bridge network, not --network "
                             f"{opts.network}")
+    if kind == "container":
+        # Docker's runconfig errors: the other container's network owns these
+        given = [flag for flag, value in (("--hostname", opts.hostname), ("--dns", opts.dns),
+                                          ("--add-host", opts.add_hosts)) if value]
+        if given:
+            raise KilnError(f"conflicting options: {', '.join(given)} and --network "
+                            f"{opts.network} (the container takes that container's "
+                            "hostname, hosts and resolv.conf)")
     specs = []
     if kind == "bridge" and opts.publish:
         from runtime.network import ports
@@ -526,14 +534,19 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
     netns_fd = None
     plan = None
     with SharedStoreLock(handle.root):
-        digest, config, layer_dirs = _resolve_image(handle, opts.image)
+        # kiln start runs the image the container was made from, as Docker does, even if
+        # its name has moved to another image since
+        pinned = (f"{opts.image.partition('@')[0]}@{existing.image}"
+                  if existing and existing.image else opts.image)
+        digest, config, layer_dirs = _resolve_image(handle, pinned)
         if existing is None and opts.name and any(c.name == opts.name
                                                   for c in list_containers(handle)):
             raise KilnError(f"the container name {opts.name!r} is already in use")
+        shared_hostname = None
         if kind == "container":
-            netns_fd, shared_etc = _join_network_of(handle, net_name)
+            netns_fd, shared_etc, shared_hostname = _join_network_of(handle, net_name)
         cid = existing.id if existing else os.urandom(32).hex()
-        hostname = opts.hostname or cid[:12]
+        hostname = opts.hostname or shared_hostname or cid[:12]
         name = existing.name if existing else (opts.name or f"kiln-{cid[:12]}")
         argv = command_for(config, opts)
         directory = os.path.join(handle.containers_dir, cid)
@@ -632,9 +645,11 @@ def save_exec_config(directory: str, spec: ContainerSpec) -> None:
         f.write(dumps(data))
 
 
-def _join_network_of(handle: StoreHandle, target: str) -> tuple[int, dict[str, str]]:
-    """--network container:NAME: an fd of its network namespace, and its hosts and
-    resolv.conf (one network, one view of it)."""
+def _join_network_of(handle: StoreHandle,
+                     target: str) -> tuple[int, dict[str, str], str | None]:
+    """--network container:NAME: an fd of its network namespace, its hosts and
+    resolv.conf (one network, one view of it) and its hostname, which Docker gives the
+    joining container too."""
     other = find(handle, target)
     if other.status != "running":
         raise KilnError(f"--network container:{target}: container {other.name} is not running")
@@ -647,7 +662,12 @@ def _join_network_of(handle: StoreHandle, target: str) -> tuple[int, dict[str, s
     shared = {t: os.path.join(directory, n) for t, n in (("/etc/hosts", "hosts"),
                                                           ("/etc/resolv.conf", "resolv.conf"))
               if os.path.isfile(os.path.join(directory, n))}
-    return fd, shared
+    try:
+        with open(os.path.join(directory, "hostname")) as f:
+            hostname = f.read().strip() or None
+    except OSError:
+        hostname = None
+    return fd, shared, hostname
 
 
 def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: bool = True):

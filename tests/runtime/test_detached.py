@@ -233,6 +233,24 @@ def test_start_and_restart_keep_the_writable_layer(detached):
         cli("rm", "-f", name, check=False)
 
 
+def test_start_runs_the_image_it_was_made_from(detached, tmp_path):
+    cli = detached.cli
+    tag = f"startimg{os.getpid()}"
+    for word in ("one", "two"):
+        (tmp_path / word).mkdir()
+        (tmp_path / word / "Containerfile").write_text(f"FROM probe\nRUN echo {word} > /which\n")
+    cli("build", "-q", "-t", tag, str(tmp_path / "one"))
+    name = f"made{os.getpid()}"
+    try:
+        assert cli("run", "--name", name, tag, "cat", "/which").out == "one\n"
+        cli("build", "-q", "-t", tag, str(tmp_path / "two"))  # the name moves on
+        cli("start", name)
+        assert cli("wait", name).out == "0\n"
+        assert cli("logs", name).out == "one\n"  # kiln logs keeps what ran detached
+    finally:
+        cli("rm", "-f", name, check=False)
+
+
 def test_exec_with_a_terminal(detached, run_root):
     import shlex
     import shutil

@@ -370,6 +370,14 @@ def test_share_another_containers_network(krun, bg):
         assert time.monotonic() < deadline, p.err
         time.sleep(0.1)
     assert p.out.startswith("served-by-")
+    # Docker gives the joining container the other's hostname, and refuses options that
+    # the other container's network owns
+    owner = krun("wget", "-qO-", "http://127.0.0.1/", opts=("--network", f"container:{name}"))
+    joined = krun("hostname", opts=("--network", f"container:{name}"))
+    assert owner.out == f"served-by-{joined.out.strip()}\n", (owner.out, joined.out)
+    for flag, value in (("--hostname", "h"), ("--dns", "192.0.2.1"), ("--add-host", "a:1.2.3.4")):
+        p = krun("true", opts=("--network", f"container:{name}", flag, value))
+        assert p.returncode == 125 and f"conflicting options: {flag} and --network" in p.err
     p = krun("true", opts=("--network", "container:nosuchcontainer"))
     assert p.returncode == 125 and "no such container: nosuchcontainer" in p.err
 
