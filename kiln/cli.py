@@ -587,8 +587,6 @@ def _run_detached(store, opts, requirements, p: dict) -> None:
     from runtime.process import ContainerStartError
     from store.errors import KilnError
 
-    if opts.tty or opts.interactive:
-        fail("-d with -i or -t is not supported: kiln cannot attach to a container later")
     try:
         try:
             cid = start_detached(store, opts)

@@ -16,6 +16,7 @@ container through its state.json, its log and PID 1's pid, never to the monitor.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -120,6 +121,7 @@ class Monitor:
         self.plan = None
         self.spec = None
         self.pipes: dict[int, str] = {}
+        self.stdin_w: int | None = None
 
     # ---------------------------------------------------------------- starting
     def first_start(self) -> None:
@@ -145,10 +147,21 @@ class Monitor:
         from runtime.process import signal as _signal
 
         cg = cgroup_options(self.opts)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        self.pipes = {out_r: "stdout", err_r: "stderr"}
-        self.spec.process.stdout, self.spec.process.stderr = out_w, err_w
+        writers = []
+        if self.spec.process.terminal:
+            self.spec.process.stdout = self.spec.process.stderr = None  # the pty's, below
+        else:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            self.pipes = {out_r: "stdout", err_r: "stderr"}
+            self.spec.process.stdout, self.spec.process.stderr = out_w, err_w
+            writers = [out_w, err_w]
+        if self.spec.process.stdin and not self.spec.process.terminal:
+            # -d -i: stdin stays open (a shell waits on it, as under docker run -di); the
+            # monitor holds the writing end and never writes
+            stdin_r, self.stdin_w = os.pipe2(os.O_CLOEXEC)
+            os.dup2(stdin_r, 0)  # inherited by the container as its fd 0
+            os.close(stdin_r)
         self.cgroup = create_cgroup(f"kiln-{self.record.id[:12]}", **cg,
                                     also=("freezer", "pids", "cpuacct", "blkio"))
         if not self.restarted:
@@ -169,9 +182,13 @@ class Monitor:
 
         try:
             self.container.start(on_pid=running)
+            if self.spec.process.terminal:
+                # -d -t: the pty's master is the container's output, and keeps its
+                # terminal open
+                self.pipes = {self.container._master: "stdout"}
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in writers:
+                os.close(fd)
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)
 
     # ---------------------------------------------------------------- running
@@ -238,7 +255,7 @@ class Monitor:
                 for fd in ready:
                     if fd == pidfd:
                         continue
-                    data = os.read(fd, 65536)
+                    data = _read(fd)
                     if data:
                         self._log(self.pipes[fd], data)
                     else:
@@ -258,7 +275,7 @@ class Monitor:
         for fd in list(self.pipes):
             os.set_blocking(fd, False)
             try:
-                while data := os.read(fd, 65536):
+                while data := _read(fd):
                     self._log(self.pipes[fd], data)
             except BlockingIOError:
                 pass
@@ -296,9 +313,22 @@ class Monitor:
         for fd in list(self.pipes):
             os.close(fd)
         self.pipes = {}
+        if self.stdin_w is not None:
+            os.close(self.stdin_w)
+            self.stdin_w = None
 
 
 STOP_MARK = "stopped"
+
+
+def _read(fd: int) -> bytes:
+    """A chunk of output; b"" at its end (a pty's master says EIO once the slave closes)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return b""
+        raise
 
 
 def _stop_requested(directory: str) -> bool:

@@ -251,6 +251,26 @@ def test_start_runs_the_image_it_was_made_from(detached, tmp_path):
         cli("rm", "-f", name, check=False)
 
 
+def test_d_with_i_or_t_keeps_a_shell_waiting(detached):
+    """docker run -dit IMAGE sh: the shell waits on its open terminal (or, with -i, its
+    open stdin) instead of exiting at once; its prompt is in the logs."""
+    cli = detached.cli
+    plain = detached("probe", "sh").out.strip()
+    assert cli("wait", plain).out == "0\n"  # without -i/-t sh reads EOF and exits
+    tty = detached("-it", "probe", "sh").out.strip()
+    stdin = detached("-i", "probe", "sh").out.strip()
+    time.sleep(0.5)
+    for cid in (tty, stdin):
+        assert _state(cli, cid)["status"] == "running"
+    assert cli("exec", tty, "readlink", "/proc/1/fd/0").out.startswith("/dev/pts/")
+    assert cli("exec", stdin, "readlink", "/proc/1/fd/0").out.startswith("pipe:")
+    cli("exec", tty, "sh", "-c", "echo through-the-pty > /proc/1/fd/1")
+    logs = _until(lambda: (out := cli("logs", tty).out) and "through-the-pty" in out and out)
+    assert "/ # " in logs  # the interactive shell's prompt, written to its terminal
+    assert cli("stop", "-t", "1", tty).out == f"{tty}\n"
+    assert _state(cli, tty)["status"] == "exited"
+
+
 def test_exec_with_a_terminal(detached, run_root):
     import shlex
     import shutil
