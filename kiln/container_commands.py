@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -287,7 +288,8 @@ def _size(n: int | None) -> str:
 
 @click.command("stats")
 @click.argument("containers", nargs=-1)
-@click.option("--no-stream", is_flag=True, help="One sample, then exit (the only mode).")
+@click.option("--no-stream", is_flag=True, help="One sample, then exit (else one a second "
+              "until interrupted).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
 def stats_cmd(ctx, containers, no_stream, fmt):
@@ -295,19 +297,27 @@ def stats_cmd(ctx, containers, no_stream, fmt):
     from runtime.containers import list_containers
     from runtime.lifecycle import stats
 
-    names = containers or [c.id for c in list_containers(ctx.obj.root_arg)
-                           if c.status == "running"]
-    rows = [stats(ctx.obj.root_arg, c) for c in names]
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(f"{'CONTAINER ID':<14}{'NAME':<22}{'CPU %':<9}{'MEM USAGE / LIMIT':<24}"
-               f"{'PIDS':<6}BLOCK I/O")
-    for r in rows:
-        mem = f"{_size(r['MemUsage'])} / {_size(r['MemLimit'])}"
-        io = f"{_size(r['BlockIO']['Read'])} / {_size(r['BlockIO']['Write'])}"
-        click.echo(f"{r['ID'][:12]:<14}{r['Name'][:20]:<22}{r['CPUPerc']:<9.2f}{mem:<24}"
-                   f"{r['PIDs']:<6}{io}")
+    def running() -> list[str]:
+        return [c.id for c in list_containers(ctx.obj.root_arg) if c.status == "running"]
+
+    interval = 0.5
+    while True:
+        rows = stats(ctx.obj.root_arg, list(containers) or running(), interval)
+        if fmt == "json":
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            if not no_stream and os.isatty(1):
+                click.echo("\x1b[2J\x1b[H", nl=False)  # docker's screen refresh
+            click.echo(f"{'CONTAINER ID':<14}{'NAME':<22}{'CPU %':<9}{'MEM USAGE / LIMIT':<24}"
+                       f"{'PIDS':<6}BLOCK I/O")
+            for r in rows:
+                mem = f"{_size(r['MemUsage'])} / {_size(r['MemLimit'])}"
+                io = f"{_size(r['BlockIO']['Read'])} / {_size(r['BlockIO']['Write'])}"
+                click.echo(f"{r['ID'][:12]:<14}{r['Name'][:20]:<22}{r['CPUPerc']:<9.2f}"
+                           f"{mem:<24}{r['PIDs']:<6}{io}")
+        if no_stream:
+            return
+        interval = 1.0
 
 
 COMMANDS = {c.name: c for c in (run_cmd, ps_cmd, rm_cmd, logs_cmd, stop_cmd, kill_cmd,

@@ -381,20 +381,25 @@ def processes(store, name_or_id: str) -> list[dict]:
     return out
 
 
-def stats(store, name_or_id: str, interval: float = 0.5) -> dict:
-    """CPU %, memory, pids and block I/O from the container's cgroups (v1 or v2)."""
+def stats(store, names_or_ids: list[str], interval: float = 0.5) -> list[dict]:
+    """CPU %, memory, pids and block I/O from the containers' cgroups (v1 or v2); CPU %
+    over one ``interval`` shared by all of them."""
     handle = StoreHandle(store)
-    rec = find(handle, name_or_id)
-    dirs = _cgroup_dirs(rec)
-    first, t0 = _cpu_usage_ns(dirs), time.monotonic()
+    recs = [find(handle, n) for n in names_or_ids]
+    dirs = [_cgroup_dirs(rec) for rec in recs]
+    first, t0 = [_cpu_usage_ns(d) for d in dirs], time.monotonic()
     time.sleep(interval)
-    second, t1 = _cpu_usage_ns(dirs), time.monotonic()
-    cpu = 100.0 * (second - first) / ((t1 - t0) * 1e9) if first is not None else 0.0
-    memory, limit = _memory(dirs)
-    return {"ID": rec.id, "Name": rec.name, "CPUPerc": round(cpu, 2), "MemUsage": memory,
-            "MemLimit": limit, "PIDs": _first_int(dirs, ("pids", "pids.current"),
-                                                  ("", "pids.current")) or 0,
-            "BlockIO": _block_io(dirs)}
+    second, t1 = [_cpu_usage_ns(d) for d in dirs], time.monotonic()
+    rows = []
+    for rec, d, before, after in zip(recs, dirs, first, second, strict=True):
+        cpu = (100.0 * (after - before) / ((t1 - t0) * 1e9)
+               if before is not None and after is not None else 0.0)
+        memory, limit = _memory(d)
+        rows.append({"ID": rec.id, "Name": rec.name, "CPUPerc": round(cpu, 2),
+                     "MemUsage": memory, "MemLimit": limit,
+                     "PIDs": _first_int(d, ("pids", "pids.current"), ("", "pids.current")) or 0,
+                     "BlockIO": _block_io(d)})
+    return rows
 
 
 def _read_in(dirs: dict[str, str], controller: str, name: str) -> str | None:

@@ -122,6 +122,7 @@ class Monitor:
         self.spec = None
         self.pipes: dict[int, str] = {}
         self.stdin_w: int | None = None
+        self.log_fd: int | None = None  # ctr.log, opened at the first output
 
     # ---------------------------------------------------------------- starting
     def first_start(self) -> None:
@@ -292,8 +293,10 @@ class Monitor:
                 chunk = piece[start:start + _LINE_MAX]
                 lines.append(json.dumps({"log": chunk.decode("utf-8", "replace"),
                                          "stream": stream, "time": text}) + "\n")
-        with open(os.path.join(self.directory, LOG), "a") as f:
-            f.write("".join(lines))
+        if self.log_fd is None:
+            self.log_fd = os.open(os.path.join(self.directory, LOG),
+                                  os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.write(self.log_fd, "".join(lines).encode())
 
     def _teardown(self) -> None:
         if self.plan is not None:

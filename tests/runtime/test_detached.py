@@ -6,9 +6,12 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
+
+from tests.runtime.conftest import kiln_argv
 
 TRAP_TERM = "trap 'echo got-term; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
 
@@ -28,6 +31,7 @@ def detached(krun):
         return p
 
     run.cli = cli
+    run.root = krun.cli.root
     yield run
     for cid in made:
         cli("rm", "-f", cid, check=False)
@@ -194,6 +198,19 @@ def test_pause_top_stats_inspect(detached):
     stats = json.loads(cli("stats", "--no-stream", "--format", "json", cid).out)[0]
     assert stats["MemLimit"] == 64 << 20 and 0 < stats["MemUsage"] < 64 << 20
     assert stats["PIDs"] >= 1
+    # a busy second container: both sampled over the same interval; without --no-stream
+    # a new sample every second until interrupted
+    busy = detached("probe", "sh", "-c", "while :; do :; done").out.strip()
+    stream = subprocess.Popen(kiln_argv(detached.root, "stats", cid, busy),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [stream.stdout.readline() for _ in range(6)]
+    finally:
+        stream.kill()
+        stream.wait()
+    assert [line.split()[0] for line in lines] == ["CONTAINER", cid[:12], busy[:12]] * 2
+    cpu = {line.split()[0]: float(line.split()[2]) for line in lines[4:]}
+    assert cpu[busy[:12]] > 50 and cpu[cid[:12]] < cpu[busy[:12]]
     info = json.loads(cli("inspect", "--type", "container", f"pz{os.getpid()}").out)[0]
     assert info["Id"] == cid and info["State"]["Running"] and info["State"]["Pid"]
     assert info["Name"] == f"/pz{os.getpid()}" and info["Config"]["Image"] == "probe"
