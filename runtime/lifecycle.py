@@ -318,6 +318,13 @@ def set_paused(store, name_or_id: str, paused: bool) -> ContainerRecord:
     dirs = _cgroup_dirs(rec)
     if is_paused(rec) == paused:
         raise KilnError(f"container {rec.name} is {'already' if paused else 'not'} paused")
+    freeze(dirs, paused, rec.name)
+    return rec
+
+
+def freeze(dirs: dict[str, str], paused: bool, name: str) -> None:
+    """Freeze or thaw the cgroup in ``dirs`` (as cgroup_dirs_of gives them): the v1
+    freezer where there is one, else v2's cgroup.freeze; returns once it took effect."""
     freezer = next((d for k, d in dirs.items() if "freezer" in k.split(",")), None)
     unified = dirs.get("")
     deadline = time.monotonic() + 10
@@ -329,9 +336,9 @@ def set_paused(store, name_or_id: str, paused: bool) -> ContainerRecord:
                 f.write(want)
             with open(state) as f:
                 if f.read().strip() == want:
-                    return rec
+                    return
             if time.monotonic() > deadline:
-                raise KilnError(f"container {rec.name}: the freezer did not reach {want}")
+                raise KilnError(f"container {name}: the freezer did not reach {want}")
             time.sleep(0.01)
     if unified is not None and os.path.exists(os.path.join(unified, "cgroup.freeze")):
         with open(os.path.join(unified, "cgroup.freeze"), "w") as f:
@@ -340,11 +347,11 @@ def set_paused(store, name_or_id: str, paused: bool) -> ContainerRecord:
             with open(os.path.join(unified, "cgroup.events")) as f:
                 frozen = "frozen 1" in f.read()
             if frozen == paused:
-                return rec
+                return
             if time.monotonic() > deadline:
-                raise KilnError(f"container {rec.name}: cgroup.freeze did not take effect")
+                raise KilnError(f"container {name}: cgroup.freeze did not take effect")
             time.sleep(0.01)
-    raise KilnError(f"container {rec.name} has no freezer cgroup (on cgroup v1 only "
+    raise KilnError(f"container {name} has no freezer cgroup (on cgroup v1 only "
                     "detached containers, kiln run -d, get one)")
 
 

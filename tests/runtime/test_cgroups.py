@@ -490,6 +490,33 @@ def test_v2_real_read_only_device_is_refused_by_the_bpf_program(made, spawn):
     assert not os.path.exists(cg.path)
 
 
+@needs_unified
+def test_v2_real_freeze_and_thaw_for_kiln_pause(made, spawn, tmp_path):
+    """kiln pause's v2 path (cgroup.freeze, needing no controller) on the real unified
+    hierarchy: a ticking process stops ticking while frozen and ticks again after."""
+    from runtime.lifecycle import freeze
+
+    cg = V2Cgroup.create(unique_name(), Limits(), root=UNIFIED)
+    made.append(cg)
+    tick = tmp_path / "tick"
+    spawn(cg, f"""
+        import time
+        n = 0
+        while True:
+            n += 1
+            open({str(tick)!r}, "w").write(str(n))
+            time.sleep(0.01)
+    """)
+    assert wait_for(lambda: tick.exists() and tick.read_text())
+    freeze({"": cg.path}, True, "probe")
+    assert "frozen 1" in read(f"{cg.path}/cgroup.events")
+    frozen_at = tick.read_text()
+    time.sleep(0.3)
+    assert tick.read_text() == frozen_at
+    freeze({"": cg.path}, False, "probe")
+    assert wait_for(lambda: tick.read_text() != frozen_at)
+
+
 def test_device_program_rules_and_bad_rules():
     from runtime.device_filter import deny_program, parse_rule
 
