@@ -18,6 +18,7 @@ import json
 import os
 
 from store.digest import validate_digest
+from store.documents import LAYER_MEDIA_TYPES
 from store.errors import DigestError
 from store.fsutil import atomic_write
 from store.store import Store
@@ -41,33 +42,53 @@ def _path(store: Store, key: str) -> str:
     return os.path.join(store.cache_dir, key[:2], key + ".json")
 
 
-def load(store: Store, key: str, steps: int) -> dict | None:
-    """The record of ``key`` if it covers ``steps`` steps and its layer (if any) is still
-    whole in the store, else None."""
+def read(store: Store, key: str) -> dict | None:
+    """The record of ``key`` as stored, if it is well-formed (its layer may be gone)."""
     try:
         with open(_path(store, key), "rb") as f:
             rec = json.loads(f.read(MAX_RECORD))
     except (OSError, ValueError):
         return None
+    return rec if well_formed(rec) else None
+
+
+def well_formed(rec) -> bool:
+    """Whether ``rec`` has a record's shape: also the check of a record from a remote
+    cache (builder.cache_transfer), which is untrusted input."""
     if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
-        return None
+        return False
     history = rec.get("history")
-    if not isinstance(history, list) or len(history) != steps:
-        return None
+    if not isinstance(history, list) or not history:
+        return False
     for entry in history:
         if not isinstance(entry, dict) or not isinstance(entry.get("created"), str):
-            return None
+            return False
+        if not isinstance(entry.get("created_by", ""), str) or not isinstance(
+                entry.get("empty_layer", False), bool):
+            return False
     layer = rec.get("layer")
     if layer is not None:
         try:
             validate_digest(layer["digest"])
             validate_digest(layer["diff_id"])
-            if not isinstance(layer["mediaType"], str) or not isinstance(layer["size"], int):
-                return None
+            if layer["mediaType"] not in LAYER_MEDIA_TYPES or not isinstance(
+                    layer["size"], int) or layer["size"] < 0:
+                return False
         except (DigestError, KeyError, TypeError):
-            return None
-        if not store.has_blob(layer["digest"]) or not store.has_layer_dir(layer["diff_id"]):
-            return None
+            return False
+    return True
+
+
+def load(store: Store, key: str, steps: int) -> dict | None:
+    """The record of ``key`` if it covers ``steps`` steps and its layer (if any) is still
+    whole in the store, else None."""
+    rec = read(store, key)
+    if rec is None or len(rec["history"]) != steps:
+        return None
+    layer = rec["layer"]
+    if layer is not None and not (store.has_blob(layer["digest"])
+                                  and store.has_layer_dir(layer["diff_id"])):
+        return None
     return rec
 
 

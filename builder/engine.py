@@ -114,6 +114,11 @@ class BuildOptions:
     check_base: Callable[[str], None] | None = None
     # builder.memo's key of this build: a build that makes nothing new leaves a memo there
     memo_key: str | None = None
+    # --cache-from: a builder.cache_transfer.CacheSource, consulted on a miss in the store
+    cache_source: object = None
+    # --cache-to: called after the build with the keys of the steps of the target's stage
+    # chain (mode=min) and of every stage (mode=max)
+    cache_export: Callable[[list[str], list[str]], None] | None = None
 
 
 @dataclass
@@ -253,6 +258,7 @@ class Builder:
         # nothing pulled or downloaded), the image names it looked up in the store and
         # what they were, and what it printed
         self.made_nothing = True
+        self.used_keys: list[tuple[int, str]] = []  # (stage index, cache key): for --cache-to
         self.looked_up: dict[str, str | None] = {}
         self.said: list[str] = []
 
@@ -399,6 +405,8 @@ class Builder:
         if not self.opts.tags:  # listed as <none> until named, removed or pruned
             self.store.keep_untagged(desc)
         self._outputs(desc)
+        if self.opts.cache_export is not None:
+            self._export_cache(plan)
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
             Path(self.opts.iidfile).write_text(image_id)
@@ -546,6 +554,16 @@ class Builder:
         if found is None:
             raise BuildError(f"no Containerfile or Dockerfile in {self.opts.context}")
         return Path(found)
+
+    def _export_cache(self, plan) -> None:
+        by_index = {s.index: s for s in plan.needed}
+        chain, stage = set(), plan.target
+        while stage is not None:
+            chain.add(stage.index)
+            stage = by_index.get(stage.base_stage) if stage.base_stage is not None else None
+        keys = list(dict.fromkeys(k for _, k in self.used_keys))
+        target_keys = list(dict.fromkeys(k for i, k in self.used_keys if i in chain))
+        self.opts.cache_export(target_keys, keys)
 
     # -- stages ---------------------------------------------------------------------
     def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
@@ -727,13 +745,14 @@ class Builder:
         if not state.meta:
             return
         texts, key = state.meta, state.meta_key
-        rec = None if self.opts.no_cache else cache.load(self.store, key, len(texts))
+        rec = None if self.opts.no_cache else self._load(key, len(texts))
         if rec is not None and cache.describes(rec, texts):
             entries = rec["history"]
         else:
             now = _now(self.opts.epoch)
             entries = [{"created": now, "created_by": t, "empty_layer": True} for t in texts]
             self._record(key, history=entries, layer=None)
+        self.used_keys.append((state.index, key))
         state.meta, state.meta_chars = [], 0
         state.config.setdefault("history", []).extend(entries)
 
@@ -744,9 +763,10 @@ class Builder:
         self.flush_metadata(state)
         if self.opts.no_cache:
             return False
-        rec = cache.load(self.store, key, 1)
+        rec = self._load(key, 1)
         if rec is None:
             return False
+        self.used_keys.append((state.index, key))
         self._finish_commits(state)
         if cache.describes(rec, [created_by]):
             state.config.setdefault("history", []).extend(rec["history"])
@@ -760,6 +780,15 @@ class Builder:
         self.say_stage(state, "--> CACHED")
         return True
 
+    def _load(self, key: str, steps: int) -> dict | None:
+        """The store's record of ``key``, else one --cache-from has (brought in)."""
+        rec = cache.load(self.store, key, steps)
+        source = self.opts.cache_source
+        if rec is None and source is not None and source.bring(key, steps):
+            self.made_nothing = False
+            rec = cache.load(self.store, key, steps)
+        return rec
+
     def _record(self, key: str, *, history: list[dict], layer: dict | None) -> None:
         """A step's cache record written: this build made something (no builder.memo)."""
         self.made_nothing = False
@@ -772,6 +801,7 @@ class Builder:
         entry = self.history(state, created_by, empty=True)
         state.key = key
         self._record(key, history=[entry], layer=None)
+        self.used_keys.append((state.index, key))
 
     def commit(self, state: StageState, key: str, upper: str, created_by: str, *,
                reuse: tuple[str, dict[str, str]] | None = None) -> None:
@@ -839,6 +869,7 @@ class Builder:
                         p.layer.digest, p.layer.diff_id = desc.digest, diff_id
                         p.layer.media_type, p.layer.size = desc.media_type, desc.size
                         self._record(p.key, history=[p.entry], layer=p.layer.to_json())
+                        self.used_keys.append((state.index, p.key))
                         if p.reuse is not None:  # a hint for the step's next run
                             from builder import reuse
 

@@ -40,7 +40,7 @@ def key(params: dict, store) -> str | None:
     p = params
     if (p["no_cache"] or p["outputs"] or p["pull_policy"] in ("always", "newer")
             or p["sign_key"] or p["verify_keys"] or p["signature_policy"]
-            or p["squash"] or not p["layers"]
+            or p["squash"] or not p["layers"] or p.get("cache_to")
             or p["context"] == "-" or p["containerfile"] == "-"):
         return None
     from builder.context import default_containerfile

@@ -54,6 +54,12 @@ def _pull_policy(ctx, param, value: str) -> str:
               metavar="[always|missing|never|newer]", callback=_pull_policy,
               help="Pull FROM and COPY --from images: always, those the store lacks, never, "
                    "or when the registry has another digest. --pull alone: always.")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="SPEC",
+              help="Take steps from a build cache: type=registry,ref=REF (or REF alone) or "
+                   "type=local,src=DIR[,tag=TAG] (repeatable).")
+@click.option("--cache-to", "cache_to", multiple=True, metavar="SPEC",
+              help="Write the build cache: type=registry,ref=REF[,mode=min|max] or "
+                   "type=local,dest=DIR[,tag=TAG][,mode=...]; ignore-error=true to only warn.")
 @click.option("--sign-key", type=click.Path(), default=None,
               help="Sign the built image (for each -t repository) with this private key.")
 @click.option("--sign-passphrase-file", type=click.Path(), default=None)

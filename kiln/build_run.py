@@ -68,6 +68,8 @@ def build_image(store, params: dict) -> None:
                          "(-f - with CONTEXT -)")
     if context != "-" and not os.path.isdir(context):
         raise UsageError(f"build context {context} is not a directory")
+    cache_to = [_cache_spec("--cache-to", t) for t in p.get("cache_to") or ()]
+    cache_from = [_cache_spec("--cache-from", t) for t in p.get("cache_from") or ()]
     import time
 
     from builder import memo
@@ -90,7 +92,7 @@ def build_image(store, params: dict) -> None:
                 sys.stdout.write(image_id + "\n")
             return
     store = handle.store
-    from builder.engine import BuildOptions, build
+    from builder.engine import BuildOptions
     from kiln.config import setting
     from store.importer import source_date_epoch
 
@@ -142,6 +144,61 @@ def build_image(store, params: dict) -> None:
         opts.remote_digest = remote_digest
     if verify:
         opts.check_base = _base_checker(store, verify_keys, policy)
+    imported = None
+    if cache_from:
+        from kiln.registry_commands import make_options
+        from registry_client.build_cache import Imported
+
+        imported = Imported(store)
+        for spec in cache_from:
+            imported.add(spec, make_options(**reg))
+        opts.cache_source = imported.source
+    if cache_to:
+        opts.cache_export = _cache_exporter(store, cache_to, reg, p["quiet"])
+    try:
+        desc = _build_in_context(store, opts, context, containerfile)
+    finally:
+        if imported is not None:
+            imported.close()
+    if key is not None:
+        from kiln.sign_commands import sign_local
+
+        for tag in p["tags"]:
+            sign_local(store, tag, key)
+    if p["quiet"]:
+        sys.stdout.write(store.image_for(desc).config_descriptor().digest + "\n")
+
+
+def _cache_spec(flag: str, text: str):
+    from registry_client.build_cache import parse_cache_spec
+
+    return parse_cache_spec(flag, text)
+
+
+def _cache_exporter(store, specs, reg: dict, quiet: bool):
+    def export(target_keys: list[str], all_keys: list[str]) -> None:
+        from kiln.registry_commands import make_options
+        from registry_client.build_cache import export_cache
+        from store.errors import KilnError
+
+        for spec in specs:
+            try:
+                desc, image = export_cache(store, spec, target_keys, all_keys,
+                                           make_options(**reg))
+            except KilnError as e:
+                if not spec.ignore_error:
+                    raise KilnError(f"--cache-to {spec.text}: {e}") from None
+                sys.stderr.write(f"kiln: warning: --cache-to {spec.text}: {e}\n")
+                continue
+            if not quiet:
+                sys.stderr.write(f"--> cache: {image.records} steps, {len(image.layers())} "
+                                 f"layers to {spec.location} ({desc.digest[:19]})\n")
+    return export
+
+
+def _build_in_context(store, opts, context: str, containerfile: str | None):
+    from builder.engine import build
+
     if context == "-":
         # the context's work dir lives in the store's tmp/: held against a prune meanwhile
         with store.writing(), _StdinContext(store) as (root, text):
@@ -158,16 +215,8 @@ def build_image(store, params: dict) -> None:
                                      "or Dockerfile (name one with -f)")
                 opts.containerfile = os.path.join(root, name)
                 opts.containerfile_name = name
-            desc = build(store, opts)
-    else:
-        desc = build(store, opts)
-    if key is not None:
-        from kiln.sign_commands import sign_local
-
-        for tag in p["tags"]:
-            sign_local(store, tag, key)
-    if p["quiet"]:
-        sys.stdout.write(store.image_for(desc).config_descriptor().digest + "\n")
+            return build(store, opts)
+    return build(store, opts)
 
 
 def _read_stdin_containerfile() -> bytes:

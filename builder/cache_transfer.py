@@ -1,0 +1,170 @@
+"""The build cache as an image, for --cache-to and --cache-from (type=registry, type=local).
+
+A cache image is an OCI image manifest whose config (media type CACHE_CONFIG) maps step
+keys to their records (builder.cache: history entries and the step's layer) and whose
+layers are the layers those records name, so a registry's garbage collection keeps them.
+Keys hash only content (the base image's manifest digest, expanded instructions, build
+args, the bytes of COPY sources), so every machine computes the same keys for the same
+build, and a fresh runner finds its steps in a cache another machine wrote.
+
+A cache read from a registry or a directory is untrusted: its records are checked as
+``cache.well_formed`` checks the store's own, each layer blob is verified against its
+digest and unpacked against its diff_id before a record is saved in the store, and the
+document is read with the size limit of any image config. This module moves no bytes
+itself: the CLI hands it a ``CacheSource`` (registry_client.build_cache) that opens blobs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
+
+from builder import cache
+from store.digest import sha256_digest
+from store.documents import OCI_MANIFEST, Descriptor
+from store.errors import KilnError
+from store.image import BlobLayer
+from store.store import Store
+
+CACHE_CONFIG = "application/vnd.kiln.build-cache.config.v1+json"
+CACHE_FORMAT = "kiln-build-cache-1"
+MAX_RECORDS = 50_000
+_HEX = frozenset("0123456789abcdef")
+
+
+class CacheTransferError(KilnError):
+    pass
+
+
+def document(store: Store, keys: Iterable[str]) -> tuple[bytes, list[Descriptor], list[str]]:
+    """The cache config for ``keys`` (those with a record whose layer the store has), and
+    its layers' descriptors and diff_ids, each layer once."""
+    records: dict[str, dict] = {}
+    layers: dict[str, tuple[Descriptor, str]] = {}
+    for key in keys:
+        rec = cache.read(store, key)
+        if rec is None or key in records:
+            continue
+        layer = rec["layer"]
+        if layer is not None:
+            if not store.has_blob(layer["digest"]):
+                continue
+            layers.setdefault(layer["digest"], (
+                Descriptor(layer["mediaType"], layer["digest"], layer["size"]),
+                layer["diff_id"]))
+        records[key] = {"format": rec["format"], "history": rec["history"], "layer": layer}
+    raw = json.dumps({"format": CACHE_FORMAT, "records": records}, sort_keys=True,
+                     separators=(",", ":")).encode()
+    return raw, [d for d, _ in layers.values()], [i for _, i in layers.values()]
+
+
+class CacheImage:
+    """A cache document and its layers as an image (store.image.Image) for copy_image."""
+
+    def __init__(self, store: Store, keys: Iterable[str]):
+        self._raw_config, descs, diff_ids = document(store, keys)
+        self._layers = [BlobLayer(d, i, store.open_blob)
+                        for d, i in zip(descs, diff_ids, strict=True)]
+        self.records = len(json.loads(self._raw_config)["records"])
+        self._manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": Descriptor(CACHE_CONFIG, sha256_digest(self._raw_config),
+                                 len(self._raw_config)).to_json(),
+            "layers": [d.to_json() for d in descs]}
+        self._raw = json.dumps(self._manifest, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return sha256_digest(self._raw)
+
+    @property
+    def media_type(self) -> str:
+        return OCI_MANIFEST
+
+    def raw_manifest(self) -> bytes:
+        return self._raw
+
+    def manifest(self) -> dict:
+        return self._manifest
+
+    def raw_config(self) -> bytes:
+        return self._raw_config
+
+    def config(self) -> dict:
+        return json.loads(self._raw_config)
+
+    def layers(self) -> list[BlobLayer]:
+        return self._layers
+
+
+def parse_document(raw: bytes, where: str) -> dict[str, dict]:
+    """The records of a cache config read from ``where``; refuses anything malformed."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise CacheTransferError(f"cache {where}: the cache config is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
+        raise CacheTransferError(f"cache {where}: not a kiln build cache (format "
+                                 f"{doc.get('format') if isinstance(doc, dict) else None!r})")
+    records = doc.get("records")
+    if not isinstance(records, dict) or len(records) > MAX_RECORDS:
+        raise CacheTransferError(f"cache {where}: records must be an object of at most "
+                                 f"{MAX_RECORDS} entries")
+    for key, rec in records.items():
+        if len(key) != 64 or not set(key) <= _HEX or not cache.well_formed(rec):
+            raise CacheTransferError(f"cache {where}: malformed record {key[:80]!r}")
+    return records
+
+
+class CacheSource:
+    """Records of one or more imported caches, brought into the store on a hit.
+
+    ``open_blob(digest, size)`` gives a stream of a layer blob from where the cache lives
+    (it need not verify: the store verifies what it takes in)."""
+
+    def __init__(self, store: Store, warn: Callable[[str], None] | None = None):
+        self.store = store
+        self.warn = warn
+        self._records: dict[str, tuple[dict, Callable[[str, int], BinaryIO]]] = {}
+        self._lock = threading.Lock()
+        self.fetched: list[str] = []  # layer digests brought in
+
+    def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO]) -> None:
+        for key, rec in records.items():
+            self._records.setdefault(key, (rec, open_blob))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def bring(self, key: str, steps: int) -> bool:
+        """Whether ``key``'s record (covering ``steps`` steps) is in the store now: taken
+        from an imported cache with its layer when the store lacks it."""
+        found = self._records.get(key)
+        if found is None:
+            return False
+        rec, open_blob = found
+        if len(rec["history"]) != steps:
+            return False
+        try:
+            self._bring(key, rec, open_blob)
+        except (KilnError, OSError) as e:  # a cache is an optimisation: the step runs
+            if self.warn is not None:
+                self.warn(f"--cache-from: cannot take step {key[:12]} from the cache: {e}")
+            return False
+        return True
+
+    def _bring(self, key: str, rec: dict, open_blob: Callable[[str, int], BinaryIO]) -> None:
+        with self._lock:
+            layer = rec["layer"]
+            if layer is not None:
+                desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+                if not self.store.has_blob(desc.digest):
+                    with open_blob(desc.digest, desc.size) as stream:
+                        self.store.put_blob(stream, desc.media_type, digest=desc.digest,
+                                            size=desc.size)
+                    self.fetched.append(desc.digest)
+                self.store.ensure_layer_dir(BlobLayer(desc, layer["diff_id"],
+                                                      self.store.open_blob))
+            cache.save(self.store, key, history=rec["history"], layer=layer)

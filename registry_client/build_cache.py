@@ -1,0 +1,161 @@
+"""--cache-to and --cache-from: the build cache to and from a registry or a directory.
+
+Spelled as buildx spells them: ``type=registry,ref=REG/REPO:TAG[,mode=min|max]``,
+``type=local,dest=DIR`` (to) and ``type=local,src=DIR`` (from), ``[,tag=TAG]`` for a
+directory (default latest), and a bare ``REG/REPO:TAG`` for type=registry. mode=min (the
+default, as buildx) exports the steps of the image's own stage chain, mode=max those of
+every stage built. ``ignore-error=true`` turns a failed export into a warning. A cache
+that is not there yet is a warning, not an error: the first build of a pipeline writes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from builder.cache_transfer import CACHE_CONFIG, CacheImage, CacheSource, parse_document
+from registry_client.errors import NotFoundOnRegistry
+from registry_client.transport import RegistryOptions
+from store.documents import OCI_MANIFEST, Descriptor
+from store.errors import KilnError, NotFoundError, StoreError
+from store.reference import parse_reference
+from store.store import Store
+
+# buildx keys kiln accepts and has nothing to do for (its layers keep their compression)
+_IGNORED = {"compression", "compression-level", "force-compression", "oci-mediatypes",
+            "image-manifest"}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    kind: str  # "registry" or "local"
+    location: str  # a reference, or a directory
+    tag: str = "latest"  # local only
+    mode: str = "min"
+    ignore_error: bool = False
+    text: str = ""
+
+
+def parse_cache_spec(flag: str, text: str) -> CacheSpec:
+    if "=" not in text.split(",", 1)[0]:
+        text = f"type=registry,ref={text}"
+    values: dict[str, str] = {}
+    for part in text.split(","):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise KilnError(f"{flag} {text!r}: want key=value pairs separated by commas")
+        values[k.strip()] = v
+    kind = values.pop("type", None)
+    where = {"registry": "ref", "local": "dest" if flag == "--cache-to" else "src"}.get(
+        kind or "")
+    if where is None:
+        raise KilnError(f"{flag} {text!r}: type must be registry or local (kiln has no "
+                        f"{kind!r} cache)" if kind else f"{flag} {text!r}: type= is missing")
+    location = values.pop(where, None)
+    if not location:
+        raise KilnError(f"{flag} {text!r}: {where}= is missing")
+    if kind == "registry":
+        ref = parse_reference(location)
+        location = str(ref)
+    mode = values.pop("mode", "min")
+    if mode not in ("min", "max") or (mode != "min" and flag != "--cache-to"):
+        raise KilnError(f"{flag} {text!r}: mode must be min or max (of --cache-to)")
+    ignore = values.pop("ignore-error", "false").lower()
+    if ignore not in ("true", "false"):
+        raise KilnError(f"{flag} {text!r}: ignore-error must be true or false")
+    tag = values.pop("tag", "latest") if kind == "local" else "latest"
+    unknown = set(values) - _IGNORED
+    if unknown:
+        raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
+    return CacheSpec(kind, location, tag, mode, ignore == "true", text)
+
+
+def export_cache(store: Store, spec: CacheSpec, target_keys: list[str], all_keys: list[str],
+                 options: RegistryOptions) -> tuple[Descriptor, CacheImage]:
+    """Write the cache of ``spec.mode``'s keys where ``spec`` says; blobs the destination
+    has already are not sent again."""
+    from store.image import copy_image
+
+    image = CacheImage(store, all_keys if spec.mode == "max" else target_keys)
+    if spec.kind == "local":
+        from store.oci_dir import LayoutSink
+
+        return copy_image(image, LayoutSink(spec.location), tags=[spec.tag]), image
+    from registry_client.push import RemoteSink
+    from registry_client.remote import RemoteRepository
+    from store.blobinfo import BlobInfoCache
+
+    ref = parse_reference(spec.location)
+    repo = RemoteRepository.for_reference(ref, options)
+    try:
+        desc = copy_image(image, RemoteSink(repo, BlobInfoCache(store.root)),
+                          tags=[ref.tag or "latest"], concurrency=options.concurrency)
+    finally:
+        repo.transport.close()
+    return desc, image
+
+
+class Imported:
+    """The caches a build reads (--cache-from), opened for its length."""
+
+    def __init__(self, store: Store, warn=None):
+        self._warn = warn or (lambda text: sys.stderr.write(f"kiln: warning: {text}\n"))
+        self.source = CacheSource(store, warn=self._warn)
+        self._repos: list = []
+
+    def add(self, spec: CacheSpec, options: RegistryOptions) -> int:
+        """Read the cache ``spec`` names; the number of records it has."""
+        if spec.kind == "local":
+            return self._add_local(spec)
+        from registry_client.remote import RemoteRepository
+
+        ref = parse_reference(spec.location)
+        repo = RemoteRepository.for_reference(ref, options)
+        self._repos.append(repo)
+        try:
+            manifest = repo.get_manifest(ref.digest or ref.tag or "latest")
+        except NotFoundOnRegistry:
+            self._warn(f"--cache-from {spec.location}: no cache there yet")
+            return 0
+        where = f"{spec.location} ({manifest.descriptor.digest})"
+        config = _cache_config(manifest.raw, manifest.descriptor.media_type, where)
+        records = parse_document(repo.read_blob(config.digest, config.size), where)
+        self.source.add(records, repo.open_blob)
+        return len(records)
+
+    def _add_local(self, spec: CacheSpec) -> int:
+        from store.oci_dir import LayoutSource
+
+        try:
+            layout = LayoutSource(spec.location)
+            entry = layout.find(spec.tag)
+        except (NotFoundError, StoreError, OSError) as e:
+            self._warn(f"--cache-from {spec.location}: no cache there ({e})")
+            return 0
+        where = f"{spec.location}:{spec.tag} ({entry.digest})"
+        raw = layout.layout.read_blob(entry.digest, entry.size)
+        config = _cache_config(raw, entry.media_type, where)
+        records = parse_document(layout.layout.read_blob(config.digest, config.size), where)
+        self.source.add(records, layout.layout.open_blob)
+        return len(records)
+
+    def close(self) -> None:
+        for repo in self._repos:
+            repo.transport.close()
+        self._repos = []
+
+
+def _cache_config(raw: bytes, media_type: str, where: str) -> Descriptor:
+    import json
+
+    from builder.cache_transfer import CacheTransferError
+
+    try:
+        doc = json.loads(raw)
+        config = Descriptor.from_json(doc["config"], where="cache manifest config")
+    except (ValueError, KeyError, TypeError, KilnError) as e:
+        raise CacheTransferError(f"cache {where}: not an image manifest: {e}") from None
+    if media_type not in (OCI_MANIFEST, "") or config.media_type != CACHE_CONFIG:
+        raise CacheTransferError(f"cache {where}: not a kiln build cache (its config is "
+                                 f"{config.media_type}, not {CACHE_CONFIG})")
+    return config
