@@ -80,14 +80,13 @@ def well_formed(rec) -> bool:
 
 
 def load(store: Store, key: str, steps: int) -> dict | None:
-    """The record of ``key`` if it covers ``steps`` steps and its layer (if any) is still
-    whole in the store, else None."""
+    """The record of ``key`` if it covers ``steps`` steps and the store has its layer's
+    blob (the layer's dir is unpacked from it when a step needs it), else None."""
     rec = read(store, key)
     if rec is None or len(rec["history"]) != steps:
         return None
     layer = rec["layer"]
-    if layer is not None and not (store.has_blob(layer["digest"])
-                                  and store.has_layer_dir(layer["diff_id"])):
+    if layer is not None and not store.has_blob(layer["digest"]):
         return None
     return rec
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from builder import cache
@@ -38,12 +39,14 @@ class CacheTransferError(KilnError):
     pass
 
 
-def document(store: Store, keys: Iterable[str]) -> tuple[bytes, list[Descriptor], list[str]]:
-    """The cache config for ``keys`` (those with a record whose layer the store has), and
-    its layers' descriptors and diff_ids, each layer once."""
+def document(store: Store, chains: list[list[str]]
+             ) -> tuple[bytes, list[Descriptor], list[str]]:
+    """The cache config for the keys of ``chains`` (the keys of each stage's steps, in
+    order; those with a record whose layer the store has), and its layers' descriptors
+    and diff_ids, each layer once."""
     records: dict[str, dict] = {}
     layers: dict[str, tuple[Descriptor, str]] = {}
-    for key in keys:
+    for key in (k for chain in chains for k in chain):
         rec = cache.read(store, key)
         if rec is None or key in records:
             continue
@@ -55,16 +58,18 @@ def document(store: Store, keys: Iterable[str]) -> tuple[bytes, list[Descriptor]
                 Descriptor(layer["mediaType"], layer["digest"], layer["size"]),
                 layer["diff_id"]))
         records[key] = {"format": rec["format"], "history": rec["history"], "layer": layer}
-    raw = json.dumps({"format": CACHE_FORMAT, "records": records}, sort_keys=True,
-                     separators=(",", ":")).encode()
+    chains = [[k for k in chain if k in records] for chain in chains]
+    raw = json.dumps({"format": CACHE_FORMAT, "records": records,
+                      "chains": [c for c in chains if c]},
+                     sort_keys=True, separators=(",", ":")).encode()
     return raw, [d for d, _ in layers.values()], [i for _, i in layers.values()]
 
 
 class CacheImage:
     """A cache document and its layers as an image (store.image.Image) for copy_image."""
 
-    def __init__(self, store: Store, keys: Iterable[str]):
-        self._raw_config, descs, diff_ids = document(store, keys)
+    def __init__(self, store: Store, chains: list[list[str]]):
+        self._raw_config, descs, diff_ids = document(store, chains)
         self._layers = [BlobLayer(d, i, store.open_blob)
                         for d, i in zip(descs, diff_ids, strict=True)]
         self.records = len(json.loads(self._raw_config)["records"])
@@ -99,8 +104,9 @@ class CacheImage:
         return self._layers
 
 
-def parse_document(raw: bytes, where: str) -> dict[str, dict]:
-    """The records of a cache config read from ``where``; refuses anything malformed."""
+def parse_document(raw: bytes, where: str) -> tuple[dict[str, dict], list[list[str]]]:
+    """The records and chains of a cache config read from ``where``; refuses anything
+    malformed."""
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -115,56 +121,104 @@ def parse_document(raw: bytes, where: str) -> dict[str, dict]:
     for key, rec in records.items():
         if len(key) != 64 or not set(key) <= _HEX or not cache.well_formed(rec):
             raise CacheTransferError(f"cache {where}: malformed record {key[:80]!r}")
-    return records
+    chains = doc.get("chains", [])
+    if not isinstance(chains, list) or not all(
+            isinstance(c, list) and all(isinstance(k, str) and k in records for k in c)
+            for c in chains) or sum(map(len, chains)) > MAX_RECORDS:
+        raise CacheTransferError(f"cache {where}: malformed chains")
+    return records, chains
 
 
 class CacheSource:
     """Records of one or more imported caches, brought into the store on a hit.
 
     ``open_blob(digest, size)`` gives a stream of a layer blob from where the cache lives
-    (it need not verify: the store verifies what it takes in)."""
+    (it need not verify: the store verifies what it takes in). A hit brings the layer's
+    blob only (the build unpacks it if a step runs on top of it), after checking that its
+    content is the diff_id the record claims; and it starts fetching, in the background,
+    the layers of the steps that came after it when the cache was written, which a fresh
+    runner is about to ask for."""
+
+    PREFETCH = 4
 
     def __init__(self, store: Store, warn: Callable[[str], None] | None = None):
         self.store = store
         self.warn = warn
         self._records: dict[str, tuple[dict, Callable[[str, int], BinaryIO]]] = {}
+        self._next: dict[str, list[str]] = {}  # key -> the keys after it in its stage
         self._lock = threading.Lock()
+        self._fetching: dict[str, Future] = {}  # layer digest -> its fetch
+        self._pool: ThreadPoolExecutor | None = None
         self.fetched: list[str] = []  # layer digests brought in
 
-    def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO]) -> None:
+    def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO],
+            chains: list[list[str]] = ()) -> None:
         for key, rec in records.items():
             self._records.setdefault(key, (rec, open_blob))
+        for chain in chains:
+            for i, key in enumerate(chain):
+                self._next.setdefault(key, chain[i + 1:])
 
     def __len__(self) -> int:
         return len(self._records)
 
     def bring(self, key: str, steps: int) -> bool:
         """Whether ``key``'s record (covering ``steps`` steps) is in the store now: taken
-        from an imported cache with its layer when the store lacks it."""
+        from an imported cache with its layer's blob when the store lacks it."""
         found = self._records.get(key)
-        if found is None:
+        if found is None or len(found[0]["history"]) != steps:
             return False
-        rec, open_blob = found
-        if len(rec["history"]) != steps:
-            return False
+        rec = found[0]
         try:
-            self._bring(key, rec, open_blob)
+            if rec["layer"] is not None:
+                self._fetch(key).result()
         except (KilnError, OSError) as e:  # a cache is an optimisation: the step runs
             if self.warn is not None:
                 self.warn(f"--cache-from: cannot take step {key[:12]} from the cache: {e}")
             return False
+        cache.save(self.store, key, history=rec["history"], layer=rec["layer"])
+        for later in self._next.get(key, ()):
+            if self._records.get(later, ({"layer": None},))[0]["layer"] is not None:
+                self._fetch(later)
         return True
 
-    def _bring(self, key: str, rec: dict, open_blob: Callable[[str, int], BinaryIO]) -> None:
+    def _fetch(self, key: str) -> Future:
+        rec, open_blob = self._records[key]
+        layer = rec["layer"]
         with self._lock:
-            layer = rec["layer"]
-            if layer is not None:
-                desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
-                if not self.store.has_blob(desc.digest):
-                    with open_blob(desc.digest, desc.size) as stream:
-                        self.store.put_blob(stream, desc.media_type, digest=desc.digest,
-                                            size=desc.size)
-                    self.fetched.append(desc.digest)
-                self.store.ensure_layer_dir(BlobLayer(desc, layer["diff_id"],
-                                                      self.store.open_blob))
-            cache.save(self.store, key, history=rec["history"], layer=layer)
+            future = self._fetching.get(layer["digest"])
+            if future is None or (future.done() and future.exception() is not None):
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.PREFETCH,
+                                                    thread_name_prefix="kiln-cache-fetch")
+                future = self._pool.submit(self._bring_layer, layer, open_blob)
+                self._fetching[layer["digest"]] = future
+        return future
+
+    def _bring_layer(self, layer: dict, open_blob: Callable[[str, int], BinaryIO]) -> None:
+        desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+        if not self.store.has_blob(desc.digest):
+            with open_blob(desc.digest, desc.size) as stream:
+                self.store.put_blob(stream, desc.media_type, digest=desc.digest,
+                                    size=desc.size)
+            self.fetched.append(desc.digest)
+        if not self.store.has_layer_dir(layer["diff_id"]):
+            # the record's diff_id goes into the image's config: check it is this content
+            got = _diff_id(BlobLayer(desc, layer["diff_id"], self.store.open_blob))
+            if got != layer["diff_id"]:
+                raise CacheTransferError(f"layer {desc.digest} has diff_id {got}, not the "
+                                         f"{layer['diff_id']} its record claims")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _diff_id(layer: BlobLayer) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with layer.open_uncompressed() as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()

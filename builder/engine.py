@@ -116,9 +116,9 @@ class BuildOptions:
     memo_key: str | None = None
     # --cache-from: a builder.cache_transfer.CacheSource, consulted on a miss in the store
     cache_source: object = None
-    # --cache-to: called after the build with the keys of the steps of the target's stage
-    # chain (mode=min) and of every stage (mode=max)
-    cache_export: Callable[[list[str], list[str]], None] | None = None
+    # --cache-to: called after the build with the keys of each stage's steps in order, of
+    # the target's stage chain (mode=min) and of every stage (mode=max)
+    cache_export: Callable[[list[list[str]], list[list[str]]], None] | None = None
 
 
 @dataclass
@@ -561,9 +561,11 @@ class Builder:
         while stage is not None:
             chain.add(stage.index)
             stage = by_index.get(stage.base_stage) if stage.base_stage is not None else None
-        keys = list(dict.fromkeys(k for _, k in self.used_keys))
-        target_keys = list(dict.fromkeys(k for i, k in self.used_keys if i in chain))
-        self.opts.cache_export(target_keys, keys)
+        chains: dict[int, list[str]] = {}  # each stage's keys in order
+        for index, key in self.used_keys:
+            chains.setdefault(index, []).append(key)
+        self.opts.cache_export([chains[i] for i in sorted(chains) if i in chain],
+                               [chains[i] for i in sorted(chains)])
 
     # -- stages ---------------------------------------------------------------------
     def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
@@ -843,6 +845,7 @@ class Builder:
             remove_tree(stage_dir)
             raise
         state.pending.append(pending)
+        self.used_keys.append((state.index, key))  # in step order: its record comes later
 
     def _finish_commits(self, state: StageState, *, quiet: bool = False, keep: int = 0) -> None:
         """Wait for the stage's pending commits but the newest ``keep``; their layers go into
@@ -869,7 +872,6 @@ class Builder:
                         p.layer.digest, p.layer.diff_id = desc.digest, diff_id
                         p.layer.media_type, p.layer.size = desc.media_type, desc.size
                         self._record(p.key, history=[p.entry], layer=p.layer.to_json())
-                        self.used_keys.append((state.index, p.key))
                         if p.reuse is not None:  # a hint for the step's next run
                             from builder import reuse
 
@@ -903,10 +905,22 @@ class Builder:
             if id(la) in staged:
                 dirs.append(staged[id(la)])
                 continue
-            if not self.store.has_layer_dir(la.diff_id):
-                raise BuildError(f"layer {la.diff_id} is missing from the store")
-            dirs.append(str(self.store.layer_dir(la.diff_id)))
+            dirs.append(self._unpacked(la))
         return dirs
+
+    def _unpacked(self, la: Layer) -> str:
+        """A layer's dir, unpacked from its blob first if need be: a step taken from an
+        imported cache brings only the blob, which a build that runs nothing on top of it
+        never unpacks."""
+        if self.store.has_layer_dir(la.diff_id):
+            return str(self.store.layer_dir(la.diff_id))
+        from store.image import BlobLayer
+
+        if not self.store.has_blob(la.digest):
+            raise BuildError(f"layer {la.diff_id} is missing from the store")
+        desc = Descriptor(la.media_type, la.digest, la.size)
+        return str(self.store.ensure_layer_dir(BlobLayer(desc, la.diff_id,
+                                                         self.store.open_blob)))
 
     def new_upper(self) -> tuple[str, str]:
         work = self.store.mkdtemp("step-")
@@ -957,7 +971,7 @@ class Builder:
         if len(new) <= 1:
             return
         base = state.layers[:state.base_layer_count]
-        new_dirs = [str(self.store.layer_dir(la.diff_id)) for la in new]
+        new_dirs = [self._unpacked(la) for la in new]
         work, upper = self.new_upper()
         try:
             def replay(root: str) -> None:

@@ -176,14 +176,14 @@ def _cache_spec(flag: str, text: str):
 
 
 def _cache_exporter(store, specs, reg: dict, quiet: bool):
-    def export(target_keys: list[str], all_keys: list[str]) -> None:
+    def export(target_chains: list[list[str]], all_chains: list[list[str]]) -> None:
         from kiln.registry_commands import make_options
         from registry_client.build_cache import export_cache
         from store.errors import KilnError
 
         for spec in specs:
             try:
-                desc, image = export_cache(store, spec, target_keys, all_keys,
+                desc, image = export_cache(store, spec, target_chains, all_chains,
                                            make_options(**reg))
             except KilnError as e:
                 if not spec.ignore_error:

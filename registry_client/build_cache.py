@@ -70,13 +70,14 @@ def parse_cache_spec(flag: str, text: str) -> CacheSpec:
     return CacheSpec(kind, location, tag, mode, ignore == "true", text)
 
 
-def export_cache(store: Store, spec: CacheSpec, target_keys: list[str], all_keys: list[str],
-                 options: RegistryOptions) -> tuple[Descriptor, CacheImage]:
-    """Write the cache of ``spec.mode``'s keys where ``spec`` says; blobs the destination
-    has already are not sent again."""
+def export_cache(store: Store, spec: CacheSpec, target_chains: list[list[str]],
+                 all_chains: list[list[str]], options: RegistryOptions
+                 ) -> tuple[Descriptor, CacheImage]:
+    """Write the cache of ``spec.mode``'s stages where ``spec`` says; blobs the
+    destination has already are not sent again."""
     from store.image import copy_image
 
-    image = CacheImage(store, all_keys if spec.mode == "max" else target_keys)
+    image = CacheImage(store, all_chains if spec.mode == "max" else target_chains)
     if spec.kind == "local":
         from store.oci_dir import LayoutSink
 
@@ -119,8 +120,8 @@ class Imported:
             return 0
         where = f"{spec.location} ({manifest.descriptor.digest})"
         config = _cache_config(manifest.raw, manifest.descriptor.media_type, where)
-        records = parse_document(repo.read_blob(config.digest, config.size), where)
-        self.source.add(records, repo.open_blob)
+        records, chains = parse_document(repo.read_blob(config.digest, config.size), where)
+        self.source.add(records, repo.open_blob, chains)
         return len(records)
 
     def _add_local(self, spec: CacheSpec) -> int:
@@ -135,11 +136,13 @@ class Imported:
         where = f"{spec.location}:{spec.tag} ({entry.digest})"
         raw = layout.layout.read_blob(entry.digest, entry.size)
         config = _cache_config(raw, entry.media_type, where)
-        records = parse_document(layout.layout.read_blob(config.digest, config.size), where)
-        self.source.add(records, layout.layout.open_blob)
+        records, chains = parse_document(layout.layout.read_blob(config.digest, config.size),
+                                         where)
+        self.source.add(records, layout.layout.open_blob, chains)
         return len(records)
 
     def close(self) -> None:
+        self.source.close()
         for repo in self._repos:
             repo.transport.close()
         self._repos = []
