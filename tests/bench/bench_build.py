@@ -33,9 +33,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT))
 
 from tests.interop.conftest import (  # noqa: E402  (needs PROJECT on the path)
-    CONTAINERS_CONF,
-    STORAGE_CONF,
     ContainerTools,
+    private_container_tools,
 )
 
 BENCH = PROJECT / "Containerfiles" / "bench"
@@ -153,19 +152,7 @@ class Buildah(Builder):
 
     def fresh(self) -> None:
         super().fresh()
-        base = self.work / f"buildah-{self.generation}"
-        for sub in ("storage", "podman-tmp", "net"):
-            (base / sub).mkdir(parents=True)
-        runroot = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))  # short: podman's limit
-        (base / "containers.conf").write_text(CONTAINERS_CONF.format(
-            tmp=base / "podman-tmp", net=base / "net"))
-        (base / "storage.conf").write_text(STORAGE_CONF.format(
-            driver="overlay", root=base / "storage", runroot=runroot))
-        self.tools = ContainerTools(base, runroot, "overlay", env={
-            "CONTAINERS_CONF": str(base / "containers.conf"),
-            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-            "XDG_CONFIG_HOME": str(base / "xdg-config"),
-        })
+        self.tools = private_container_tools(self.work / f"buildah-{self.generation}")
         self.all_tools.append(self.tools)
         self.tools.skopeo("--insecure-policy", "copy",
                           f"oci-archive:{self.inputs.oci_archive}:{BASE}",

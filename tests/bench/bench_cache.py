@@ -27,11 +27,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT))
 
 from tests.bench.bench_build import CONTAINERFILE, Inputs, _unmount_below  # noqa: E402
-from tests.interop.conftest import (  # noqa: E402
-    CONTAINERS_CONF,
-    STORAGE_CONF,
-    ContainerTools,
-)
+from tests.interop.conftest import ContainerTools, private_container_tools  # noqa: E402
 from tests.registry.servers import start_registry  # noqa: E402
 
 TARGET = 0.3
@@ -53,18 +49,7 @@ def run(cmd: list[str], env: dict | None = None) -> str:
 
 
 def buildah_tools(base: Path) -> ContainerTools:
-    for sub in ("storage", "podman-tmp", "net"):
-        (base / sub).mkdir(parents=True)
-    runroot = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
-    (base / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=base / "podman-tmp",
-                                                                 net=base / "net"))
-    (base / "storage.conf").write_text(STORAGE_CONF.format(driver="overlay",
-                                                           root=base / "storage",
-                                                           runroot=runroot))
-    return ContainerTools(base, runroot, "overlay", env={
-        "CONTAINERS_CONF": str(base / "containers.conf"),
-        "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-        "XDG_CONFIG_HOME": str(base / "xdg-config")})
+    return private_container_tools(base, "kc-")
 
 
 def main() -> None:

@@ -80,21 +80,10 @@ class Kiln:
 
 def buildah_times(work: Path, rootfs: Path, ctx: Path, timeout: float) -> tuple:
     """(cold, no-op) seconds of buildah bud --layers on ``ctx``; None for one that timed out."""
-    from tests.interop.conftest import CONTAINERS_CONF, STORAGE_CONF, ContainerTools
+    from tests.interop.conftest import private_container_tools
 
-    base = work / "buildah"
-    for sub in ("storage", "podman-tmp", "net"):
-        (base / sub).mkdir(parents=True)
-    runroot = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))
-    (base / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=base / "podman-tmp",
-                                                                 net=base / "net"))
-    (base / "storage.conf").write_text(STORAGE_CONF.format(driver="overlay",
-                                                           root=base / "storage",
-                                                           runroot=runroot))
-    env = {"CONTAINERS_CONF": str(base / "containers.conf"),
-           "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-           "XDG_CONFIG_HOME": str(base / "xdg-config")}
-    tools = ContainerTools(base, runroot, "overlay", env=env)
+    tools = private_container_tools(work / "buildah")
+    env = tools.env
     tar = work / "busybox.tar"
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
     tools.buildah("from", "--name", "imp", "scratch")
@@ -118,8 +107,8 @@ def buildah_times(work: Path, rootfs: Path, ctx: Path, timeout: float) -> tuple:
             times.append(None)
             break
     tools.buildah("rm", "--all", check=False)
-    subprocess.run(["umount", "-R", str(base / "storage")], capture_output=True)
-    shutil.rmtree(runroot, ignore_errors=True)
+    subprocess.run(["umount", "-R", str(tools.root)], capture_output=True)
+    shutil.rmtree(tools.runroot, ignore_errors=True)
     return tuple(times + [None] * (2 - len(times)))
 
 

@@ -246,6 +246,24 @@ class ContainerTools:
         return f"containers-storage:[{self.driver}@{self.root}+{self.runroot}]{name}"
 
 
+def private_container_tools(base: Path, runroot_prefix: str = "kb-") -> ContainerTools:
+    """buildah/podman/skopeo on an overlay containers-storage of their own under ``base``
+    (made here), configured like the host's but for paths; the run root goes under /tmp
+    (podman limits its length)."""
+    for sub in ("storage", "podman-tmp", "net"):
+        (base / sub).mkdir(parents=True)
+    runroot = Path(tempfile.mkdtemp(prefix=runroot_prefix, dir="/tmp"))
+    (base / "containers.conf").write_text(CONTAINERS_CONF.format(tmp=base / "podman-tmp",
+                                                                 net=base / "net"))
+    (base / "storage.conf").write_text(STORAGE_CONF.format(driver="overlay",
+                                                           root=base / "storage",
+                                                           runroot=runroot))
+    return ContainerTools(base, runroot, "overlay", env={
+        "CONTAINERS_CONF": str(base / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+        "XDG_CONFIG_HOME": str(base / "xdg-config")})
+
+
 @contextmanager
 def busybox_in_kiln_and_buildah(tools: ContainerTools, busybox_rootfs: Path,
                                 work: Path) -> Iterator[KilnCLI]:
