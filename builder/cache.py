@@ -24,6 +24,7 @@ from store.fsutil import atomic_write
 from store.store import Store
 
 CACHE_VERSION = "kiln-build-cache-1"
+INLINE_KEY = "kiln.build-cache.v1"  # an image config's field holding an inline cache
 RECORD_FORMAT = 2
 MAX_RECORD = 64 << 20  # bytes read from a record; a stage's budget keeps them far smaller
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from builder import cache
@@ -65,6 +64,19 @@ def document(store: Store, chains: list[list[str]]
     return raw, [d for d, _ in layers.values()], [i for _, i in layers.values()]
 
 
+INLINE_KEY = cache.INLINE_KEY
+
+
+def inline_document(store: Store, chains: list[list[str]], image_layers: set[str]) -> dict:
+    """--cache-to type=inline: the cache of the image's own steps, to go into its config
+    (as BuildKit's moby.buildkit.cache.v0): records whose layers are the image's only."""
+    doc = json.loads(document(store, chains)[0])
+    records = {k: r for k, r in doc["records"].items()
+               if r["layer"] is None or r["layer"]["digest"] in image_layers}
+    return {"format": CACHE_FORMAT, "records": records,
+            "chains": [[k for k in c if k in records] for c in doc["chains"]]}
+
+
 class CacheImage:
     """A cache document and its layers as an image (store.image.Image) for copy_image."""
 
@@ -104,11 +116,11 @@ class CacheImage:
         return self._layers
 
 
-def parse_document(raw: bytes, where: str) -> tuple[dict[str, dict], list[list[str]]]:
-    """The records and chains of a cache config read from ``where``; refuses anything
-    malformed."""
+def parse_document(raw: bytes | dict, where: str) -> tuple[dict[str, dict], list[list[str]]]:
+    """The records and chains of a cache config (or an inline cache's document) read from
+    ``where``; refuses anything malformed."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw) if isinstance(raw, bytes) else raw
     except ValueError as e:
         raise CacheTransferError(f"cache {where}: the cache config is not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
@@ -147,8 +159,8 @@ class CacheSource:
         self._records: dict[str, tuple[dict, Callable[[str, int], BinaryIO]]] = {}
         self._next: dict[str, list[str]] = {}  # key -> the keys after it in its stage
         self._lock = threading.Lock()
-        self._fetching: dict[str, Future] = {}  # layer digest -> its fetch
-        self._pool: ThreadPoolExecutor | None = None
+        self._fetching: dict = {}  # layer digest -> the Future of its fetch
+        self._pool = None  # a ThreadPoolExecutor once a layer is fetched
         self.fetched: list[str] = []  # layer digests brought in
 
     def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO],
@@ -182,13 +194,15 @@ class CacheSource:
                 self._fetch(later)
         return True
 
-    def _fetch(self, key: str) -> Future:
+    def _fetch(self, key: str):
         rec, open_blob = self._records[key]
         layer = rec["layer"]
         with self._lock:
             future = self._fetching.get(layer["digest"])
             if future is None or (future.done() and future.exception() is not None):
                 if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
                     self._pool = ThreadPoolExecutor(self.PREFETCH,
                                                     thread_name_prefix="kiln-cache-fetch")
                 future = self._pool.submit(self._bring_layer, layer, open_blob)

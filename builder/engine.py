@@ -119,6 +119,8 @@ class BuildOptions:
     # --cache-to: called after the build with the keys of each stage's steps in order, of
     # the target's stage chain (mode=min) and of every stage (mode=max)
     cache_export: Callable[[list[list[str]], list[list[str]]], None] | None = None
+    # --cache-to type=inline: the cache of the image's own steps goes into its config
+    inline_cache: bool = False
 
 
 @dataclass
@@ -395,7 +397,17 @@ class Builder:
             self._squash(final)
         elif not self.opts.layers:
             self._merge_new_layers(final)
-        desc = self._write_image(final)
+        inline = None
+        if self.opts.inline_cache:
+            if self.opts.squash or not self.opts.layers:
+                self.say("[Warning] --cache-to type=inline: a squashed image has not the "
+                         "layers of its steps; no cache written into it")
+            else:
+                from builder.cache_transfer import inline_document
+
+                inline = inline_document(self.store, self._chains(plan)[0],
+                                         {la.digest for la in final.layers})
+        desc = self._write_image(final, inline)
         unused = set(self.opts.build_args) - self.used_args - PROXY_ARGS
         for name in sorted(unused):
             self.say(f"[Warning] one or more build args were not consumed: {name}")
@@ -406,7 +418,7 @@ class Builder:
             self.store.keep_untagged(desc)
         self._outputs(desc)
         if self.opts.cache_export is not None:
-            self._export_cache(plan)
+            self.opts.cache_export(*self._chains(plan))
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
             Path(self.opts.iidfile).write_text(image_id)
@@ -555,7 +567,8 @@ class Builder:
             raise BuildError(f"no Containerfile or Dockerfile in {self.opts.context}")
         return Path(found)
 
-    def _export_cache(self, plan) -> None:
+    def _chains(self, plan) -> tuple[list[list[str]], list[list[str]]]:
+        """The keys of each stage's steps in order: of the target's stage chain, of all."""
         by_index = {s.index: s for s in plan.needed}
         chain, stage = set(), plan.target
         while stage is not None:
@@ -564,8 +577,8 @@ class Builder:
         chains: dict[int, list[str]] = {}  # each stage's keys in order
         for index, key in self.used_keys:
             chains.setdefault(index, []).append(key)
-        self.opts.cache_export([chains[i] for i in sorted(chains) if i in chain],
-                               [chains[i] for i in sorted(chains)])
+        return ([chains[i] for i in sorted(chains) if i in chain],
+                [chains[i] for i in sorted(chains)])
 
     # -- stages ---------------------------------------------------------------------
     def _base_state(self, stage, results: dict[int, StageState]) -> StageState:
@@ -1008,7 +1021,7 @@ class Builder:
             save_images(self.store, [(self.store.image_for(desc), names)], dest, fmt=fmt)
             self.say(f"--> wrote {fmt} {dest}")
 
-    def _write_image(self, state: StageState) -> Descriptor:
+    def _write_image(self, state: StageState, inline_cache: dict | None = None) -> Descriptor:
         if not state.layers:
             # an OCI manifest needs a layer (the image-spec schema says minItems 1): an empty one
             work, upper = self.new_upper()
@@ -1028,6 +1041,9 @@ class Builder:
             else _now(self.opts.epoch)
         config.pop("container_config", None)
         config.pop("container", None)
+        config.pop(cache.INLINE_KEY, None)  # a base image's says nothing of this one
+        if inline_cache is not None:
+            config[cache.INLINE_KEY] = inline_cache
         raw = canonical_json(config)
         if len(raw) > MAX_CONFIG_BYTES:
             raise BuildError(f"{self._containerfile()}: the image config would be {len(raw)} "

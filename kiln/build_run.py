@@ -153,8 +153,10 @@ def build_image(store, params: dict) -> None:
         for spec in cache_from:
             imported.add(spec, make_options(**reg))
         opts.cache_source = imported.source
-    if cache_to:
-        opts.cache_export = _cache_exporter(store, cache_to, reg, p["quiet"])
+    opts.inline_cache = any(spec.kind == "inline" for spec in cache_to)
+    exported = [spec for spec in cache_to if spec.kind != "inline"]
+    if exported:
+        opts.cache_export = _cache_exporter(store, exported, reg, p["quiet"])
     try:
         desc = _build_in_context(store, opts, context, containerfile)
     finally:

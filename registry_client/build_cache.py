@@ -6,6 +6,11 @@ directory (default latest), and a bare ``REG/REPO:TAG`` for type=registry. mode=
 default, as buildx) exports the steps of the image's own stage chain, mode=max those of
 every stage built. ``ignore-error=true`` turns a failed export into a warning. A cache
 that is not there yet is a warning, not an error: the first build of a pipeline writes it.
+
+``--cache-to type=inline`` puts the cache of the image's own steps into its config (as
+BuildKit's inline cache), and ``--cache-from REF`` of such an image, pushed as usual,
+takes steps from it with the image's layers. Classic builders matched an image's history
+instead; kiln does not: a history entry of COPY does not say what was copied.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from builder.cache_transfer import CACHE_CONFIG, CacheImage, CacheSource, parse_document
+from builder.cache_transfer import (
+    CACHE_CONFIG,
+    CacheImage,
+    CacheSource,
+    CacheTransferError,
+    parse_document,
+)
 from registry_client.errors import NotFoundOnRegistry
 from registry_client.transport import RegistryOptions
 from store.documents import OCI_MANIFEST, Descriptor
@@ -46,11 +57,17 @@ def parse_cache_spec(flag: str, text: str) -> CacheSpec:
             raise KilnError(f"{flag} {text!r}: want key=value pairs separated by commas")
         values[k.strip()] = v
     kind = values.pop("type", None)
+    if kind == "inline" and flag == "--cache-to":
+        unknown = set(values) - _IGNORED - {"mode"}
+        if unknown:
+            raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        return CacheSpec("inline", "", text=text)
     where = {"registry": "ref", "local": "dest" if flag == "--cache-to" else "src"}.get(
         kind or "")
     if where is None:
-        raise KilnError(f"{flag} {text!r}: type must be registry or local (kiln has no "
-                        f"{kind!r} cache)" if kind else f"{flag} {text!r}: type= is missing")
+        kinds = "registry, local or inline" if flag == "--cache-to" else "registry or local"
+        raise KilnError(f"{flag} {text!r}: type must be {kinds} (kiln has no {kind!r} "
+                        "cache)" if kind else f"{flag} {text!r}: type= is missing")
     location = values.pop(where, None)
     if not location:
         raise KilnError(f"{flag} {text!r}: {where}= is missing")
@@ -119,9 +136,36 @@ class Imported:
             self._warn(f"--cache-from {spec.location}: no cache there yet")
             return 0
         where = f"{spec.location} ({manifest.descriptor.digest})"
+        if manifest.is_index or _config_type(manifest.raw) != CACHE_CONFIG:
+            return self._add_image(spec, options)
         config = _cache_config(manifest.raw, manifest.descriptor.media_type, where)
         records, chains = parse_document(repo.read_blob(config.digest, config.size), where)
         self.source.add(records, repo.open_blob, chains)
+        return len(records)
+
+    def _add_image(self, spec: CacheSpec, options: RegistryOptions) -> int:
+        """--cache-from IMAGE: the cache an image built with --cache-to type=inline holds in
+        its config, with the image's own layers."""
+        from builder.cache import INLINE_KEY
+        from registry_client.pull import open_remote_image
+
+        remote = open_remote_image(spec.location, options)
+        self._repos.append(remote.repository)
+        image = remote.image
+        where = f"{spec.location} ({image.digest})"
+        doc = image.config().get(INLINE_KEY)
+        if doc is None:
+            self._warn(f"--cache-from {spec.location}: the image holds no build cache (build "
+                       "it with --cache-to type=inline)")
+            return 0
+        records, chains = parse_document(doc, where)
+        layers = {la.digest for la in image.layers()}
+        foreign = [k for k, r in records.items() if r["layer"] and r["layer"]["digest"]
+                   not in layers]
+        if foreign:
+            raise CacheTransferError(f"cache {where}: record {foreign[0][:12]} names a layer "
+                                     "the image does not have")
+        self.source.add(records, remote.repository.open_blob, chains)
         return len(records)
 
     def _add_local(self, spec: CacheSpec) -> int:
@@ -148,10 +192,17 @@ class Imported:
         self._repos = []
 
 
-def _cache_config(raw: bytes, media_type: str, where: str) -> Descriptor:
+def _config_type(raw: bytes) -> str | None:
     import json
 
-    from builder.cache_transfer import CacheTransferError
+    try:
+        return json.loads(raw)["config"]["mediaType"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_config(raw: bytes, media_type: str, where: str) -> Descriptor:
+    import json
 
     try:
         doc = json.loads(raw)

@@ -127,13 +127,38 @@ def test_local_directory_cache_is_an_oci_layout(tmp_path, base):
     assert "RAN-" not in p.out + p.err and fresh_id == first_id
 
 
+def test_inline_cache_in_a_pushed_image(tmp_path, base, registry):  # noqa: F811
+    run = 'RUN echo RAN""-final && head -c 16 /dev/urandom > /built-at'
+    ctx = build_context(tmp_path, f"FROM {base}\nCOPY app.txt /app.txt\nENV A=1\n{run}\n",
+                        {"app.txt": "hi\n"}, name="inline")
+    image = f"{registry.host}/cachetest/inline:{tmp_path.name.lower()[-20:]}"
+    first = _runner(tmp_path, "a")
+    first_id, _ = _iid(first, ctx, "--cache-to", "type=inline", "-t", image)
+    first("push", "-q", image)
+    fresh = _runner(tmp_path, "b")
+    fresh_id, p = _iid(fresh, ctx, "--cache-from", image, "--cache-to", "type=inline")
+    out = p.out + p.err
+    assert "RAN-final" not in out and out.count("--> CACHED") == 2, out
+    assert fresh_id == first_id  # the same image, its inline cache included
+    # a rebuild with a change takes the steps before it from the image
+    (ctx / "Containerfile").write_text(f"FROM {base}\nCOPY app.txt /app.txt\nENV A=2\n{run}\n")
+    _, p = _iid(_runner(tmp_path, "c"), ctx, "--cache-from", image)
+    assert "RAN-final" in p.out + p.err and (p.out + p.err).count("--> CACHED") == 1
+    # an image built without one: a warning, and the build goes on
+    plain = f"{image}-plain"
+    first("build", "-q", "-t", plain, str(ctx))
+    first("push", "-q", plain)
+    p = fresh("build", "-q", "--cache-from", plain, str(ctx))
+    assert "the image holds no build cache" in p.err
+
+
 def test_a_missing_cache_warns_and_bad_specs_are_clear_errors(tmp_path, base, registry):  # noqa: F811
     ctx = _context(tmp_path, base)
     kiln = _runner(tmp_path, "a")
     p = kiln("build", "-q", "--cache-from", f"{registry.host}/cachetest/none:yet",
              "--cache-from", f"type=local,src={tmp_path}/nothing", str(ctx))
     assert "no cache there yet" in p.err and "no cache there" in p.err
-    for spec, why in [("type=gha", "type must be registry or local"),
+    for spec, why in [("type=gha", "type must be registry, local or inline"),
                       ("type=registry", "ref= is missing"),
                       ("type=local,src=/x", "dest= is missing"),
                       ("type=registry,ref=r/x:1,mode=most", "mode must be min or max"),
