@@ -121,6 +121,8 @@ class BuildOptions:
     cache_export: Callable[[list[list[str]], list[list[str]]], None] | None = None
     # --cache-to type=inline: the cache of the image's own steps goes into its config
     inline_cache: bool = False
+    # where an --output with dest "-" goes (a binary stream: kiln's stdout)
+    output_stream: object = None
 
 
 @dataclass
@@ -1014,12 +1016,56 @@ class Builder:
         for out in self.opts.outputs:
             dest = out["dest"]
             fmt = out["type"]
+            stream = self.opts.output_stream if dest == "-" else None
             if fmt == "oci" and dest.endswith(".tar"):
                 fmt = "oci-archive"
-            names = [str(parse_reference(t)) for t in
-                     ([out["name"]] if out.get("name") else self.opts.tags[:1])]
-            save_images(self.store, [(self.store.image_for(desc), names)], dest, fmt=fmt)
-            self.say(f"--> wrote {fmt} {dest}")
+            if fmt == "tar":
+                self._export_filesystem(desc, dest, stream)
+            else:
+                names = [str(parse_reference(t)) for t in
+                         ([out["name"]] if out.get("name") else self.opts.tags[:1])]
+                save_images(self.store, [(self.store.image_for(desc), names)], dest, fmt=fmt,
+                            stream=stream)
+            self.say(f"--> wrote {fmt} {'to stdout' if stream else dest}")
+
+    def _export_filesystem(self, desc: Descriptor, dest: str, stream) -> None:
+        """--output type=tar: the image's merged filesystem as one tarball (buildx's tar
+        exporter), written from a read-only overlay of its layers."""
+        from runtime.workspace import View, with_views
+        from store.fsutil import current_umask, remove_tree
+        from store.layer_writer import write_layer
+
+        image = self.store.image_for(desc)
+        dirs = [self._unpacked(Layer(la.digest, la.diff_id, la.media_type, la.size))
+                for la in image.layers()]
+        epoch = self.opts.epoch
+        work = self.store.mkdtemp("export-")
+        tmp = None
+        try:
+            if stream is None:
+                import tempfile
+
+                target = os.path.abspath(dest)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                           prefix=f".{os.path.basename(target)}.")
+                os.fchmod(fd, 0o666 & ~current_umask())
+                stream = os.fdopen(fd, "wb")
+            stream.flush()
+
+            def write(root: str) -> None:
+                write_layer(root, stream, compression="none", source_date_epoch=epoch)
+                stream.flush()
+
+            with_views([View(dirs, readonly=True)], write, work)
+            if tmp is not None:
+                stream.close()
+                os.rename(tmp, dest)
+                tmp = None
+        finally:
+            if tmp is not None:
+                stream.close()
+                os.unlink(tmp)
+            remove_tree(work)
 
     def _write_image(self, state: StageState, inline_cache: dict | None = None) -> Descriptor:
         if not state.layers:

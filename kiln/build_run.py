@@ -144,6 +144,12 @@ def build_image(store, params: dict) -> None:
         opts.remote_digest = remote_digest
     if verify:
         opts.check_base = _base_checker(store, verify_keys, policy)
+    if sum(o["dest"] == "-" for o in opts.outputs) > 1:
+        raise UsageError("only one --output can go to stdout (dest=-)")
+    archive_out = None
+    if any(o["dest"] == "-" for o in opts.outputs):
+        archive_out = _stdout_for_archive()
+        opts.output_stream = archive_out
     imported = None
     if cache_from:
         from kiln.registry_commands import make_options
@@ -162,6 +168,8 @@ def build_image(store, params: dict) -> None:
     finally:
         if imported is not None:
             imported.close()
+        if archive_out is not None:
+            archive_out.close()
     if key is not None:
         from kiln.sign_commands import sign_local
 
@@ -169,6 +177,18 @@ def build_image(store, params: dict) -> None:
             sign_local(store, tag, key)
     if p["quiet"]:
         sys.stdout.write(store.image_for(desc).config_descriptor().digest + "\n")
+
+
+def _stdout_for_archive():
+    """--output dest=-: the archive gets kiln's stdout to itself; what the build prints
+    there (RUN output, -q's ID) goes to stderr from now on, as BuildKit's progress does."""
+    from store.transfer import stdout_stream
+
+    stdout_stream("the build's output")  # refuses a terminal
+    archive = os.fdopen(os.dup(1), "wb")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return archive
 
 
 def _cache_spec(flag: str, text: str):
@@ -340,9 +360,10 @@ def _key_values(text: str, flag: str, required: tuple[str, ...]) -> tuple[str, d
     return values["type"], values
 
 
-# --output types: kiln's and buildx's names for them (docker: a docker-archive)
+# --output types: kiln's and buildx's names for them (docker: a docker-archive; tar: the
+# image's filesystem as one tarball)
 _OUTPUT_TYPES = {"oci": "oci", "oci-archive": "oci-archive", "docker-archive": "docker-archive",
-                 "docker": "docker-archive"}
+                 "docker": "docker-archive", "tar": "tar"}
 
 
 def _output_spec(text: str) -> dict[str, str]:
@@ -351,8 +372,10 @@ def _output_spec(text: str) -> dict[str, str]:
     values = _key_values(text, "--output", ("type", "dest"))[1]
     kind = _OUTPUT_TYPES.get(values["type"])
     if kind is None:
-        raise UsageError(f"--output {text!r}: type must be oci, oci-archive or "
-                         "docker-archive")
+        raise UsageError(f"--output {text!r}: type must be oci, oci-archive, docker-archive "
+                         "or tar")
+    if values["dest"] == "-" and kind == "oci":
+        kind = "oci-archive"  # as buildx's oci exporter: a tarball
     if "name" in values:
         parse_reference(values["name"])
     return {**values, "type": kind}

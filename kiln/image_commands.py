@@ -165,24 +165,29 @@ def history_cmd(ctx, image, no_trunc, fmt):
 
 @click.command("save")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write.")
+@click.option("-o", "--output", default="-", type=click.Path(),
+              help="Where to write (default, or -: stdout, which must not be a terminal).")
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-archive", "docker-archive"]),
               default="oci-archive", show_default=True)
 @click.option("--compression-format", "compression", type=COMPRESSION, default=None,
               help="Re-compress layers that are stored otherwise (default: as stored).")
+@click.option("--include-signatures", is_flag=True,
+              help="Add the images' cosign signatures (as images tagged sha256-<hex>.sig; "
+                   "podman load refuses an archive of several images).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
-def save_cmd(ctx, images, output, fmt, compression, quiet):
+def save_cmd(ctx, images, output, fmt, compression, include_signatures, quiet):
     """Write images to an OCI layout, oci-archive or docker-archive."""
     from kiln.progress import blob_progress
     from store.transfer import save
 
     save(_store(ctx), images, output, fmt=fmt, compression=compression,
-         progress=blob_progress(quiet))
+         progress=blob_progress(quiet), signatures=include_signatures)
 
 
 @click.command("load")
-@click.option("-i", "--input", "path", required=True, type=click.Path())
+@click.option("-i", "--input", "path", default="-", type=click.Path(),
+              help="An archive or OCI layout (default, or -: an archive on stdin).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def load_cmd(ctx, path, quiet):

@@ -184,10 +184,14 @@ class DockerArchiveSink:
 
     required_compression = "none"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, stream: BinaryIO | None = None,
+                 tmp_dir: str | None = None):
+        """``stream``: write the tarball there (``path`` only names it); blobs wait in
+        ``tmp_dir`` (default: beside ``path``)."""
         self.path = os.fspath(path)
-        self._work = tempfile.mkdtemp(prefix=".kiln-save-",
-                                      dir=os.path.dirname(os.path.abspath(self.path)))
+        self.stream = stream
+        self._work = tempfile.mkdtemp(prefix=".kiln-save-", dir=tmp_dir or os.path.dirname(
+            os.path.abspath(self.path)))
         self._blobs: dict[str, str] = {}
         self._entries: list[dict] = []
         self._repositories: dict[str, dict[str, str]] = {}
@@ -225,28 +229,37 @@ class DockerArchiveSink:
                 self._repositories.setdefault(repo, {})[tag] = digest_hex(layers[-1])
 
     def close(self) -> None:
+        if self.stream is not None:
+            try:
+                self._write(self.stream)
+            finally:
+                remove_tree(self._work)
+            return
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
                                    prefix=f".{os.path.basename(self.path)}.")
         os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates
-        os.close(fd)
         try:
-            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-                names = {}
-                for e in self._entries:
-                    names[e["Config"]] = e["Config"]
-                    for la in e["Layers"]:
-                        names[la] = la
-                for name in sorted(names):
-                    digest = "sha256:" + name.split(".")[0]
-                    _add(tar, name, self._blobs[digest])
-                _add_bytes(tar, "manifest.json", json.dumps(self._entries).encode())
-                _add_bytes(tar, "repositories", json.dumps(self._repositories).encode())
+            with os.fdopen(fd, "wb") as out:
+                self._write(out)
             os.rename(tmp, self.path)
         except BaseException:
             remove_tree(tmp)
             raise
         finally:
             remove_tree(self._work)
+
+    def _write(self, out: BinaryIO) -> None:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            names = {}
+            for e in self._entries:
+                names[e["Config"]] = e["Config"]
+                for la in e["Layers"]:
+                    names[la] = la
+            for name in sorted(names):
+                digest = "sha256:" + name.split(".")[0]
+                _add(tar, name, self._blobs[digest])
+            _add_bytes(tar, "manifest.json", json.dumps(self._entries).encode())
+            _add_bytes(tar, "repositories", json.dumps(self._repositories).encode())
 
     def abort(self) -> None:
         remove_tree(self._work)

@@ -112,20 +112,25 @@ def unpack_oci_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> N
 
 def write_oci_archive(layout_dir: str | os.PathLike, archive: str | os.PathLike) -> None:
     """Tar a layout directory deterministically, then rename it into place."""
-    layout_dir = Path(layout_dir)
     archive = Path(archive)
     fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.")
     os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates, not mkstemp's 0600
-    os.close(fd)
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name in ["oci-layout", "index.json"] + [
-                    f"blobs/sha256/{b}" for b in sorted(os.listdir(layout_dir / "blobs/sha256"))]:
-                _add_file(tar, layout_dir / name, name)
+        with os.fdopen(fd, "wb") as out:
+            stream_oci_archive(layout_dir, out)
         os.rename(tmp, archive)
     except BaseException:
         remove_tree(tmp)
         raise
+
+
+def stream_oci_archive(layout_dir: str | os.PathLike, out: BinaryIO) -> None:
+    """Tar a layout directory deterministically into ``out`` (which need not seek)."""
+    layout_dir = Path(layout_dir)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name in ["oci-layout", "index.json"] + [
+                f"blobs/sha256/{b}" for b in sorted(os.listdir(layout_dir / "blobs/sha256"))]:
+            _add_file(tar, layout_dir / name, name)
 
 
 def _add_file(tar: tarfile.TarFile, path: Path, name: str) -> None:

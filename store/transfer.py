@@ -8,6 +8,7 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from store.docker_archive import DockerArchive, DockerArchiveSink
 from store.documents import OCI_MANIFEST, Descriptor
@@ -15,7 +16,13 @@ from store.errors import KilnError, ReferenceError_, StoreError
 from store.fsutil import current_umask, remove_tree
 from store.image import Image, Progress, copy_image
 from store.layout import REF_NAME
-from store.oci_dir import LayoutSink, LayoutSource, unpack_oci_archive, write_oci_archive
+from store.oci_dir import (
+    LayoutSink,
+    LayoutSource,
+    stream_oci_archive,
+    unpack_oci_archive,
+    write_oci_archive,
+)
 from store.reference import parse_reference
 from store.signatures import LocalSignatures, copy_signature_manifest, is_signature_name
 from store.store import Store, StoreSink
@@ -24,14 +31,18 @@ SAVE_FORMATS = ("oci", "oci-archive", "docker-archive")
 
 
 def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: str = "oci",
-         compression: str | None = None, progress: Progress | None = None) -> None:
-    """Write the named images to ``output``; nothing is left at ``output`` on failure."""
+         compression: str | None = None, progress: Progress | None = None,
+         signatures: bool = False) -> None:
+    """Write the named images to ``output`` ("-": stdout, for an archive); nothing is left
+    at ``output`` on failure. ``signatures``: with the images' cosign signatures, as
+    more images of the archive (a registry's tag scheme), which podman load refuses."""
     if fmt not in SAVE_FORMATS:
         raise KilnError(f"unknown save format {fmt!r} (use one of {', '.join(SAVE_FORMATS)})")
-    output = Path(output)
     if fmt == "docker-archive" and compression not in (None, "none"):
         raise KilnError("docker-archive layers are always uncompressed (as docker save "
                         "writes them); drop --compression-format")
+    if os.fspath(output) == "-":
+        stdout_stream(f"a {fmt}")  # refused at once on a terminal
     images = []
     with store.writing():  # a prune meanwhile could take an image untagged since resolved
         for name in names:
@@ -44,30 +55,51 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
                 tags = tags[:1]  # named by ID: keep one of its tags, if it has any
             images.append((store.image_for(desc), tags))
         save_images(store, images, output, fmt=fmt, compression=compression,
-                    progress=progress)
+                    progress=progress, signatures=signatures)
+
+
+def stdout_stream(what: str) -> BinaryIO:
+    """kiln's stdout for an archive ("-o -"); refused when it is a terminal, as docker
+    save refuses."""
+    import sys
+
+    if sys.stdout.isatty():
+        raise KilnError(f"refusing to write {what} to a terminal: give -o FILE or redirect "
+                        "stdout")
+    sys.stdout.flush()
+    return sys.stdout.buffer
 
 
 def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                 output: str | os.PathLike, *, fmt: str = "oci", compression: str | None = None,
-                progress: Progress | None = None, concurrency: int = 1) -> list[Descriptor]:
+                progress: Progress | None = None, concurrency: int = 1,
+                signatures: bool = False, stream: BinaryIO | None = None) -> list[Descriptor]:
     """``save`` for images already in hand (the builder's result, tagged or not); returns
     the descriptors of the manifests written. Holds the store lock: re-compressed layers
-    are written in the store's tmp/, which a prune or a starting kiln would clean."""
+    are written in the store's tmp/, which a prune or a starting kiln would clean.
+    ``output`` "-": the archive goes to ``stream``, by default kiln's stdout."""
+    if os.fspath(output) == "-" and stream is None:
+        if fmt == "oci":
+            raise KilnError("an OCI layout is a directory, which stdout cannot be: write an "
+                            "oci-archive or a docker-archive there")
+        stream = stdout_stream(f"a {fmt}")
     with store.writing():
         return _save_images(store, images, output, fmt=fmt, compression=compression,
-                            progress=progress, concurrency=concurrency)
+                            progress=progress, concurrency=concurrency,
+                            signatures=signatures, stream=stream)
 
 
 def _save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                  output: str | os.PathLike, *, fmt: str, compression: str | None,
-                 progress: Progress | None, concurrency: int) -> list[Descriptor]:
+                 progress: Progress | None, concurrency: int, signatures: bool,
+                 stream: BinaryIO | None) -> list[Descriptor]:
     output = Path(output)
     if fmt == "docker-archive" and compression not in (None, "none"):
         raise KilnError("docker-archive layers are always uncompressed (as docker save "
                         "writes them); drop --compression-format")
-    parent = output.parent
+    parent = Path(store.tmp) if stream is not None else output.parent
     if fmt == "docker-archive":
-        sink = DockerArchiveSink(output)
+        sink = DockerArchiveSink(output, stream=stream, tmp_dir=str(parent))
         try:
             written = [copy_image(image, sink, tags=tags, progress=progress,
                                   tmp_dir=str(store.tmp)) for image, tags in images]
@@ -93,9 +125,13 @@ def _save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
                               concurrency=concurrency)
                    for image, tags in images]
         for (image, _), desc in zip(images, written, strict=True):
-            if desc.digest == image.digest:  # re-compressed images are no longer what was signed
+            # re-compressed images are no longer what was signed
+            if signatures and desc.digest == image.digest:
                 _export_signatures(store, image.digest, sink.layout)
-        if fmt == "oci-archive":
+        if stream is not None:
+            stream_oci_archive(work, stream)
+            stream.flush()
+        elif fmt == "oci-archive":
             write_oci_archive(work, output)
         elif work is not None:
             os.rename(work, output)
@@ -122,6 +158,25 @@ def _import_signatures(store: Store, source: LayoutSource, entry: Descriptor, na
     store.tag(name, Descriptor(OCI_MANIFEST, copied.digest, copied.size))
 
 
+def _load_stdin(store: Store, progress: Progress | None) -> list[str]:
+    """An archive on stdin is read into the store's tmp/ first: both formats are read
+    out of order (a docker-archive's manifest.json comes last)."""
+    import shutil
+    import sys
+
+    if sys.stdin.isatty():
+        raise KilnError("refusing to read an archive from a terminal: give -i FILE or "
+                        "redirect stdin")
+    with store.writing():
+        fd, tmp = tempfile.mkstemp(dir=store.tmp, prefix="load-stdin-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+            return load(store, tmp, progress=progress)
+        finally:
+            os.unlink(tmp)
+
+
 def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "oci-layout").is_file():
@@ -142,7 +197,10 @@ def detect_format(path: Path) -> str:
 
 def load(store: Store, path: str | os.PathLike, *, progress: Progress | None = None
          ) -> list[str]:
-    """Load every image in an archive or layout into the store; returns the names tagged."""
+    """Load every image in an archive or layout ("-": an archive on stdin) into the store;
+    returns the names tagged."""
+    if os.fspath(path) == "-":
+        return _load_stdin(store, progress)
     path = Path(path)
     if not path.exists():
         raise StoreError(f"cannot load {path}: no such file or directory")

@@ -65,12 +65,18 @@ class KilnCLI:
     def __init__(self, root: Path):
         self.root = root
 
+    def argv(self, *args: str) -> list[str]:
+        """The command line of ``kiln ARGS``, for a test that runs it itself (a pipe)."""
+        return [sys.executable, "-m", "kiln", *args]
+
+    def environ(self, env: dict | None = None) -> dict[str, str]:
+        return {**os.environ, "KILN_ROOT": str(self.root), **(env or {})}
+
     def __call__(self, *args: str, check: bool = True, input: bytes | None = None,
                  env: dict | None = None) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "KILN_ROOT": str(self.root), **(env or {})}
-        p = subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True,
-                           env=full_env, input=input, cwd=PROJECT)
-        p.out = p.stdout.decode()  # type: ignore[attr-defined]
+        p = subprocess.run(self.argv(*args), capture_output=True, env=self.environ(env),
+                           input=input, cwd=PROJECT)
+        p.out = p.stdout.decode(errors="replace")  # type: ignore[attr-defined]
         p.err = p.stderr.decode()  # type: ignore[attr-defined]
         if check and p.returncode != 0:
             raise AssertionError(f"kiln {' '.join(args)} failed ({p.returncode}):\n{p.err}")

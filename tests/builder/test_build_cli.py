@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import tarfile
 import time
 
@@ -218,6 +219,34 @@ def test_output_archives_carry_the_full_name(kb, tmp_path):
             "example.com/x/y:latest"]
 
 
+def test_output_to_stdout_and_the_filesystem_as_a_tar(kb, tmp_path):
+    ctx = _ctx(tmp_path, "FROM busybox\nRUN echo run-output; echo made > /made\n")
+    # the image's filesystem, streamed: stdout holds the tar and nothing else (the RUN
+    # output and -q's image ID go to stderr)
+    p = kb("build", "-q", "--output", "type=tar,dest=-", str(ctx))
+    with tarfile.open(fileobj=io.BytesIO(p.stdout), mode="r|") as t:
+        members = {m.name: (t.extractfile(m).read() if m.isfile() else None) for m in t}
+    assert members["made"] == b"made\n" and "bin/busybox" in members
+    assert re.search(r"sha256:[0-9a-f]{64}", p.err)
+    # to a file; and an archive of the image on stdout that kiln load takes from stdin
+    kb("build", "--output", f"type=tar,dest={tmp_path / 'fs.tar'}", str(ctx))
+    with tarfile.open(tmp_path / "fs.tar") as t:
+        assert t.extractfile("made").read() == b"made\n"
+    for kind in ("docker", "oci"):
+        archive = kb("build", "-t", f"piped-{kind}", "--output", f"type={kind},dest=-",
+                     str(ctx)).stdout
+        other = KilnCLI(tmp_path / f"other-{kind}")
+        assert other("load", input=archive).out == (
+            f"Loaded image: docker.io/library/piped-{kind}:latest\n")
+    p = kb("build", "--output", "type=tar,dest=-", "--output", "type=oci,dest=-", str(ctx),
+           check=False)
+    assert p.returncode != 0 and "only one --output can go to stdout" in p.err
+    p = subprocess.run(["script", "-qec", " ".join(kb.argv("build", "--output", "type=tar,dest=-",
+                                                           str(ctx))), "/dev/null"],
+                       capture_output=True, text=True, env=kb.environ())
+    assert p.returncode == 125 and "refusing to write" in p.stdout
+
+
 @pytest.mark.interop
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])
 def test_podman_loads_output_archives_by_their_name(kb, tmp_path, container_tools,  # noqa: F811
@@ -242,7 +271,7 @@ def test_bad_output_names_and_types_are_refused(kb, tmp_path):
            check=False)
     assert p.returncode == 125 and "invalid image reference" in p.err, p.err
     p = kb("build", "--output", "type=tarball,dest=x", str(ctx), check=False)
-    assert p.returncode == 125 and "type must be oci, oci-archive or docker-archive" in p.err
+    assert p.returncode == 125 and "type must be oci, oci-archive, docker-archive or tar" in p.err
 
 
 def test_fresh_store_build_without_tag(tmp_path, busybox_rootfs):

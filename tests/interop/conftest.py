@@ -227,12 +227,19 @@ class ContainerTools:
         return ["--root", str(self.root), "--runroot", str(self.runroot),
                 "--storage-driver", self.driver]
 
+    def podman_argv(self, *args: str) -> list[str]:
+        """podman's command line on this storage, for a test that runs it itself (a pipe),
+        with ``environ()``."""
+        return [require_tool("podman"), *self._storage_flags(),
+                "--tmpdir", str(self.base / "podman-tmp"),
+                "--network-config-dir", str(self.base / "net"),
+                "--events-backend", "file", "--cgroup-manager", "cgroupfs", *args]
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
     def podman(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run_tool([require_tool("podman"), *self._storage_flags(),
-                         "--tmpdir", str(self.base / "podman-tmp"),
-                         "--network-config-dir", str(self.base / "net"),
-                         "--events-backend", "file", "--cgroup-manager", "cgroupfs", *args],
-                        env=self.env, check=check)
+        return run_tool(self.podman_argv(*args), env=self.env, check=check)
 
     def buildah(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_tool([require_tool("buildah"), *self._storage_flags(), *args],

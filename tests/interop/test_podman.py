@@ -162,3 +162,51 @@ def test_podman_loads_every_image_of_a_kiln_docker_archive(container_tools, kiln
     for name in (BUSYBOX, LAYERED):
         assert f"Loaded image: {name}" in out, out
         assert podman_image(container_tools, name)["Id"] == kiln_inspect(kiln, name)["Id"]
+
+
+def test_save_to_stdout_and_load_from_stdin_through_podman(container_tools, kiln, tmp_path,
+                                                           busybox_rootfs):
+    """kiln save | podman load and podman save | kiln load, both through pipes, of a
+    signed image: its archive holds the image alone, which podman takes."""
+    import subprocess
+
+    kiln("import", str(busybox_rootfs), "localhost/interop/piped:1")
+    kiln("key", "generate", "-o", str(tmp_path / "k"), env={"KILN_PASSWORD": "pw"})
+    kiln("sign", "localhost/interop/piped:1", "--key", str(tmp_path / "k.key"),
+         env={"KILN_PASSWORD": "pw"})
+    info = kiln_inspect(kiln, "localhost/interop/piped:1")
+    container_tools.podman("rmi", "--force", info["Id"], check=False)
+    for fmt in ("oci-archive", "docker-archive"):
+        save = subprocess.Popen(kiln.argv("save", "--format", fmt, "localhost/interop/piped:1"),
+                                stdout=subprocess.PIPE, env=kiln.environ())
+        load = subprocess.run(container_tools.podman_argv("load"), stdin=save.stdout,
+                              capture_output=True, text=True, env=container_tools.environ())
+        save.stdout.close()
+        assert save.wait() == 0 and load.returncode == 0, load.stderr
+        assert "Loaded image: localhost/interop/piped:1" in load.stdout, (fmt, load.stdout)
+        assert_runs_hello(container_tools, "localhost/interop/piped:1")
+        container_tools.podman("rmi", "--force", info["Id"])
+    # podman save | kiln load, into another store
+    container_tools.podman("pull", "-q", f"oci-archive:{_saved(kiln, tmp_path)}")
+    other = type(kiln)(tmp_path / "other")
+    save = subprocess.Popen(container_tools.podman_argv("save", "--format", "oci-archive",
+                                                        "localhost/interop/piped:1"),
+                            stdout=subprocess.PIPE, env=container_tools.environ())
+    load = subprocess.run(other.argv("load"), stdin=save.stdout, capture_output=True,
+                          text=True, env=other.environ())
+    save.stdout.close()
+    assert save.wait() == 0 and load.returncode == 0, load.stderr
+    assert "Loaded image: localhost/interop/piped:1" in load.stdout
+    assert other("run", "--rm", "--network", "none", "localhost/interop/piped:1", "echo",
+                 "piped").out == "piped\n"
+    # a terminal is refused, as docker save refuses
+    p = subprocess.run(["script", "-qec", " ".join(kiln.argv("save", "busybox")), "/dev/null"],
+                       capture_output=True, text=True, env=kiln.environ())
+    assert p.returncode == 125 and "refusing to write" in p.stdout
+
+
+def _saved(kiln, tmp_path) -> Path:
+    out = tmp_path / "piped.tar"
+    kiln("save", "-q", "localhost/interop/piped:1", "-o", str(out))
+    return out
+

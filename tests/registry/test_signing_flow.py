@@ -79,10 +79,15 @@ def test_sign_and_verify_locally_and_signatures_travel_with_save_and_load(kiln, 
     bad_pw = kiln("sign", "busybox:latest", "--key", str(keys["good"]),
                   env={"KILN_PASSWORD": "nope"}, check=False)
     assert bad_pw.returncode == 125 and "password" in bad_pw.err
-    archive = tmp_path / "bb.tar"
-    kiln("save", "-q", "busybox:latest", "-o", str(archive))
+    # an archive holds the image alone (podman load refuses several), unless asked
+    plain, signed = tmp_path / "bb.tar", tmp_path / "bb-signed.tar"
+    kiln("save", "-q", "busybox:latest", "-o", str(plain))
+    kiln("save", "-q", "--include-signatures", "busybox:latest", "-o", str(signed))
     other = KilnCLI(tmp_path / "other-root")
-    other("load", "-q", "-i", str(archive))
+    other("load", "-q", "-i", str(plain))
+    p = other("verify", "busybox:latest", "--key", str(keys["good_pub"]), check=False)
+    assert p.returncode == 125 and "no signature" in p.err.lower()
+    other("load", "-q", "-i", str(signed))
     other("verify", "busybox:latest", "--key", str(keys["good_pub"]))
 
 
