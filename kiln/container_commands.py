@@ -97,7 +97,10 @@ def _status(rec) -> str:
 @click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also exited containers.")
 @click.option("-q", "--quiet", is_flag=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--format", "fmt", default="table",
+              help="table, json, or a Go template: '{{.Names}} {{.Status}}', 'table "
+                   "{{.ID}}\t{{.Ports}}' (fields ID, Image, Command, CreatedAt, RunningFor, "
+                   "Status, State, Ports, Names, Networks).")
 @click.pass_context
 def ps_cmd(ctx, show_all, quiet, fmt):
     """List containers (running ones unless -a)."""
@@ -118,6 +121,13 @@ def ps_cmd(ctx, show_all, quiet, fmt):
         return
     from runtime.network.ports import describe
 
+    if fmt != "table":
+        from kiln.gotemplate import render_rows
+
+        click.echo(render_rows(fmt, [_ps_fields(c, describe) for c in rows],
+                               {"ID": "CONTAINER ID", "CreatedAt": "CREATED AT",
+                                "RunningFor": "CREATED"}), nl=False)
+        return
     click.echo(f"{'CONTAINER ID':<14}{'IMAGE':<28}{'COMMAND':<24}{'STATUS':<14}{'PORTS':<28}"
                "NAMES")
     for c in rows:
@@ -125,6 +135,21 @@ def ps_cmd(ctx, show_all, quiet, fmt):
         ports = ", ".join(describe(p) for p in c.ports) if c.status == "running" else ""
         click.echo(f"{c.id[:12]:<14}{c.image_name[:26]:<28}{cmd:<24}{_status(c):<14}"
                    f"{ports:<28}{c.name}")
+
+
+def _ps_fields(c, describe) -> dict:
+    """A container as docker ps --format names its fields."""
+    import time as _time
+
+    created = _time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", _time.gmtime(c.created))
+    ago = int(_time.time() - c.created)
+    running_for = next((f"{ago // s} {u} ago" for s, u in ((86400, "days"), (3600, "hours"),
+                                                          (60, "minutes")) if ago >= s),
+                       f"{ago} seconds ago")
+    return {"ID": c.id[:12], "Image": c.image_name, "Command": json.dumps(" ".join(c.command)),
+            "CreatedAt": created, "RunningFor": running_for, "Status": _status(c),
+            "State": c.status, "Names": c.name, "Networks": c.network or "",
+            "Ports": ", ".join(describe(p) for p in c.ports) if c.status == "running" else ""}
 
 
 @click.command("rm")

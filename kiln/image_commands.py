@@ -52,17 +52,27 @@ def import_cmd(ctx, source, name, compression):
     click.echo(desc.digest)
 
 
+IMAGE_HEADERS = {"ID": "IMAGE ID", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT"}
+
+
 @click.command("images")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--format", "fmt", default="table",
+              help="table, json, or a Go template: '{{.Repository}}:{{.Tag}}', 'table "
+                   "{{.ID}}\t{{.Size}}' (fields ID, Repository, Tag, Digest, CreatedSince, "
+                   "CreatedAt, Size, Labels).")
+@click.option("-f", "--filter", "filters", multiple=True,
+              help="dangling=true|false, reference=PATTERN, label=KEY[=VALUE], before=IMAGE, "
+                   "since=IMAGE (repeatable: all must hold; the same key twice: either).")
 @click.option("--digests", is_flag=True, help="Show manifest digests.")
 @click.option("-q", "--quiet", is_flag=True, help="Only image IDs.")
 @click.option("--no-trunc", is_flag=True, help="Full image IDs.")
 @click.pass_context
-def images_cmd(ctx, fmt, digests, quiet, no_trunc):
+def images_cmd(ctx, fmt, filters, digests, quiet, no_trunc):
     """List images in the store."""
     from store.catalog import list_images
 
-    rows = list_images(_store(ctx))
+    store = _store(ctx)
+    rows = _filtered(store, list_images(store), filters)
     if fmt == "json":
         click.echo(json.dumps([{"Id": r.id, "Names": r.names, "Digest": r.digest,
                                 "Created": r.created, "Size": r.size} for r in rows], indent=2))
@@ -71,17 +81,74 @@ def images_cmd(ctx, fmt, digests, quiet, no_trunc):
         for r in rows:
             click.echo(r.id if no_trunc else r.id[:12])
         return
+    if fmt != "table":
+        from kiln.gotemplate import render_rows
+
+        click.echo(render_rows(fmt, [
+            {"ID": r.id if no_trunc else r.id[:12], "Repository": repo, "Tag": tag,
+             "Digest": r.digest, "CreatedSince": _ago(r.created), "CreatedAt": r.created,
+             "Size": _human_size(r.size), "Labels": r.labels}
+            for r in rows for repo, tag in _repo_tags(r)], IMAGE_HEADERS), nl=False)
+        return
     table = [["REPOSITORY", "TAG"] + (["DIGEST"] if digests else [])
              + ["IMAGE ID", "CREATED", "SIZE"]]
     for r in rows:
-        for name in r.names or ["<none>:<none>"]:  # an image without a name, as docker shows
-            repo, _, tag = name.rpartition(":")
+        for repo, tag in _repo_tags(r):
             table.append([repo, tag] + ([r.digest] if digests else [])
                          + [r.id if no_trunc else r.id[:12], _ago(r.created),
                             _human_size(r.size)])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _repo_tags(r) -> list[tuple[str, str]]:
+    """(repository, tag) of each name; an image without a name as docker shows it."""
+    return [(name.rpartition(":")[0], name.rpartition(":")[2])
+            for name in r.names or ["<none>:<none>"]]
+
+
+def _filtered(store, rows: list, filters: tuple[str, ...]) -> list:
+    """docker images --filter: each key's values are alternatives, the keys all hold."""
+    import fnmatch
+
+    from store.errors import KilnError
+
+    wanted: dict[str, list[str]] = {}
+    for f in filters:
+        key, eq, value = f.partition("=")
+        if not eq or key not in ("dangling", "reference", "label", "before", "since"):
+            raise KilnError(f"invalid filter {f!r}: use dangling=, reference=, label=, "
+                            "before= or since=")
+        if key == "dangling" and value not in ("true", "false"):
+            raise KilnError(f"invalid filter {f!r}: dangling is true or false")
+        wanted.setdefault(key, []).append(value)
+
+    def created_of(name: str) -> str:
+        digest = store.resolve(name).digest
+        return next(r.created for r in rows if r.digest == digest)
+
+    bounds = {k: [created_of(v) for v in wanted.get(k, [])] for k in ("before", "since")}
+
+    def keep(r) -> bool:
+        checks = {
+            "dangling": lambda v: (not r.names) == (v == "true"),
+            "reference": lambda v: any(
+                fnmatch.fnmatchcase(n, v) or fnmatch.fnmatchcase(n.rpartition(":")[0], v)
+                or fnmatch.fnmatchcase(n.split("/", 1)[-1], v)
+                or fnmatch.fnmatchcase(n.removeprefix("docker.io/library/"), v)
+                or fnmatch.fnmatchcase(n.removeprefix("docker.io/library/").rpartition(":")[0],
+                                       v) for n in r.names),
+            "label": lambda v: (v.partition("=")[0] in r.labels and (
+                "=" not in v or r.labels[v.partition("=")[0]] == v.partition("=")[2])),
+        }
+        for key, values in wanted.items():
+            if key in checks and not any(checks[key](v) for v in values):
+                return False
+        return (all(r.created < b for b in bounds["before"])
+                and all(r.created > b for b in bounds["since"]))
+
+    return [r for r in rows if keep(r)]
 
 
 @click.command("tag")
@@ -117,8 +184,11 @@ def rmi_cmd(ctx, images, force):
 @click.argument("names", nargs=-1, required=True)
 @click.option("--type", "kind", type=click.Choice(["image", "container"]), default=None,
               help="What the names are (default: an image, else a container).")
+@click.option("-f", "--format", "fmt", default=None,
+              help="json (the default), or a Go template for each: '{{.Config.Env}}', "
+                   "'{{json .Config}}', '{{index .Config.Labels \"k\"}}'.")
 @click.pass_context
-def inspect_cmd(ctx, names, kind):
+def inspect_cmd(ctx, names, kind, fmt):
     """Show images or containers as JSON."""
     from runtime.lifecycle import inspect as inspect_container
     from store.catalog import inspect_image
@@ -138,6 +208,13 @@ def inspect_cmd(ctx, names, kind):
                 out.append(inspect_container(ctx.obj.root_arg, name))
             except KilnError:
                 raise KilnError(f"{e}; no container has that name or ID either") from None
+    if fmt and fmt != "json":
+        from kiln.gotemplate import Template
+
+        template = Template(fmt)
+        for item in out:
+            click.echo(template.render(item))
+        return
     click.echo(json.dumps(out, indent=2))
 
 

@@ -18,6 +18,7 @@ class ImageSummary:
     names: list[str] = field(default_factory=list)
     created: str = ""
     size: int = 0
+    labels: dict = field(default_factory=dict)
 
 
 def _summary(store: Store, desc: Descriptor) -> ImageSummary:
@@ -25,8 +26,9 @@ def _summary(store: Store, desc: Descriptor) -> ImageSummary:
     config_desc = image.config_descriptor()
     config = image.config()
     size = config_desc.size + sum(la.size for la in image.layers())
+    labels = (config.get("config") or {}).get("Labels") or {}
     return ImageSummary(digest_hex(config_desc.digest), image.digest, [],
-                        config.get("created", ""), size)
+                        config.get("created", ""), size, dict(labels))
 
 
 def list_images(store: Store) -> list[ImageSummary]:
