@@ -53,6 +53,7 @@ COMMANDS = {
     "login": "registry_commands", "logout": "registry_commands",
     "key": "sign_commands", "sign": "sign_commands", "verify": "sign_commands",
     "network": "network_commands", "port": "network_commands",
+    "version": "system_commands", "info": "system_commands", "system": "system_commands",
 }
 
 

@@ -85,3 +85,35 @@ def test_images_inspect_and_ps_formats_and_filters(kb, tmp_path):  # noqa: F811
         assert "fmt-ps exited webapp:1 \"true\"" in out
     finally:
         kb("rm", "fmt-ps", check=False)
+
+
+def test_version_info_and_system_df(kb, tmp_path):  # noqa: F811
+    from kiln import __version__
+
+    assert kb("version", "-f", "{{.Client.Version}}").out == f"{__version__}\n"
+    assert json.loads(kb("version", "-f", "json").out)["Client"]["Arch"]
+    info = json.loads(kb("info", "-f", "json").out)
+    assert info["StoreRoot"] == str(kb.root) and info["Driver"] == "overlay"
+    assert info["CgroupVersion"] in ("1", "2") and info["Images"] >= 1
+    assert kb("system", "info", "-f", "{{.Images}}").out == f"{info['Images']}\n"
+
+    def df() -> dict:
+        return {r["Type"]: r for r in json.loads(kb("system", "df", "--format", "json").out)}
+
+    before = df()
+    ctx = build_context(tmp_path, "FROM busybox\nRUN head -c 300000 /dev/urandom > /blob\n")
+    kb("build", "-q", "-t", "dfimage", str(ctx))
+    kb("run", "--name", "df-ctr", "--network", "none", "dfimage", "sh", "-c",
+       "head -c 200000 /dev/urandom > /written")
+    try:
+        after = df()
+        assert after["Images"]["TotalCount"] == before["Images"]["TotalCount"] + 1
+        assert after["Images"]["Size"] - before["Images"]["Size"] >= 600_000  # blob + dir
+        assert after["Images"]["Active"] == before["Images"]["Active"] + 1
+        assert after["Containers"]["Size"] - before["Containers"]["Size"] >= 200_000
+        assert after["Containers"]["Reclaimable"] >= 200_000  # it has exited
+        assert after["Build Cache"]["TotalCount"] > before["Build Cache"]["TotalCount"]
+        table = kb("system", "df").out.splitlines()
+        assert table[0].split() == ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+    finally:
+        kb("rm", "df-ctr", check=False)
