@@ -465,7 +465,7 @@ def exec_and_exit(root: str | None, p: dict) -> None:
 
 # -- kiln build without click -------------------------------------------------------------
 # A no-op rebuild is mostly start-up: the plain options of kiln build go without click too
-# (kind "off": the --no- side of a boolean flag). Those left out (--secret, --output,
+# (kind "off": the --no- side of a boolean flag). Those left out (--secret, --output, --cache-*,
 # --sign-key, --verify-key, the registry flags) take click's defaults here and send any
 # command line that has them to click. A test holds these to the click command's.
 BUILD_OPTIONS = {
@@ -488,7 +488,7 @@ BUILD_DEFAULTS = {
     # the click command's options the fast path does not take
     "secrets": (), "outputs": (), "sign_key": None, "sign_passphrase_file": None,
     "verify_keys": (), "signature_policy": None, "tls_verify": None, "cert_dir": None,
-    "creds": None, "authfile": None, "retry": None, "jobs": 3,
+    "creds": None, "authfile": None, "retry": None, "jobs": 3, "cache_from": (), "cache_to": (),
 }
 BUILD_CHOICES = {"network": ("host", "none"), "compression": ("zstd", "gzip")}
 
