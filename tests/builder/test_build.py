@@ -191,7 +191,7 @@ def test_squash_and_outputs(kb, tmp_path):
 def test_bad_output_and_secret_flags(kb, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox\n")
     p = kb("build", "--output", "type=tarball,dest=x", str(ctx), check=False)
-    assert p.returncode == 125 and "type must be oci, oci-archive or docker-archive" in p.err
+    assert p.returncode == 125 and "type must be oci, oci-archive, docker-archive or tar" in p.err
     p = kb("build", "--secret", "id=x", str(ctx), check=False)
     assert p.returncode == 125 and "src= or env=" in p.err
 
