@@ -68,16 +68,18 @@ def well_formed(rec) -> bool:
                 entry.get("empty_layer", False), bool):
             return False
     layer = rec.get("layer")
-    if layer is not None:
-        try:
-            validate_digest(layer["digest"])
-            validate_digest(layer["diff_id"])
-            if layer["mediaType"] not in LAYER_MEDIA_TYPES or not isinstance(
-                    layer["size"], int) or layer["size"] < 0:
-                return False
-        except (DigestError, KeyError, TypeError):
-            return False
-    return True
+    return layer is None or well_formed_layer(layer)
+
+
+def well_formed_layer(layer) -> bool:
+    """A record's layer: digest, diff_id, a layer media type and a size."""
+    try:
+        validate_digest(layer["digest"])
+        validate_digest(layer["diff_id"])
+        return (layer["mediaType"] in LAYER_MEDIA_TYPES and isinstance(layer["size"], int)
+                and layer["size"] >= 0)
+    except (DigestError, KeyError, TypeError):
+        return False
 
 
 def load(store: Store, key: str, steps: int) -> dict | None:

@@ -38,11 +38,11 @@ class CacheTransferError(KilnError):
     pass
 
 
-def document(store: Store, chains: list[list[str]]
+def document(store: Store, chains: list[list[str]], mounts: dict[str, dict] | None = None
              ) -> tuple[bytes, list[Descriptor], list[str]]:
     """The cache config for the keys of ``chains`` (the keys of each stage's steps, in
-    order; those with a record whose layer the store has), and its layers' descriptors
-    and diff_ids, each layer once."""
+    order; those with a record whose layer the store has) and the cache mount layers
+    ``mounts`` (id -> layer), and its layers' descriptors and diff_ids, each layer once."""
     records: dict[str, dict] = {}
     layers: dict[str, tuple[Descriptor, str]] = {}
     for key in (k for chain in chains for k in chain):
@@ -57,14 +57,45 @@ def document(store: Store, chains: list[list[str]]
                 Descriptor(layer["mediaType"], layer["digest"], layer["size"]),
                 layer["diff_id"]))
         records[key] = {"format": rec["format"], "history": rec["history"], "layer": layer}
+    for layer in (mounts or {}).values():
+        layers.setdefault(layer["digest"], (
+            Descriptor(layer["mediaType"], layer["digest"], layer["size"]), layer["diff_id"]))
     chains = [[k for k in chain if k in records] for chain in chains]
-    raw = json.dumps({"format": CACHE_FORMAT, "records": records,
-                      "chains": [c for c in chains if c]},
-                     sort_keys=True, separators=(",", ":")).encode()
+    doc = {"format": CACHE_FORMAT, "records": records, "chains": [c for c in chains if c]}
+    if mounts:
+        doc["mounts"] = mounts
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return raw, [d for d, _ in layers.values()], [i for _, i in layers.values()]
 
 
 INLINE_KEY = cache.INLINE_KEY
+MAX_MOUNT_ID = 1024
+
+
+def mount_layers(store: Store, ids: list[str]) -> dict[str, dict]:
+    """The contents of the shared RUN --mount=type=cache dirs ``ids`` (those this store
+    has) as layer blobs in the store: id -> layer. Each is read under the shared lock its
+    RUN steps take, so no step that holds it ``locked`` is writing meanwhile."""
+    import fcntl
+    import os
+
+    from builder.mounts import cache_mount_dir
+
+    out = {}
+    for ident in ids:
+        path = cache_mount_dir(str(store.root), ident)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            desc, diff_id = store.write_layer_blob(path)
+        finally:
+            os.close(fd)
+        out[ident] = {"digest": desc.digest, "diff_id": diff_id,
+                      "mediaType": desc.media_type, "size": desc.size}
+    return out
 
 
 def inline_document(store: Store, chains: list[list[str]], image_layers: set[str]) -> dict:
@@ -80,8 +111,10 @@ def inline_document(store: Store, chains: list[list[str]], image_layers: set[str
 class CacheImage:
     """A cache document and its layers as an image (store.image.Image) for copy_image."""
 
-    def __init__(self, store: Store, chains: list[list[str]]):
-        self._raw_config, descs, diff_ids = document(store, chains)
+    def __init__(self, store: Store, chains: list[list[str]],
+                 mounts: dict[str, dict] | None = None):
+        self._raw_config, descs, diff_ids = document(store, chains, mounts)
+        self.mounts = len(mounts or {})
         self._layers = [BlobLayer(d, i, store.open_blob)
                         for d, i in zip(descs, diff_ids, strict=True)]
         self.records = len(json.loads(self._raw_config)["records"])
@@ -141,6 +174,17 @@ def parse_document(raw: bytes | dict, where: str) -> tuple[dict[str, dict], list
     return records, chains
 
 
+def parse_mounts(raw: bytes | dict, where: str) -> dict[str, dict]:
+    """The cache mount layers (id -> layer) of a cache config; refuses anything malformed."""
+    doc = json.loads(raw) if isinstance(raw, bytes) else raw
+    mounts = doc.get("mounts", {})
+    if not isinstance(mounts, dict) or len(mounts) > MAX_RECORDS or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_MOUNT_ID and cache.well_formed_layer(v)
+            for k, v in mounts.items()):
+        raise CacheTransferError(f"cache {where}: malformed cache mounts")
+    return mounts
+
+
 class CacheSource:
     """Records of one or more imported caches, brought into the store on a hit.
 
@@ -158,15 +202,18 @@ class CacheSource:
         self.warn = warn
         self._records: dict[str, tuple[dict, Callable[[str, int], BinaryIO]]] = {}
         self._next: dict[str, list[str]] = {}  # key -> the keys after it in its stage
+        self._mounts: dict[str, tuple[dict, Callable[[str, int], BinaryIO]]] = {}
         self._lock = threading.Lock()
         self._fetching: dict = {}  # layer digest -> the Future of its fetch
         self._pool = None  # a ThreadPoolExecutor once a layer is fetched
         self.fetched: list[str] = []  # layer digests brought in
 
     def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO],
-            chains: list[list[str]] = ()) -> None:
+            chains: list[list[str]] = (), mounts: dict[str, dict] | None = None) -> None:
         for key, rec in records.items():
             self._records.setdefault(key, (rec, open_blob))
+        for ident, layer in (mounts or {}).items():
+            self._mounts.setdefault(ident, (layer, open_blob))
         for chain in chains:
             for i, key in enumerate(chain):
                 self._next.setdefault(key, chain[i + 1:])
@@ -222,6 +269,44 @@ class CacheSource:
             if got != layer["diff_id"]:
                 raise CacheTransferError(f"layer {desc.digest} has diff_id {got}, not the "
                                          f"{layer['diff_id']} its record claims")
+
+    def fill_mount(self, m, directory: str) -> bool:
+        """Fill the new RUN --mount=type=cache dir ``directory`` (empty) of mount ``m`` from
+        an imported cache that has its id; whether it did. The layer is extracted by the
+        store's safe extractor, against its diff_id."""
+        import os
+
+        from store.layer_extract import extract_layer
+
+        found = self._mounts.get(m.id)
+        if found is None:
+            return False
+        layer, open_blob = found
+        desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+        unpacked = directory + ".cached"
+        from store.fsutil import remove_tree
+
+        remove_tree(unpacked)  # a crash's leftover
+        try:
+            if not self.store.has_blob(desc.digest):
+                with open_blob(desc.digest, desc.size) as stream:
+                    self.store.put_blob(stream, desc.media_type, digest=desc.digest,
+                                        size=desc.size)
+            with self.store.open_blob(desc.digest, desc.size) as blob:
+                extract_layer(blob, desc.media_type, unpacked,
+                              expected_diff_id=layer["diff_id"], layer_digest=desc.digest)
+            os.rmdir(directory)
+            os.rename(unpacked, directory)
+        except (KilnError, OSError) as e:
+            remove_tree(unpacked)
+            if self.warn is not None:
+                self.warn(f"--cache-from: cache mount {m.id!r} starts empty: {e}")
+            return False
+        if m.uid is not None or m.gid is not None:
+            os.chown(directory, m.uid or 0, m.gid or 0)
+        if m.mode is not None:
+            os.chmod(directory, m.mode)
+        return True
 
     def close(self) -> None:
         if self._pool is not None:

@@ -117,8 +117,9 @@ class BuildOptions:
     # --cache-from: a builder.cache_transfer.CacheSource, consulted on a miss in the store
     cache_source: object = None
     # --cache-to: called after the build with the keys of each stage's steps in order, of
-    # the target's stage chain (mode=min) and of every stage (mode=max)
-    cache_export: Callable[[list[list[str]], list[list[str]]], None] | None = None
+    # the target's stage chain (mode=min) and of every stage (mode=max), and the ids of the
+    # RUN --mount=type=cache dirs its RUN steps name (mode=max exports them too)
+    cache_export: Callable[[list[list[str]], list[list[str]], list[str]], None] | None = None
     # --cache-to type=inline: the cache of the image's own steps goes into its config
     inline_cache: bool = False
     # where an --output with dest "-" goes (a binary stream: kiln's stdout)
@@ -263,6 +264,7 @@ class Builder:
         # what they were, and what it printed
         self.made_nothing = True
         self.used_keys: list[tuple[int, str]] = []  # (stage index, cache key): for --cache-to
+        self.cache_mounts: set[str] = set()  # ids of the shared RUN --mount=type=cache dirs
         self.looked_up: dict[str, str | None] = {}
         self.said: list[str] = []
 
@@ -420,7 +422,7 @@ class Builder:
             self.store.keep_untagged(desc)
         self._outputs(desc)
         if self.opts.cache_export is not None:
-            self.opts.cache_export(*self._chains(plan))
+            self.opts.cache_export(*self._chains(plan), sorted(self.cache_mounts))
         image_id = self.store.image_for(desc).config_descriptor().digest
         if self.opts.iidfile:
             Path(self.opts.iidfile).write_text(image_id)

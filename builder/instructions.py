@@ -387,14 +387,19 @@ def run(b: Builder, state: StageState, inst, plan, results) -> None:
                            for i, m in enumerate(mounts)]
     key = cache.step_key(state.key, text, args={k: v for k, v in visible.items()
                                                  if k not in _proxy()}, extra=extra)
+    b.cache_mounts.update(m.id for m in mounts if m.type == "cache" and m.sharing != "private")
     if b.cached(state, key, history_text):
         return
     work, upper = b.new_upper()
     from builder.mounts import MountError, prepared_mounts
 
     try:
-        def seed(m, directory: str) -> None:
-            _seed_cache(b, m, directory, plan, results, inst, work)
+        def seed(m, directory: str) -> bool:
+            if m.from_:
+                _seed_cache(b, m, directory, plan, results, inst, work)
+                return True
+            source = b.opts.cache_source
+            return source is not None and source.fill_mount(m, directory)
 
         with prepared_mounts(mounts, sources, work=work, store_root=str(b.store.root),
                              context_root=str(b.opts.context), secrets=b.opts.secrets,

@@ -277,10 +277,11 @@ def cache_mount_dir(store_root: str, ident: str, n: int = 0) -> str:
 @contextlib.contextmanager
 def prepared_mounts(specs: list[MountSpec], sources: dict[int, BindSource], *, work: str,
                     store_root: str, context_root: str, secrets: dict[str, dict[str, str]],
-                    seed: Callable[[MountSpec, str], None] | None = None
+                    seed: Callable[[MountSpec, str], bool] | None = None
                     ) -> Iterator[PreparedMounts]:
     """Make every mount's host side in ``work`` (removed by the caller); cache locks are held
-    until the block ends. ``seed(spec, dir)`` fills a new cache dir from ``from=``."""
+    until the block ends. ``seed(spec, dir)`` may fill a new cache dir (from ``from=``, or
+    from an imported build cache) and says whether it did."""
     from runtime.rootfs import LayeredBind
     from runtime.spec import BindMount, TmpfsMount
 
@@ -338,7 +339,7 @@ def _secret_file(work: str, i: int, value: bytes, m: MountSpec) -> str:
 
 
 def _cache_dir(m: MountSpec, store_root: str, out: PreparedMounts,
-               seed: Callable[[MountSpec, str], None] | None) -> str:
+               seed: Callable[[MountSpec, str], bool] | None) -> str:
     """The cache dir for ``m``, locked as its sharing mode says, created on first use.
 
     shared holds a shared flock (only a ``locked`` user waits for it), locked an exclusive
@@ -376,9 +377,7 @@ def _create_cache_dir(m: MountSpec, path: str, seed) -> None:
         shutil.rmtree(tmp)
     os.mkdir(tmp)
     try:
-        if m.from_ and seed is not None:
-            seed(m, tmp)
-        else:
+        if seed is None or not seed(m, tmp):
             os.chown(tmp, m.uid or 0, m.gid or 0)
             os.chmod(tmp, 0o755 if m.mode is None else m.mode)
         os.rename(tmp, path)

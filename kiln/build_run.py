@@ -198,7 +198,8 @@ def _cache_spec(flag: str, text: str):
 
 
 def _cache_exporter(store, specs, reg: dict, quiet: bool):
-    def export(target_chains: list[list[str]], all_chains: list[list[str]]) -> None:
+    def export(target_chains: list[list[str]], all_chains: list[list[str]],
+               mounts: list[str]) -> None:
         from kiln.registry_commands import make_options
         from registry_client.build_cache import export_cache
         from store.errors import KilnError
@@ -206,15 +207,17 @@ def _cache_exporter(store, specs, reg: dict, quiet: bool):
         for spec in specs:
             try:
                 desc, image = export_cache(store, spec, target_chains, all_chains,
-                                           make_options(**reg))
+                                           make_options(**reg), mounts=mounts)
             except KilnError as e:
                 if not spec.ignore_error:
                     raise KilnError(f"--cache-to {spec.text}: {e}") from None
                 sys.stderr.write(f"kiln: warning: --cache-to {spec.text}: {e}\n")
                 continue
             if not quiet:
+                with_mounts = f", {image.mounts} cache mounts" if image.mounts else ""
                 sys.stderr.write(f"--> cache: {image.records} steps, {len(image.layers())} "
-                                 f"layers to {spec.location} ({desc.digest[:19]})\n")
+                                 f"layers{with_mounts} to {spec.location} "
+                                 f"({desc.digest[:19]})\n")
     return export
 
 

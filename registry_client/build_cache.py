@@ -4,7 +4,9 @@ Spelled as buildx spells them: ``type=registry,ref=REG/REPO:TAG[,mode=min|max]``
 ``type=local,dest=DIR`` (to) and ``type=local,src=DIR`` (from), ``[,tag=TAG]`` for a
 directory (default latest), and a bare ``REG/REPO:TAG`` for type=registry. mode=min (the
 default, as buildx) exports the steps of the image's own stage chain, mode=max those of
-every stage built. ``ignore-error=true`` turns a failed export into a warning. A cache
+every stage built and the contents of the shared RUN --mount=type=cache directories its
+RUN steps name (BuildKit cannot, moby/buildkit#1512): a fresh runner's new cache dir of
+that id starts from them. ``ignore-error=true`` turns a failed export into a warning. A cache
 that is not there yet is a warning, not an error: the first build of a pipeline writes it.
 
 ``--cache-to type=inline`` puts the cache of the image's own steps into its config (as
@@ -24,6 +26,7 @@ from builder.cache_transfer import (
     CacheSource,
     CacheTransferError,
     parse_document,
+    parse_mounts,
 )
 from registry_client.errors import NotFoundOnRegistry
 from registry_client.transport import RegistryOptions
@@ -88,13 +91,18 @@ def parse_cache_spec(flag: str, text: str) -> CacheSpec:
 
 
 def export_cache(store: Store, spec: CacheSpec, target_chains: list[list[str]],
-                 all_chains: list[list[str]], options: RegistryOptions
-                 ) -> tuple[Descriptor, CacheImage]:
-    """Write the cache of ``spec.mode``'s stages where ``spec`` says; blobs the
+                 all_chains: list[list[str]], options: RegistryOptions, *,
+                 mounts: list[str] = ()) -> tuple[Descriptor, CacheImage]:
+    """Write the cache of ``spec.mode``'s stages where ``spec`` says (mode=max: with the
+    contents of the RUN --mount=type=cache dirs named by ``mounts``); blobs the
     destination has already are not sent again."""
+    from builder.cache_transfer import mount_layers
     from store.image import copy_image
 
-    image = CacheImage(store, all_chains if spec.mode == "max" else target_chains)
+    if spec.mode == "max":
+        image = CacheImage(store, all_chains, mounts=mount_layers(store, mounts))
+    else:
+        image = CacheImage(store, target_chains)
     if spec.kind == "local":
         from store.oci_dir import LayoutSink
 
@@ -139,8 +147,9 @@ class Imported:
         if manifest.is_index or _config_type(manifest.raw) != CACHE_CONFIG:
             return self._add_image(spec, options)
         config = _cache_config(manifest.raw, manifest.descriptor.media_type, where)
-        records, chains = parse_document(repo.read_blob(config.digest, config.size), where)
-        self.source.add(records, repo.open_blob, chains)
+        raw = repo.read_blob(config.digest, config.size)
+        records, chains = parse_document(raw, where)
+        self.source.add(records, repo.open_blob, chains, parse_mounts(raw, where))
         return len(records)
 
     def _add_image(self, spec: CacheSpec, options: RegistryOptions) -> int:
@@ -180,9 +189,9 @@ class Imported:
         where = f"{spec.location}:{spec.tag} ({entry.digest})"
         raw = layout.layout.read_blob(entry.digest, entry.size)
         config = _cache_config(raw, entry.media_type, where)
-        records, chains = parse_document(layout.layout.read_blob(config.digest, config.size),
-                                         where)
-        self.source.add(records, layout.layout.open_blob, chains)
+        raw = layout.layout.read_blob(config.digest, config.size)
+        records, chains = parse_document(raw, where)
+        self.source.add(records, layout.layout.open_blob, chains, parse_mounts(raw, where))
         return len(records)
 
     def close(self) -> None:

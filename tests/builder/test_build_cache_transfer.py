@@ -152,6 +152,34 @@ def test_inline_cache_in_a_pushed_image(tmp_path, base, registry):  # noqa: F811
     assert "the image holds no build cache" in p.err
 
 
+def test_mode_max_carries_run_cache_mounts_to_a_fresh_runner(tmp_path, base):
+    """Beyond BuildKit (moby/buildkit#1512): the contents of a RUN --mount=type=cache dir
+    travel with a mode=max cache, so a fresh runner's step that must run again (its input
+    changed) finds what the last run left there, as a warm runner would."""
+    def context(version: str) -> Path:
+        return build_context(tmp_path, (
+            f"FROM {base}\nARG V={version}\n"
+            "RUN --mount=type=cache,target=/var/cache/dl,id=downloads,uid=7 "
+            "if [ -f /var/cache/dl/pkg ]; then echo HIT-$(cat /var/cache/dl/pkg)-"
+            "$(stat -c %u /var/cache/dl); else echo MISS; echo fetched > /var/cache/dl/pkg; "
+            "fi && echo $V > /v\n"), name=f"mount-{version}")
+
+    cache_dir = tmp_path / "cache"
+    _, p = _iid(_runner(tmp_path, "a"), context("1"), "--cache-to",
+                f"type=local,dest={cache_dir},mode=max")
+    assert "MISS" in p.out + p.err and "1 cache mounts" in p.err, p.err
+    _, p = _iid(_runner(tmp_path, "b"), context("2"), "--cache-from",
+                f"type=local,src={cache_dir}")
+    assert "HIT-fetched-7" in p.out + p.err, p.out + p.err
+    # mode=min carries no cache mount
+    _, p = _iid(_runner(tmp_path, "c"), context("1"), "--cache-to",
+                f"type=local,dest={tmp_path / 'min'}")
+    assert "cache mounts" not in p.err
+    _, p = _iid(_runner(tmp_path, "d"), context("2"), "--cache-from",
+                f"type=local,src={tmp_path / 'min'}")
+    assert "MISS" in p.out + p.err
+
+
 def test_a_missing_cache_warns_and_bad_specs_are_clear_errors(tmp_path, base, registry):  # noqa: F811
     ctx = _context(tmp_path, base)
     kiln = _runner(tmp_path, "a")
