@@ -28,7 +28,7 @@ from builder.cache_transfer import (
     parse_document,
     parse_mounts,
 )
-from registry_client.errors import NotFoundOnRegistry
+from registry_client.errors import NotFoundOnRegistry, RegistryError
 from registry_client.transport import RegistryOptions
 from store.documents import OCI_MANIFEST, Descriptor
 from store.errors import KilnError, NotFoundError, StoreError
@@ -50,9 +50,8 @@ class CacheSpec:
     text: str = ""
 
 
-def parse_cache_spec(flag: str, text: str) -> CacheSpec:
-    if "=" not in text.split(",", 1)[0]:
-        text = f"type=registry,ref={text}"
+def parse_cache_spec(flag: str, given: str) -> CacheSpec:
+    text = given if "=" in given.split(",", 1)[0] else f"type=registry,ref={given}"
     values: dict[str, str] = {}
     for part in text.split(","):
         k, eq, v = part.partition("=")
@@ -64,7 +63,7 @@ def parse_cache_spec(flag: str, text: str) -> CacheSpec:
         unknown = set(values) - _IGNORED - {"mode"}
         if unknown:
             raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        return CacheSpec("inline", "", text=text)
+        return CacheSpec("inline", "", text=given)
     where = {"registry": "ref", "local": "dest" if flag == "--cache-to" else "src"}.get(
         kind or "")
     if where is None:
@@ -87,7 +86,7 @@ def parse_cache_spec(flag: str, text: str) -> CacheSpec:
     unknown = set(values) - _IGNORED
     if unknown:
         raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
-    return CacheSpec(kind, location, tag, mode, ignore == "true", text)
+    return CacheSpec(kind, location, tag, mode, ignore == "true", given)
 
 
 def export_cache(store: Store, spec: CacheSpec, target_chains: list[list[str]],
@@ -142,6 +141,9 @@ class Imported:
             manifest = repo.get_manifest(ref.digest or ref.tag or "latest")
         except NotFoundOnRegistry:
             self._warn(f"--cache-from {spec.location}: no cache there yet")
+            return 0
+        except RegistryError as e:  # unreachable, refused: the build goes on without it
+            self._warn(f"--cache-from {spec.location}: cannot read the cache: {e}")
             return 0
         where = f"{spec.location} ({manifest.descriptor.digest})"
         if manifest.is_index or _config_type(manifest.raw) != CACHE_CONFIG:

@@ -15,7 +15,11 @@ import pytest
 
 from tests.builder.conftest import build_context
 from tests.conftest import KilnCLI
-from tests.registry.conftest import registry  # noqa: F401 - fixture
+from tests.registry.conftest import (  # noqa: F401 - fixtures
+    _token_registry_module,
+    registry,
+    token_registry,
+)
 
 MULTI = """\
 FROM {base} AS tools
@@ -91,6 +95,27 @@ def test_fresh_runner_takes_every_step_from_a_registry_cache(tmp_path, base, reg
                 f"type=registry,ref={cache_ref},mode=max")
     assert f"({exported[3][:19]})" in p.err
     assert len(_requests(registry, "POST", "blobs")) == uploads
+
+
+def test_a_cache_behind_token_auth(tmp_path, base, token_registry):  # noqa: F811
+    """CI registries want credentials: the cache is written with alice's and read with
+    bob's (pull-only there), through the token flow; without any, a warning."""
+    ctx = _context(tmp_path, base)
+    cache_ref = f"{token_registry.host}/team/cache-{tmp_path.name.lower()[-20:]}:1"
+    first_id, _ = _iid(_runner(tmp_path, "a"), ctx, "--creds", "alice:wonderland",
+                       "--cache-to", f"type=registry,ref={cache_ref},mode=max")
+    fresh_id, p = _iid(_runner(tmp_path, "b"), ctx, "--creds", "bob:builder",
+                       "--cache-from", cache_ref)
+    assert "RAN-" not in p.out + p.err and fresh_id == first_id
+    _, p = _iid(_runner(tmp_path, "c"), ctx, "--cache-from", cache_ref)
+    assert "cannot read the cache" in p.err and "RAN-final" in p.out + p.err
+    denied = f"{token_registry.host}/denied/app:cache"  # bob may not push there
+    p = _runner(tmp_path, "d")("build", "--creds", "bob:builder", "--cache-to", denied,
+                              str(ctx), check=False)
+    assert p.returncode == 125 and f"--cache-to {denied}" in p.err, p.err
+    p = _runner(tmp_path, "d")("build", "--creds", "bob:builder", "--cache-to",
+                              f"type=registry,ref={denied},ignore-error=true", str(ctx))
+    assert "warning: --cache-to" in p.err
 
 
 def test_mode_min_keeps_only_the_image_stage_chain(tmp_path, base, registry):  # noqa: F811
