@@ -314,10 +314,22 @@ class CacheSource:
 
 
 def _diff_id(layer: BlobLayer) -> str:
+    """The layer's uncompressed digest, refusing a decompression bomb by the extractor's
+    limits (KILN_MAX_LAYER_SIZE, KILN_MAX_LAYER_RATIO, KILN_LAYER_RATIO_FROM)."""
     import hashlib
 
+    from store.layer_extract import DEFAULT_LIMITS, limits_from_env
+
+    budget = limits_from_env(base=DEFAULT_LIMITS).budget()
     h = hashlib.sha256()
+    total = 0
     with layer.open_uncompressed() as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+            total += len(chunk)
+            if total > budget.max_size or (
+                    budget.max_ratio and total > budget.ratio_from
+                    and total > budget.max_ratio * max(layer.size, 1)):
+                raise CacheTransferError(f"layer {layer.digest} expands past {total} bytes "
+                                         f"from {layer.size}: refused as a decompression bomb")
     return "sha256:" + h.hexdigest()

@@ -267,6 +267,36 @@ def test_a_hostile_cache_cannot_slip_in_a_layer_or_break_the_build(tmp_path, bas
     assert "cannot take step" in p.err and "diff_id" in p.err
     assert kiln("run", "--rm", "app:1").out == "hello\n"
 
+    # a record whose layer is a zstd bomb (its diff_id true): refused by the extractor's
+    # limits before it is hashed to the end, and the step runs
+    import hashlib
+    import io
+    import tarfile
+
+    import zstandard
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as t:
+        info = tarfile.TarInfo("zeros")
+        info.size = 8 << 20
+        t.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = zstandard.ZstdCompressor().compress(raw.getvalue())
+    digest = hashlib.sha256(bomb).hexdigest()
+    (cache_dir / "blobs" / "sha256" / digest).write_bytes(bomb)
+
+    def plant_bomb(doc):
+        for rec in doc["records"].values():
+            if rec["layer"]:
+                rec["layer"] = {"digest": f"sha256:{digest}", "size": len(bomb),
+                                "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
+                                "diff_id": "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()}
+
+    _rewrite_cache(cache_dir, plant_bomb)
+    bombed = _runner(tmp_path, "e")
+    p = bombed("build", "--cache-from", f"type=local,src={cache_dir}", str(ctx),
+               env={"KILN_LAYER_RATIO_FROM": "1M", "KILN_MAX_LAYER_RATIO": "10"})
+    assert "decompression bomb" in p.err and "RAN-final" in p.out + p.err, p.err
+
     _rewrite_cache(cache_dir, lambda doc: doc["records"].update({"../../etc": {}}))
     p = kiln("build", "--cache-from", f"type=local,src={cache_dir}", str(ctx), check=False)
     assert p.returncode == 125 and "malformed record '../../etc'" in p.err, p.err
