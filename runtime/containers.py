@@ -92,13 +92,14 @@ class RunOptions(Record):
 class ContainerRecord(Record):
     FIELDS = ("id", "name", "image", "image_name", "command", "created", "status", "pid",
               "exit_code", "finished", "network", "ip", "ports", "monitor", "started",
-              "restart_count")
+              "restart_count", "runner")
 
     def __init__(self, id: str, name: str, image: str, image_name: str, command: list[str],
                  created: float, status: str = "created", pid: int = 0,
                  exit_code: int | None = None, finished: float | None = None,
                  network: str | None = None, ip: str | None = None, ports: list | None = None,
-                 monitor: int = 0, started: float | None = None, restart_count: int = 0):
+                 monitor: int = 0, started: float | None = None, restart_count: int = 0,
+                 runner: int = 0):
         self.id = id
         self.name = name
         self.image = image  # manifest digest: keeps the image alive for prune and rmi
@@ -115,6 +116,9 @@ class ContainerRecord(Record):
         self.monitor = monitor  # a detached container's monitor process (0: kiln run's own)
         self.started = started
         self.restart_count = restart_count
+        # the `kiln run --rm` process of a foreground container: when it is gone while its
+        # container is too, nobody is left to remove the container (kill -9 of kiln)
+        self.runner = runner
 
     def save(self, directory: str | os.PathLike) -> None:
         """Replace state.json at once; not flushed to disk: it means nothing after a reboot
@@ -694,6 +698,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
 
                 connect(plan, pid)
             record.status, record.pid = "running", pid
+            record.runner = os.getpid() if opts.remove else 0
             record.save(directory)
 
         container.start(on_pid=running)
@@ -709,17 +714,23 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
             record.save(directory)
         raise
     finally:
-        if spec.netns_fd is not None:
-            os.close(spec.netns_fd)
-        if plan is not None:
-            from runtime.network.attach import detach
-            from runtime.network.networks import Networks
+        # each clean-up runs whatever the one before it raised: a --rm container must not
+        # outlive a failed network teardown
+        try:
+            if spec.netns_fd is not None:
+                os.close(spec.netns_fd)
+            if plan is not None:
+                from runtime.network.attach import detach
+                from runtime.network.networks import Networks
 
-            detach(Networks(), plan.lease, plan.veth)
-        if cgroup is not None:
-            cgroup.remove()
-        if opts.remove:
-            remove_container_dir(directory)
+                detach(Networks(), plan.lease, plan.veth)
+        finally:
+            try:
+                if cgroup is not None:
+                    cgroup.remove()
+            finally:
+                if opts.remove:
+                    remove_container_dir(directory)
 
 
 def remove_container_dir(path: str | os.PathLike) -> None:
@@ -768,10 +779,15 @@ def list_containers(store: Store | StoreHandle | str | None) -> list[ContainerRe
             out.append(ContainerRecord.load(entry.path))
         except (OSError, ValueError, TypeError):
             continue
+    kept = []
     for rec in out:
         if rec.status == "running" and not alive(rec.pid):
+            if rec.runner and not alive(rec.runner):  # its kiln run --rm was killed
+                remove_container_dir(os.path.join(handle.containers_dir, rec.id))
+                continue
             rec.status = "exited"
-    return out
+        kept.append(rec)
+    return kept
 
 
 def process_start(pid: int) -> int:

@@ -282,7 +282,8 @@ def test_port_conflicts_and_bad_specs_are_clear_errors(krun, bg, run_root):
     p = krun("true", opts=("--network", "none", "-p", "80"))
     assert p.returncode == 125 and "-p need a bridge network" in p.err
     assert _settled(before) == before
-    assert krun.cli("ps", "-a", "-q").out == ""  # no container left half-made
+    left = krun.cli("ps", "-a").out.splitlines()[1:]
+    assert left == []  # no container left half-made (the rows say which, if one is)
 
 
 def test_user_network_names_follow_containers(krun, bg, user_network, run_root):
@@ -470,6 +471,9 @@ def test_kill_9_of_kiln_is_cleaned_up_by_the_next_call(krun, run_root):
     krun.cli("network", "ls", check=True)  # any networking call collects what is stale
     krun.cli("network", "inspect", "bridge", check=True)
     assert _settled(before) == before
+    # and the --rm container that kiln was to remove goes at the next look at the list
+    assert krun.cli("ps", "-a").out.splitlines()[1:] == []
+    assert not any(e.name != ".cache" for e in os.scandir(run_root / "containers"))
 
 
 def test_a_reused_address_answers_at_once(krun, bg, user_network):
