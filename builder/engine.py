@@ -1034,40 +1034,32 @@ class Builder:
         """--output type=tar: the image's merged filesystem as one tarball (buildx's tar
         exporter), written from a read-only overlay of its layers."""
         from runtime.workspace import View, with_views
-        from store.fsutil import current_umask, remove_tree
+        from store.fsutil import new_file_in_place, remove_tree
         from store.layer_writer import write_layer
 
         image = self.store.image_for(desc)
         dirs = [self._unpacked(Layer(la.digest, la.diff_id, la.media_type, la.size))
                 for la in image.layers()]
         epoch = self.opts.epoch
-        work = self.store.mkdtemp("export-")
-        tmp = None
-        try:
-            if stream is None:
-                import tempfile
 
-                target = os.path.abspath(dest)
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
-                                           prefix=f".{os.path.basename(target)}.")
-                os.fchmod(fd, 0o666 & ~current_umask())
-                stream = os.fdopen(fd, "wb")
-            stream.flush()
+        def write_to(out) -> None:
+            out.flush()  # the writer runs in a forked child: nothing buffered twice
 
             def write(root: str) -> None:
-                write_layer(root, stream, compression="none", source_date_epoch=epoch)
-                stream.flush()
+                write_layer(root, out, compression="none", source_date_epoch=epoch)
+                out.flush()
 
-            with_views([View(dirs, readonly=True)], write, work)
-            if tmp is not None:
-                stream.close()
-                os.rename(tmp, dest)
-                tmp = None
-        finally:
-            if tmp is not None:
-                stream.close()
-                os.unlink(tmp)
-            remove_tree(work)
+            work = self.store.mkdtemp("export-")
+            try:
+                with_views([View(dirs, readonly=True)], write, work)
+            finally:
+                remove_tree(work)
+
+        if stream is not None:
+            write_to(stream)
+            return
+        with new_file_in_place(dest) as out:
+            write_to(out)
 
     def _write_image(self, state: StageState, inline_cache: dict | None = None) -> Descriptor:
         if not state.layers:

@@ -30,7 +30,7 @@ from store.documents import (
     parse_config,
 )
 from store.errors import StoreError
-from store.fsutil import current_umask, remove_tree
+from store.fsutil import new_file_in_place, remove_tree
 from store.image import Image, Layer
 
 _DOCKER_LAYER = {"none": "application/vnd.docker.image.rootfs.diff.tar",
@@ -235,16 +235,9 @@ class DockerArchiveSink:
             finally:
                 remove_tree(self._work)
             return
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
-                                   prefix=f".{os.path.basename(self.path)}.")
-        os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates
         try:
-            with os.fdopen(fd, "wb") as out:
+            with new_file_in_place(self.path) as out:
                 self._write(out)
-            os.rename(tmp, self.path)
-        except BaseException:
-            remove_tree(tmp)
-            raise
         finally:
             remove_tree(self._work)
 

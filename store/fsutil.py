@@ -102,6 +102,33 @@ def remove_tree(path: str | os.PathLike) -> None:
             os.unlink(path)
 
 
+class new_file_in_place:  # noqa: N801 - used as a function: with new_file_in_place(p) as f
+    """A user's output file (an archive), written beside ``path`` and renamed onto it when
+    the block ends well, removed when it does not; its mode is what the umask gives any
+    new file, not mkstemp's 0600."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.target = os.path.abspath(path)
+
+    def __enter__(self):
+        import tempfile
+
+        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(self.target),
+                                        prefix=f".{os.path.basename(self.target)}.")
+        os.fchmod(fd, 0o666 & ~current_umask())
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            self.file.close()
+            if kind is None:
+                os.rename(self.tmp, self.target)
+        finally:
+            if kind is not None or os.path.lexists(self.tmp):
+                remove_tree(self.tmp)
+
+
 def current_umask() -> int:
     """The process umask, read without the set-and-restore race of os.umask()."""
     try:

@@ -6,14 +6,13 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from store.documents import INDEX_MEDIA_TYPES, Descriptor, parse_index
 from store.errors import StoreError
-from store.fsutil import current_umask, remove_tree
+from store.fsutil import new_file_in_place
 from store.image import Image, ManifestImage
 from store.layout import REF_NAME, OCILayout
 
@@ -112,16 +111,8 @@ def unpack_oci_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> N
 
 def write_oci_archive(layout_dir: str | os.PathLike, archive: str | os.PathLike) -> None:
     """Tar a layout directory deterministically, then rename it into place."""
-    archive = Path(archive)
-    fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.")
-    os.fchmod(fd, 0o666 & ~current_umask())  # as any file the user creates, not mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as out:
-            stream_oci_archive(layout_dir, out)
-        os.rename(tmp, archive)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+    with new_file_in_place(archive) as out:
+        stream_oci_archive(layout_dir, out)
 
 
 def stream_oci_archive(layout_dir: str | os.PathLike, out: BinaryIO) -> None:
