@@ -191,10 +191,11 @@ def _stdout_for_archive():
     return archive
 
 
-def _cache_spec(flag: str, text: str):
+def _cache_spec(flag: str, given: str):
     from registry_client.build_cache import parse_cache_spec
 
-    return parse_cache_spec(flag, text)
+    text = given if "=" in given.split(",", 1)[0] else f"type=registry,ref={given}"
+    return parse_cache_spec(flag, given, _key_values(text, flag, ("type",))[1])
 
 
 def _cache_exporter(store, specs, reg: dict, quiet: bool):

@@ -42,7 +42,7 @@ _IGNORED = {"compression", "compression-level", "force-compression", "oci-mediat
 
 @dataclass(frozen=True)
 class CacheSpec:
-    kind: str  # "registry" or "local"
+    kind: str  # "registry", "local" or "inline"
     location: str  # a reference, or a directory
     tag: str = "latest"  # local only
     mode: str = "min"
@@ -50,42 +50,36 @@ class CacheSpec:
     text: str = ""
 
 
-def parse_cache_spec(flag: str, given: str) -> CacheSpec:
-    text = given if "=" in given.split(",", 1)[0] else f"type=registry,ref={given}"
-    values: dict[str, str] = {}
-    for part in text.split(","):
-        k, eq, v = part.partition("=")
-        if not eq or not k.strip():
-            raise KilnError(f"{flag} {text!r}: want key=value pairs separated by commas")
-        values[k.strip()] = v
-    kind = values.pop("type", None)
-    if kind == "inline" and flag == "--cache-to":
-        unknown = set(values) - _IGNORED - {"mode"}
-        if unknown:
-            raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        return CacheSpec("inline", "", text=given)
-    where = {"registry": "ref", "local": "dest" if flag == "--cache-to" else "src"}.get(
-        kind or "")
-    if where is None:
-        kinds = "registry, local or inline" if flag == "--cache-to" else "registry or local"
-        raise KilnError(f"{flag} {text!r}: type must be {kinds} (kiln has no {kind!r} "
-                        "cache)" if kind else f"{flag} {text!r}: type= is missing")
-    location = values.pop(where, None)
-    if not location:
-        raise KilnError(f"{flag} {text!r}: {where}= is missing")
-    if kind == "registry":
-        ref = parse_reference(location)
-        location = str(ref)
+def parse_cache_spec(flag: str, given: str, values: dict[str, str]) -> CacheSpec:
+    """A --cache-to/--cache-from spec: ``values`` are its key=value pairs, ``type`` among
+    them (the CLI splits them, as for --output and --secret; a bare reference is
+    ``type=registry,ref=REF``)."""
+    values = dict(values)
+    kind = values.pop("type")
+    location, tag = "", "latest"
+    if kind != "inline" or flag != "--cache-to":
+        where = {"registry": "ref", "local": "dest" if flag == "--cache-to" else "src"}.get(kind)
+        if where is None:
+            kinds = "registry, local or inline" if flag == "--cache-to" else "registry or local"
+            raise KilnError(f"{flag} {given!r}: type must be {kinds} (kiln has no {kind!r} "
+                            "cache)")
+        location = values.pop(where, None)
+        if not location:
+            raise KilnError(f"{flag} {given!r}: {where}= is missing")
+        if kind == "registry":
+            location = str(parse_reference(location))
+        else:
+            tag = values.pop("tag", "latest")
     mode = values.pop("mode", "min")
     if mode not in ("min", "max") or (mode != "min" and flag != "--cache-to"):
-        raise KilnError(f"{flag} {text!r}: mode must be min or max (of --cache-to)")
-    ignore = values.pop("ignore-error", "false").lower()
+        raise KilnError(f"{flag} {given!r}: mode must be min or max (of --cache-to)")
+    # an inline cache is part of the image: nothing to ignore failing
+    ignore = values.pop("ignore-error", "false").lower() if kind != "inline" else "false"
     if ignore not in ("true", "false"):
-        raise KilnError(f"{flag} {text!r}: ignore-error must be true or false")
-    tag = values.pop("tag", "latest") if kind == "local" else "latest"
+        raise KilnError(f"{flag} {given!r}: ignore-error must be true or false")
     unknown = set(values) - _IGNORED
     if unknown:
-        raise KilnError(f"{flag} {text!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise KilnError(f"{flag} {given!r}: unknown key(s) {', '.join(sorted(unknown))}")
     return CacheSpec(kind, location, tag, mode, ignore == "true", given)
 
 
@@ -146,23 +140,18 @@ class Imported:
             self._warn(f"--cache-from {spec.location}: cannot read the cache: {e}")
             return 0
         where = f"{spec.location} ({manifest.descriptor.digest})"
-        if manifest.is_index or _config_type(manifest.raw) != CACHE_CONFIG:
-            return self._add_image(spec, options)
-        config = _cache_config(manifest.raw, manifest.descriptor.media_type, where)
-        raw = repo.read_blob(config.digest, config.size)
-        records, chains = parse_document(raw, where)
-        self.source.add(records, repo.open_blob, chains, parse_mounts(raw, where))
-        return len(records)
+        config = None if manifest.is_index else _manifest_config(manifest.raw, where)
+        if config is None or config.media_type != CACHE_CONFIG:
+            return self._add_image(spec, options, repo, manifest)
+        return self._take(repo.read_blob(config.digest, config.size), where, repo.open_blob)
 
-    def _add_image(self, spec: CacheSpec, options: RegistryOptions) -> int:
+    def _add_image(self, spec: CacheSpec, options: RegistryOptions, repo, manifest) -> int:
         """--cache-from IMAGE: the cache an image built with --cache-to type=inline holds in
         its config, with the image's own layers."""
         from builder.cache import INLINE_KEY
         from registry_client.pull import open_remote_image
 
-        remote = open_remote_image(spec.location, options)
-        self._repos.append(remote.repository)
-        image = remote.image
+        image = open_remote_image(spec.location, options, repo=repo, top=manifest).image
         where = f"{spec.location} ({image.digest})"
         doc = image.config().get(INLINE_KEY)
         if doc is None:
@@ -176,7 +165,7 @@ class Imported:
         if foreign:
             raise CacheTransferError(f"cache {where}: record {foreign[0][:12]} names a layer "
                                      "the image does not have")
-        self.source.add(records, remote.repository.open_blob, chains)
+        self.source.add(records, repo.open_blob, chains)
         return len(records)
 
     def _add_local(self, spec: CacheSpec) -> int:
@@ -189,11 +178,17 @@ class Imported:
             self._warn(f"--cache-from {spec.location}: no cache there ({e})")
             return 0
         where = f"{spec.location}:{spec.tag} ({entry.digest})"
-        raw = layout.layout.read_blob(entry.digest, entry.size)
-        config = _cache_config(raw, entry.media_type, where)
-        raw = layout.layout.read_blob(config.digest, config.size)
-        records, chains = parse_document(raw, where)
-        self.source.add(records, layout.layout.open_blob, chains, parse_mounts(raw, where))
+        config = _manifest_config(layout.layout.read_blob(entry.digest, entry.size), where)
+        if entry.media_type not in (OCI_MANIFEST, "") or config.media_type != CACHE_CONFIG:
+            raise CacheTransferError(f"cache {where}: not a kiln build cache (its config is "
+                                     f"{config.media_type}, not {CACHE_CONFIG})")
+        return self._take(layout.layout.read_blob(config.digest, config.size), where,
+                          layout.layout.open_blob)
+
+    def _take(self, raw_config: bytes, where: str, open_blob) -> int:
+        """The records, chains and cache mounts of a cache config, to the source."""
+        records, chains = parse_document(raw_config, where)
+        self.source.add(records, open_blob, chains, parse_mounts(raw_config, where))
         return len(records)
 
     def close(self) -> None:
@@ -203,24 +198,11 @@ class Imported:
         self._repos = []
 
 
-def _config_type(raw: bytes) -> str | None:
+def _manifest_config(raw: bytes, where: str) -> Descriptor:
+    """The config descriptor of a cache's (or an image's) manifest."""
     import json
 
     try:
-        return json.loads(raw)["config"]["mediaType"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _cache_config(raw: bytes, media_type: str, where: str) -> Descriptor:
-    import json
-
-    try:
-        doc = json.loads(raw)
-        config = Descriptor.from_json(doc["config"], where="cache manifest config")
+        return Descriptor.from_json(json.loads(raw)["config"], where="cache manifest config")
     except (ValueError, KeyError, TypeError, KilnError) as e:
         raise CacheTransferError(f"cache {where}: not an image manifest: {e}") from None
-    if media_type not in (OCI_MANIFEST, "") or config.media_type != CACHE_CONFIG:
-        raise CacheTransferError(f"cache {where}: not a kiln build cache (its config is "
-                                 f"{config.media_type}, not {CACHE_CONFIG})")
-    return config

@@ -48,11 +48,14 @@ def parse_platform(text: str | None) -> dict | None:
 
 
 def open_remote_image(reference: str | Reference, options: RegistryOptions | None = None, *,
-                      platform: dict | None = None) -> RemoteImage:
+                      platform: dict | None = None, repo: RemoteRepository | None = None,
+                      top: Manifest | None = None) -> RemoteImage:
+    """``repo`` and ``top``: the repository and what the reference named, when the caller
+    has fetched that already."""
     ref = parse_reference(reference) if isinstance(reference, str) else reference
-    repo = RemoteRepository.for_reference(ref, options)
+    repo = repo or RemoteRepository.for_reference(ref, options)
     try:
-        top = repo.get_manifest(ref.digest or ref.tag or "latest")
+        top = top or repo.get_manifest(ref.digest or ref.tag or "latest")
         manifest = top
         if top.is_index:
             index = parse_index(top.raw, media_type=top.descriptor.media_type)
