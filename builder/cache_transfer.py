@@ -38,11 +38,15 @@ class CacheTransferError(KilnError):
     pass
 
 
+def _descriptor(layer: dict) -> Descriptor:
+    return Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+
+
 def document(store: Store, chains: list[list[str]], mounts: dict[str, dict] | None = None
-             ) -> tuple[bytes, list[Descriptor], list[str]]:
+             ) -> tuple[dict, list[tuple[Descriptor, str]]]:
     """The cache config for the keys of ``chains`` (the keys of each stage's steps, in
     order; those with a record whose layer the store has) and the cache mount layers
-    ``mounts`` (id -> layer), and its layers' descriptors and diff_ids, each layer once."""
+    ``mounts`` (id -> layer), and its layers' (descriptor, diff_id), each layer once."""
     records: dict[str, dict] = {}
     layers: dict[str, tuple[Descriptor, str]] = {}
     for key in (k for chain in chains for k in chain):
@@ -53,19 +57,15 @@ def document(store: Store, chains: list[list[str]], mounts: dict[str, dict] | No
         if layer is not None:
             if not store.has_blob(layer["digest"]):
                 continue
-            layers.setdefault(layer["digest"], (
-                Descriptor(layer["mediaType"], layer["digest"], layer["size"]),
-                layer["diff_id"]))
+            layers.setdefault(layer["digest"], (_descriptor(layer), layer["diff_id"]))
         records[key] = {"format": rec["format"], "history": rec["history"], "layer": layer}
     for layer in (mounts or {}).values():
-        layers.setdefault(layer["digest"], (
-            Descriptor(layer["mediaType"], layer["digest"], layer["size"]), layer["diff_id"]))
+        layers.setdefault(layer["digest"], (_descriptor(layer), layer["diff_id"]))
     chains = [[k for k in chain if k in records] for chain in chains]
     doc = {"format": CACHE_FORMAT, "records": records, "chains": [c for c in chains if c]}
     if mounts:
         doc["mounts"] = mounts
-    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return raw, [d for d, _ in layers.values()], [i for _, i in layers.values()]
+    return doc, list(layers.values())
 
 
 INLINE_KEY = cache.INLINE_KEY
@@ -101,7 +101,7 @@ def mount_layers(store: Store, ids: list[str]) -> dict[str, dict]:
 def inline_document(store: Store, chains: list[list[str]], image_layers: set[str]) -> dict:
     """--cache-to type=inline: the cache of the image's own steps, to go into its config
     (as BuildKit's moby.buildkit.cache.v0): records whose layers are the image's only."""
-    doc = json.loads(document(store, chains)[0])
+    doc = document(store, chains)[0]
     records = {k: r for k, r in doc["records"].items()
                if r["layer"] is None or r["layer"]["digest"] in image_layers}
     return {"format": CACHE_FORMAT, "records": records,
@@ -113,16 +113,16 @@ class CacheImage:
 
     def __init__(self, store: Store, chains: list[list[str]],
                  mounts: dict[str, dict] | None = None):
-        self._raw_config, descs, diff_ids = document(store, chains, mounts)
+        doc, layers = document(store, chains, mounts)
+        self._raw_config = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         self.mounts = len(mounts or {})
-        self._layers = [BlobLayer(d, i, store.open_blob)
-                        for d, i in zip(descs, diff_ids, strict=True)]
-        self.records = len(json.loads(self._raw_config)["records"])
+        self.records = len(doc["records"])
+        self._layers = [BlobLayer(d, i, store.open_blob) for d, i in layers]
         self._manifest = {
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": Descriptor(CACHE_CONFIG, sha256_digest(self._raw_config),
                                  len(self._raw_config)).to_json(),
-            "layers": [d.to_json() for d in descs]}
+            "layers": [d.to_json() for d, _ in layers]}
         self._raw = json.dumps(self._manifest, separators=(",", ":")).encode()
 
     @property
@@ -206,7 +206,6 @@ class CacheSource:
         self._lock = threading.Lock()
         self._fetching: dict = {}  # layer digest -> the Future of its fetch
         self._pool = None  # a ThreadPoolExecutor once a layer is fetched
-        self.fetched: list[str] = []  # layer digests brought in
 
     def add(self, records: dict[str, dict], open_blob: Callable[[str, int], BinaryIO],
             chains: list[list[str]] = (), mounts: dict[str, dict] | None = None) -> None:
@@ -217,9 +216,6 @@ class CacheSource:
         for chain in chains:
             for i, key in enumerate(chain):
                 self._next.setdefault(key, chain[i + 1:])
-
-    def __len__(self) -> int:
-        return len(self._records)
 
     def bring(self, key: str, steps: int) -> bool:
         """Whether ``key``'s record (covering ``steps`` steps) is in the store now: taken
@@ -256,13 +252,16 @@ class CacheSource:
                 self._fetching[layer["digest"]] = future
         return future
 
-    def _bring_layer(self, layer: dict, open_blob: Callable[[str, int], BinaryIO]) -> None:
-        desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+    def _put_blob(self, desc: Descriptor, open_blob: Callable[[str, int], BinaryIO]) -> None:
+        """The blob into the store unless it is there (the store verifies its digest)."""
         if not self.store.has_blob(desc.digest):
             with open_blob(desc.digest, desc.size) as stream:
                 self.store.put_blob(stream, desc.media_type, digest=desc.digest,
                                     size=desc.size)
-            self.fetched.append(desc.digest)
+
+    def _bring_layer(self, layer: dict, open_blob: Callable[[str, int], BinaryIO]) -> None:
+        desc = _descriptor(layer)
+        self._put_blob(desc, open_blob)
         if not self.store.has_layer_dir(layer["diff_id"]):
             # the record's diff_id goes into the image's config: check it is this content
             got = _diff_id(BlobLayer(desc, layer["diff_id"], self.store.open_blob))
@@ -276,22 +275,18 @@ class CacheSource:
         store's safe extractor, against its diff_id."""
         import os
 
+        from store.fsutil import remove_tree
         from store.layer_extract import extract_layer
 
         found = self._mounts.get(m.id)
         if found is None:
             return False
         layer, open_blob = found
-        desc = Descriptor(layer["mediaType"], layer["digest"], layer["size"])
+        desc = _descriptor(layer)
         unpacked = directory + ".cached"
-        from store.fsutil import remove_tree
-
         remove_tree(unpacked)  # a crash's leftover
         try:
-            if not self.store.has_blob(desc.digest):
-                with open_blob(desc.digest, desc.size) as stream:
-                    self.store.put_blob(stream, desc.media_type, digest=desc.digest,
-                                        size=desc.size)
+            self._put_blob(desc, open_blob)
             with self.store.open_blob(desc.digest, desc.size) as blob:
                 extract_layer(blob, desc.media_type, unpacked,
                               expected_diff_id=layer["diff_id"], layer_digest=desc.digest)
@@ -314,22 +309,29 @@ class CacheSource:
 
 
 def _diff_id(layer: BlobLayer) -> str:
-    """The layer's uncompressed digest, refusing a decompression bomb by the extractor's
-    limits (KILN_MAX_LAYER_SIZE, KILN_MAX_LAYER_RATIO, KILN_LAYER_RATIO_FROM)."""
+    """The layer's uncompressed digest, refusing a decompression bomb as the extractor does
+    (within_budget; KILN_MAX_LAYER_SIZE, KILN_MAX_LAYER_RATIO, KILN_LAYER_RATIO_FROM)."""
     import hashlib
 
-    from store.layer_extract import DEFAULT_LIMITS, limits_from_env
+    from store.compression import (
+        CountingReader,
+        StreamError,
+        compression_for,
+        decompressed_chunks,
+        within_budget,
+    )
+    from store.layer_extract import limits_from_env
 
-    budget = limits_from_env(base=DEFAULT_LIMITS).budget()
+    limits = limits_from_env()
     h = hashlib.sha256()
-    total = 0
-    with layer.open_uncompressed() as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            total += len(chunk)
-            if total > budget.max_size or (
-                    budget.max_ratio and total > budget.ratio_from
-                    and total > budget.max_ratio * max(layer.size, 1)):
-                raise CacheTransferError(f"layer {layer.digest} expands past {total} bytes "
-                                         f"from {layer.size}: refused as a decompression bomb")
+    with layer.open_compressed() as raw:
+        blob = CountingReader(raw)
+        head = blob.read(1 << 16)
+        try:
+            chunks = decompressed_chunks(blob, compression_for(layer.media_type, head), head,
+                                         max_window_log=limits.max_zstd_window_log)
+            for chunk in within_budget(chunks, blob, limits.budget()):
+                h.update(chunk)
+        except StreamError as e:
+            raise CacheTransferError(f"layer {layer.digest}: {e}") from None
     return "sha256:" + h.hexdigest()
