@@ -141,13 +141,11 @@ def _ps_fields(c, describe) -> dict:
     """A container as docker ps --format names its fields."""
     import time as _time
 
+    from kiln.image_commands import ago
+
     created = _time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", _time.gmtime(c.created))
-    ago = int(_time.time() - c.created)
-    running_for = next((f"{ago // s} {u} ago" for s, u in ((86400, "days"), (3600, "hours"),
-                                                          (60, "minutes")) if ago >= s),
-                       f"{ago} seconds ago")
     return {"ID": c.id[:12], "Image": c.image_name, "Command": json.dumps(" ".join(c.command)),
-            "CreatedAt": created, "RunningFor": running_for, "Status": _status(c),
+            "CreatedAt": created, "RunningFor": ago(c.created), "Status": _status(c),
             "State": c.status, "Names": c.name, "Networks": c.network or "",
             "Ports": ", ".join(describe(p) for p in c.ports) if c.status == "running" else ""}
 

@@ -29,6 +29,11 @@ def _ago(created: str) -> str:
         then = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
     except (ValueError, AttributeError):
         return created or "unknown"
+    return ago(then)
+
+
+def ago(then: float) -> str:
+    """How long ago the epoch time ``then`` was, as docker's CREATED column says it."""
     secs = max(0, int(time.time() - then))
     for size, unit in ((86400 * 365, "year"), (86400 * 7, "week"), (86400, "day"),
                        (3600, "hour"), (60, "minute"), (1, "second")):
@@ -108,6 +113,14 @@ def _repo_tags(r) -> list[tuple[str, str]]:
             for name in r.names or ["<none>:<none>"]]
 
 
+def _name_forms(name: str) -> tuple[str, ...]:
+    """What reference= patterns match a name against: it with and without its tag, without
+    its registry, and docker's short form (busybox:latest, busybox)."""
+    short = name.removeprefix("docker.io/library/")
+    return (name, name.rpartition(":")[0], name.split("/", 1)[-1], short,
+            short.rpartition(":")[0])
+
+
 def _filtered(store, rows: list, filters: tuple[str, ...]) -> list:
     """docker images --filter: each key's values are alternatives, the keys all hold."""
     import fnmatch
@@ -133,12 +146,8 @@ def _filtered(store, rows: list, filters: tuple[str, ...]) -> list:
     def keep(r) -> bool:
         checks = {
             "dangling": lambda v: (not r.names) == (v == "true"),
-            "reference": lambda v: any(
-                fnmatch.fnmatchcase(n, v) or fnmatch.fnmatchcase(n.rpartition(":")[0], v)
-                or fnmatch.fnmatchcase(n.split("/", 1)[-1], v)
-                or fnmatch.fnmatchcase(n.removeprefix("docker.io/library/"), v)
-                or fnmatch.fnmatchcase(n.removeprefix("docker.io/library/").rpartition(":")[0],
-                                       v) for n in r.names),
+            "reference": lambda v: any(fnmatch.fnmatchcase(form, v)
+                                       for n in r.names for form in _name_forms(n)),
             "label": lambda v: (v.partition("=")[0] in r.labels and (
                 "=" not in v or r.labels[v.partition("=")[0]] == v.partition("=")[2])),
         }

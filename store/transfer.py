@@ -41,8 +41,8 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
     if fmt == "docker-archive" and compression not in (None, "none"):
         raise KilnError("docker-archive layers are always uncompressed (as docker save "
                         "writes them); drop --compression-format")
-    if os.fspath(output) == "-":
-        stdout_stream(f"a {fmt}")  # refused at once on a terminal
+    # stdout is refused at once when it is a terminal, before any image is looked up
+    stream = stdout_stream(f"a {fmt}") if os.fspath(output) == "-" else None
     images = []
     with store.writing():  # a prune meanwhile could take an image untagged since resolved
         for name in names:
@@ -55,7 +55,7 @@ def save(store: Store, names: Sequence[str], output: str | os.PathLike, *, fmt: 
                 tags = tags[:1]  # named by ID: keep one of its tags, if it has any
             images.append((store.image_for(desc), tags))
         save_images(store, images, output, fmt=fmt, compression=compression,
-                    progress=progress, signatures=signatures)
+                    progress=progress, signatures=signatures, stream=stream)
 
 
 def stdout_stream(what: str) -> BinaryIO:
@@ -78,11 +78,11 @@ def save_images(store: Store, images: Sequence[tuple[Image, list[str]]],
     the descriptors of the manifests written. Holds the store lock: re-compressed layers
     are written in the store's tmp/, which a prune or a starting kiln would clean.
     ``output`` "-": the archive goes to ``stream``, by default kiln's stdout."""
-    if os.fspath(output) == "-" and stream is None:
+    if os.fspath(output) == "-":
         if fmt == "oci":
             raise KilnError("an OCI layout is a directory, which stdout cannot be: write an "
                             "oci-archive or a docker-archive there")
-        stream = stdout_stream(f"a {fmt}")
+        stream = stream or stdout_stream(f"a {fmt}")
     with store.writing():
         return _save_images(store, images, output, fmt=fmt, compression=compression,
                             progress=progress, concurrency=concurrency,
