@@ -151,17 +151,11 @@ def _cpu_count() -> int:
 
 def parse_cpuset(flag: str, text: str, available: set[int] | None) -> str:
     """A cpu or node list ("0-1,3") checked as docker checks it: the IDs must exist here."""
-    wanted: set[int] = set()
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi) if dash else int(lo)
-        except ValueError:
-            raise CgroupError(f"invalid value {text!r} for {flag}: want a list such as "
-                              "0-2,4") from None
-        if first < 0 or last < first:
-            raise CgroupError(f"invalid value {text!r} for {flag}: want a list such as 0-2,4")
-        wanted |= set(range(first, last + 1))
+    try:
+        wanted = _cpu_ids(text)
+    except ValueError:
+        raise CgroupError(f"invalid value {text!r} for {flag}: want a list such as "
+                          "0-2,4") from None
     if available is not None and not wanted <= available:
         missing = ",".join(str(i) for i in sorted(wanted - available))
         raise CgroupError(f"{flag} {text}: requested {missing} not available here (have "
@@ -185,18 +179,21 @@ def _ranges(ids: set[int]) -> str:
 def _online_nodes() -> set[int] | None:
     try:
         with open("/sys/devices/system/node/online") as f:
-            return set(_expand(f.read().strip()))
-    except OSError:
+            return _cpu_ids(f.read().strip())
+    except (OSError, ValueError):
         return None
 
 
-def _expand(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        if part:
-            lo, _, hi = part.partition("-")
-            out += range(int(lo), int(hi or lo) + 1)
-    return out
+def _cpu_ids(text: str) -> set[int]:
+    """The IDs of a cpu or node list ("0-2,4", the kernel's format); ValueError if bad."""
+    ids: set[int] = set()
+    for part in text.split(",") if text else ():
+        lo, dash, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if first < 0 or last < first:
+            raise ValueError(part)
+        ids |= set(range(first, last + 1))
+    return ids
 
 
 def parse_device_rate(flag: str, text: str) -> tuple[int, int, int]:
@@ -655,7 +652,8 @@ class V2Cgroup:
         if limits.cpuset_mems is not None:
             _write(self._file("cpuset.mems"), limits.cpuset_mems)
         if limits.blkio_weight is not None:
-            self._weight(limits.blkio_weight, ("io.bfq.weight", "io.weight"))
+            _write_weight(self.path, ("io.bfq.weight", "io.weight"), limits.blkio_weight,
+                          self.warnings)
         for major, minor, rate in limits.device_read_bps:
             _write(self._file("io.max"), f"{major}:{minor} rbps={rate}")
         for major, minor, rate in limits.device_write_bps:
@@ -669,13 +667,6 @@ class V2Cgroup:
                 rules = ", ".join(limits.device_deny)
                 raise CgroupError(f"cannot attach the device program ({rules}: read-only "
                                   f"--device) to {self.path}: {e.strerror}") from None
-
-    def _weight(self, weight: int, names: tuple[str, ...]) -> None:
-        for name in names:
-            if os.path.exists(self._file(name)):
-                _write(self._file(name), weight)
-                return
-        self.warnings.append(BLKIO_WEIGHT_OFF)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -835,6 +826,18 @@ def cgroup_dirs_of(pid: int) -> dict[str, str]:
     return out
 
 
+def _write_weight(cgroup_dir: str, names: tuple[str, ...], weight: int,
+                  warnings: list[str]) -> None:
+    """The block I/O weight into the first of ``names`` the cgroup has (BFQ's, else the
+    generic one); a warning when it has none."""
+    for name in names:
+        path = os.path.join(cgroup_dir, name)
+        if os.path.exists(path):
+            _write(path, weight)
+            return
+    warnings.append(BLKIO_WEIGHT_OFF)
+
+
 def _fill_cpuset(level: str) -> None:
     """A v1 cpuset cgroup starts with no CPUs and no memory nodes: kiln's own levels get
     their parent's, or no container could be put below them."""
@@ -919,19 +922,14 @@ class V1Cgroup:
             _write(self._file("memory", "memory.soft_limit_in_bytes"),
                    limits.memory_reservation)
         if "cpuset" in self.dirs:
-            # a new v1 cpuset cgroup has no CPUs and no nodes: nothing could run in it
-            parent = os.path.dirname(self.dirs["cpuset"])
+            _fill_cpuset(self.dirs["cpuset"])  # else nothing could run in it
             for name, value in (("cpuset.cpus", limits.cpuset_cpus),
                                 ("cpuset.mems", limits.cpuset_mems)):
-                _write(self._file("cpuset", name),
-                       value if value is not None else _read(os.path.join(parent, name)).strip())
+                if value is not None:
+                    _write(self._file("cpuset", name), value)
         if limits.blkio_weight is not None:
-            for name in ("blkio.bfq.weight", "blkio.weight"):
-                if os.path.exists(self._file("blkio", name)):
-                    _write(self._file("blkio", name), limits.blkio_weight)
-                    break
-            else:
-                self.warnings.append(BLKIO_WEIGHT_OFF)
+            _write_weight(self.dirs["blkio"], ("blkio.bfq.weight", "blkio.weight"),
+                          limits.blkio_weight, self.warnings)
         for rule in limits.device_deny:
             _write(self._file("devices", "devices.deny"), rule)
         for name, rates in (("blkio.throttle.read_bps_device", limits.device_read_bps),
