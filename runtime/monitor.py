@@ -24,6 +24,7 @@ import time
 
 from runtime.containers import ContainerRecord, RunOptions, StoreHandle, remove_container_dir
 from store.errors import KilnError
+from store.fsutil import write_all
 
 LOG = "ctr.log"
 _LINE_MAX = 16 << 10  # Docker's json-file splits longer lines too
@@ -296,7 +297,7 @@ class Monitor:
         if self.log_fd is None:
             self.log_fd = os.open(os.path.join(self.directory, LOG),
                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.write(self.log_fd, "".join(lines).encode())
+        write_all(self.log_fd, "".join(lines).encode())
 
     def _teardown(self) -> None:
         if self.plan is not None:
