@@ -50,7 +50,7 @@ from store.compression import (
     decompressed_chunks,
     within_budget,
 )
-from store.fsutil import current_umask, write_all
+from store.fsutil import current_umask, is_overlay_xattr, write_all
 
 if TYPE_CHECKING:
     import tarfile
@@ -503,14 +503,14 @@ def _clear(target: str, a: CopyAction, *, forget: Callable[[str], None] | None =
 
 def _copy_xattrs(src: str | int, target: str | int) -> None:
     """The extended attributes of ``src`` onto ``target`` (paths are not followed), but
-    trusted.* (overlayfs' own among them); best effort, as BuildKit's copy."""
+    trusted.* and overlayfs' own; best effort, as BuildKit's copy."""
     follow = not isinstance(src, str)
     try:
         names = os.listxattr(src, follow_symlinks=follow)
     except OSError:
         return
     for name in names:
-        if name.startswith("trusted."):
+        if name.startswith("trusted.") or is_overlay_xattr(name):
             continue
         with contextlib.suppress(OSError):
             value = os.getxattr(src, name, follow_symlinks=follow)
@@ -1021,7 +1021,7 @@ def _xattrs(pfd: int, name: str, m: tarfile.TarInfo) -> None:
         if not key.startswith("SCHILY.xattr."):
             continue
         attr = key[len("SCHILY.xattr."):]
-        if attr.startswith("trusted."):
+        if attr.startswith("trusted.") or is_overlay_xattr(attr):
             continue  # overlayfs' own attributes (whiteouts, opaque dirs) among them
         with contextlib.suppress(OSError):  # best effort, as docker
             os.setxattr(f"/proc/self/fd/{pfd}/{name}", attr,

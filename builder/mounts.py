@@ -547,6 +547,9 @@ def _copied_up_only(path: str, st: os.stat_result, lower: os.stat_result) -> boo
 
 def _opaque(path: str) -> bool:
     try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+        from store.fsutil import overlay_xattr_prefix
+
+        return os.getxattr(path, overlay_xattr_prefix() + "opaque",
+                           follow_symlinks=False) == b"y"
     except OSError:
         return False

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from builder import cache
 from store.errors import DigestError
-from store.fsutil import atomic_write
+from store.fsutil import atomic_write, is_overlay_xattr
 
 RECORD_FORMAT = 1
 MAX_RECORD = 128 << 20  # as store.gc reads cache records
@@ -239,5 +239,5 @@ def _xattrs(path: str) -> list[tuple[str, bytes]]:
             return []
         raise
     return sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names
-                  if not n.startswith("trusted."))
+                  if not n.startswith("trusted.") and not is_overlay_xattr(n))
 

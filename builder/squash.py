@@ -14,6 +14,8 @@ import os
 import shutil
 import stat
 
+from store.fsutil import is_overlay_xattr, overlay_xattr_prefix
+
 
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
@@ -31,7 +33,7 @@ def _copy_meta(src_st: os.stat_result, dst: str, src: str) -> None:
     if not stat.S_ISLNK(src_st.st_mode):
         os.chmod(dst, stat.S_IMODE(src_st.st_mode))
         for name in os.listxattr(src, follow_symlinks=False):
-            if not name.startswith("trusted.overlay."):
+            if not is_overlay_xattr(name):
                 os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
                             follow_symlinks=False)
     os.utime(dst, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=False)
@@ -79,6 +81,6 @@ def replay_layer(layer_dir: str, root: str) -> None:
 
 def _get_opaque(path: str) -> bytes | None:
     try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False)
+        return os.getxattr(path, overlay_xattr_prefix() + "opaque", follow_symlinks=False)
     except OSError:
         return None

@@ -192,6 +192,10 @@ def _main(argv: list[str] | None) -> None:
         if args == ["--version"]:  # scripts ask this often: click's import is 20 ms of it
             sys.stdout.write(f"kiln {__version__}\n")
             sys.exit(0)
+        if os.geteuid() != 0 and _needs_user_namespace(args):
+            from runtime import rootless
+
+            rootless.enter()
         fast = parse_run_args(args)
         if fast is not None:
             root, params = fast
@@ -226,6 +230,20 @@ def _main(argv: list[str] | None) -> None:
             interrupted(e.signum)
         raise
     sys.exit(0)
+
+
+# commands that touch neither the store's layers nor containers: no user namespace for them
+_OUTSIDE_NAMESPACE = {"login", "logout", "version", "help"}
+
+
+def _needs_user_namespace(args: list[str]) -> bool:
+    """Whether a non-root kiln call joins the user's namespace (runtime.rootless) first."""
+    if "--help" in args or "-h" in args or not args:
+        return False
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 1 if "=" in args[i] else 2  # the only global option is --root DIR
+    return i < len(args) and args[i] not in _OUTSIDE_NAMESPACE
 
 
 def _catch_stop_signals() -> None:
@@ -308,6 +326,7 @@ RUN_OPTIONS = {
     "--device-read-bps": ("device_read_bps", "multiple"),
     "--device-write-bps": ("device_write_bps", "multiple"),
     "--device": ("device", "multiple"),
+    "--userns": ("userns", "value"),
 }
 RUN_DEFAULTS = {"stop_timeout": 10.0}
 
@@ -638,7 +657,7 @@ def run_and_exit(store, params: dict) -> None:
         shm_size=p["shm_size"], sysctls=list(p["sysctl"]), oom_score_adj=p["oom_score_adj"],
         cgroup_parent=p["cgroup_parent"], blkio_weight=p["blkio_weight"],
         device_read_bps=list(p["device_read_bps"]), device_write_bps=list(p["device_write_bps"]),
-        devices=list(p["device"]))
+        devices=list(p["device"]), userns=p.get("userns"))
     if opts.network != "host" and opts.network != "none" and os.geteuid() == 0:
         from kiln.config import setting
 

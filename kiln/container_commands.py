@@ -51,6 +51,10 @@ import click
 @click.option("--device-read-bps", multiple=True, help="DEVICE:RATE, e.g. /dev/sda:10mb.")
 @click.option("--device-write-bps", multiple=True, help="DEVICE:RATE.")
 @click.option("--device", multiple=True, help="HOST[:CONTAINER[:PERMS]], e.g. /dev/fuse.")
+@click.option("--userns", default=None,
+              help="host (default), or auto[:size=N]: a private uid/gid range from the "
+                   "/etc/subuid and /etc/subgid entries of 'kiln', so the container's root "
+                   "is not the host's")
 @click.option("--cap-add", multiple=True)
 @click.option("--cap-drop", multiple=True)
 @click.option("--privileged", is_flag=True)
@@ -77,7 +81,7 @@ def run_cmd(ctx, image, command, remove, interactive, tty, env, env_file, entryp
             stop_timeout, verify_keys, signature_policy, publish, publish_all, ip, dns, add_host,
             network_alias, detach, restart, memory_reservation, cpuset_cpus, cpuset_mems, ulimit,
             shm_size, sysctl, oom_score_adj, cgroup_parent, blkio_weight, device_read_bps,
-            device_write_bps, device):
+            device_write_bps, device, userns):
     """Run COMMAND in a new container from IMAGE; exits with the container's exit code."""
     from kiln.cli import run_and_exit  # shared with kiln run's click-free path
 

@@ -69,8 +69,8 @@ def info_data(root) -> dict:
         "KernelVersion": platform.release(), "OperatingSystem": _os_name(),
         "OSType": "linux", "Architecture": _arch(), "NCPU": os.cpu_count(),
         "MemTotal": mem_kb * 1024, "SecurityOptions": ["name=seccomp,profile=builtin"]
-        if seccomp else [], "Rootless": os.geteuid() != 0,
-        "ServerVersion": __version__}
+        if seccomp else [], "ServerVersion": __version__,
+        "Rootless": os.geteuid() != 0 or bool(os.environ.get("KILN_ROOTLESS_UID"))}
 
 
 def _os_name() -> str:

@@ -141,7 +141,8 @@ def _runtime_auth_file(env: Mapping[str, str]) -> Path:
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     if runtime_dir:
         return Path(runtime_dir) / "containers" / "auth.json"
-    return Path("/run/containers") / str(os.getuid()) / "auth.json"
+    uid = os.environ.get("KILN_ROOTLESS_UID") or str(os.getuid())  # the host uid, as podman
+    return Path("/run/containers") / uid / "auth.json"
 
 
 def login_file(env: Mapping[str, str] | None = None, authfile: str | os.PathLike | None = None

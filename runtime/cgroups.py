@@ -372,11 +372,52 @@ def create_cgroup(name: str, limits: Limits, *, driver: str | None = None,
     Raises CgroupError naming the file and the value on failure, having removed what it made.
     """
     driver = driver or detect_driver()
+    if os.geteuid() != 0 or os.environ.get("KILN_ROOTLESS_UID"):
+        return _rootless_cgroup(name, limits, driver, parent)
     if driver == "v2":
         return V2Cgroup.create(name, limits, parent=parent)
     if driver == "v1":
         return V1Cgroup.create(name, limits, also=also, parent=parent)
     raise CgroupError(f"unknown cgroup driver {driver!r} (expected v1 or v2)")
+
+
+class NoCgroup:
+    """Rootless kiln without a cgroup it may write to: the container runs in kiln's own."""
+
+    path = ""
+
+    def __init__(self, warnings: list[str]):
+        self.warnings = warnings
+
+    def add_process(self, pid: int) -> None:
+        pass
+
+    def oom_killed(self) -> bool:
+        return False
+
+    def remove(self) -> None:
+        pass
+
+
+def _rootless_cgroup(name: str, limits: Limits, driver: str, parent: str) -> Cgroup:
+    """A cgroup beside kiln's own where v2 delegation lets the user make one (systemd's
+    user@UID.service), as rootless podman's; else none, and a warning if limits were asked."""
+    asked = sorted(limits.controllers())
+    if driver == "v2":
+        own = _own_cgroup_dir("v2")
+        base = os.path.dirname(own) if own else None
+        if base and base.startswith(CGROUP_ROOT + "/") and os.access(base, os.W_OK):
+            where = os.path.join(os.path.relpath(base, CGROUP_ROOT), parent)
+            try:
+                return V2Cgroup.create(name, limits, parent=where)
+            except (CgroupError, OSError):
+                if asked:
+                    raise
+                return NoCgroup([])
+    if not asked:
+        return NoCgroup([])
+    return NoCgroup([f"rootless kiln has no delegated cgroup v2 here: the container's "
+                     f"{', '.join(asked)} limits are not applied"])
 
 
 def warm_up_migration(*, driver: str | None = None) -> None:

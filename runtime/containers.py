@@ -39,8 +39,10 @@ class RunOptions(Record):
         oom_score_adj: str | None = None, cgroup_parent: str | None = None,
         blkio_weight: str | None = None, device_read_bps: list[str] | None = None,
         device_write_bps: list[str] | None = None, devices: list[str] | None = None,
+        userns: str | None = None,
     ):
         self.image = image
+        self.userns = userns  # None/"host": the host's ids; "auto[:size=N]": a private range
         self.command = [] if command is None else command
         self.entrypoint = entrypoint  # None: the image's; "": none
         self.env = [] if env is None else env
@@ -92,14 +94,14 @@ class RunOptions(Record):
 class ContainerRecord(Record):
     FIELDS = ("id", "name", "image", "image_name", "command", "created", "status", "pid",
               "exit_code", "finished", "network", "ip", "ports", "monitor", "started",
-              "restart_count", "runner")
+              "restart_count", "runner", "userns")
 
     def __init__(self, id: str, name: str, image: str, image_name: str, command: list[str],
                  created: float, status: str = "created", pid: int = 0,
                  exit_code: int | None = None, finished: float | None = None,
                  network: str | None = None, ip: str | None = None, ports: list | None = None,
                  monitor: int = 0, started: float | None = None, restart_count: int = 0,
-                 runner: int = 0):
+                 runner: int = 0, userns: list | None = None):
         self.id = id
         self.name = name
         self.image = image  # manifest digest: keeps the image alive for prune and rmi
@@ -119,6 +121,7 @@ class ContainerRecord(Record):
         # the `kiln run --rm` process of a foreground container: when it is gone while its
         # container is too, nobody is left to remove the container (kill -9 of kiln)
         self.runner = runner
+        self.userns = userns  # [first host id, count] of --userns=auto, else None
 
     def save(self, directory: str | os.PathLike) -> None:
         """Replace state.json at once; not flushed to disk: it means nothing after a reboot
@@ -142,7 +145,7 @@ def default_root() -> str:
     env = os.environ.get("KILN_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):  # (host) root
         return "/var/lib/kiln"
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "share")
@@ -317,11 +320,12 @@ def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict
             resolv = f.read(1 << 16)
     except OSError:
         pass
-    if mode != "host" and (dns or b"nameserver" in resolv):
+    if mode != "host" and (dns or b"nameserver" in resolv or mode == "slirp4netns"):
         from runtime.network.resolv import resolv_conf
 
+        via = "10.0.2.3" if mode == "slirp4netns" else None  # slirp.DNS_IP, unimported
         resolv = resolv_conf(resolv.decode("utf-8", "replace"), dns,
-                             own_netns=mode != "none").encode()
+                             own_netns=mode != "none", loopback_via=via).encode()
     contents = {
         "/etc/hosts": ("hosts", ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost "
                                  f"ip6-loopback\n127.0.1.1\t{hostname}\n").encode()),
@@ -338,17 +342,27 @@ def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict
 
 
 def network_mode(opts: RunOptions) -> tuple[str, str]:
-    """(kind, name): kind none|host|container|bridge; name the network or container."""
+    """(kind, name): kind none|host|container|bridge|slirp4netns; name the network or
+    container. Rootless, the default is slirp4netns (as podman's) where it is installed."""
     name = opts.network
+    rootless = os.geteuid() != 0 or bool(os.environ.get("KILN_ROOTLESS_UID"))
     if name is None:
-        name = "bridge" if os.geteuid() == 0 else "none"
-    if name in ("none", "host"):
+        if not rootless:
+            name = "bridge"
+        else:
+            from runtime.network.slirp import available
+
+            name = "slirp4netns" if available() else "none"
+    if name in ("none", "host", "slirp4netns"):
         return name, name
     if name.startswith("container:"):
         target = name[len("container:"):]
         if not target:
             raise KilnError("invalid --network container: give a container name or ID")
         return "container", target
+    if rootless:
+        raise KilnError(f"--network {name}: bridge networks need root; rootless kiln "
+                        "has slirp4netns (the default), host, none and container:NAME")
     return "bridge", name
 
 
@@ -450,7 +464,12 @@ def cgroup_options(opts: RunOptions) -> dict:
 
 def _check_network_options(opts: RunOptions, kind: str):
     """The -p specs, --add-host pairs and --dns servers, checked before anything is made."""
-    if kind != "bridge":
+    if kind == "slirp4netns":
+        given = [flag for flag, value in (("--ip", opts.ip),
+                                          ("--network-alias", opts.network_aliases)) if value]
+        if given:
+            raise KilnError(f"{', '.join(given)} need a bridge network, not slirp4netns")
+    elif kind != "bridge":
         given = [flag for flag, value in (("-p", opts.publish), ("-P", opts.publish_all),
                                           ("--ip", opts.ip),
                                           ("--network-alias", opts.network_aliases)) if value]
@@ -471,7 +490,7 @@ def _check_network_options(opts: RunOptions, kind: str):
                             f"{opts.network} (the container takes that container's "
                             "hostname, hosts and resolv.conf)")
     specs = []
-    if kind == "bridge" and opts.publish:
+    if kind in ("bridge", "slirp4netns") and opts.publish:
         from runtime.network import ports
 
         specs = [s for text in opts.publish for s in ports.parse(text)]
@@ -533,6 +552,9 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
     tmpfs = [_parse_tmpfs(t) for t in opts.tmpfs]
     port_specs, extra_hosts = _check_network_options(opts, kind)
     settings = _process_settings(opts, kind)
+    userns_size = _userns_size(opts)
+    if userns_size is not None:
+        _check_searchable(handle.containers_dir if handle.exists() else str(handle.root))
     if not handle.exists():
         handle.store  # noqa: B018 - makes the store (and its lock file) as Store() does
     netns_fd = None
@@ -555,7 +577,10 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
         argv = command_for(config, opts)
         directory = os.path.join(handle.containers_dir, cid)
         if existing is None:
-            os.mkdir(directory, 0o700)
+            # --userns=auto: the container's root (not the host's) sets it up from here
+            os.mkdir(directory, 0o711 if userns_size is not None else 0o700)
+            if userns_size is not None:
+                os.chmod(directory, 0o711)  # whatever the umask
         try:
             for sub in ("upper", "work", "rootfs"):
                 if existing is None:
@@ -574,19 +599,34 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
                     container_name=name, hostname=hostname, hosts_file=etc_files["/etc/hosts"],
                     ip=opts.ip, port_specs=port_specs, extra_hosts=extra_hosts,
                     aliases=opts.network_aliases)
-            elif extra_hosts:
+            elif kind == "slirp4netns":
+                from runtime.network import ports
+                from runtime.network.slirp import SlirpPlan
+
+                if opts.publish_all:
+                    port_specs += ports.exposed(config)
+                plan = SlirpPlan(port_specs, cid)
+            if extra_hosts and kind != "bridge":
                 with open(etc_files["/etc/hosts"], "a") as f:
                     f.write("".join(f"{ip}\t{host}\n" for host, ip in extra_hosts))
             record = ContainerRecord(cid, name, digest, opts.image, argv,
                                      existing.created if existing else time.time(),
                                      network=net_name,
-                                     ip=plan.lease.ip if plan else None,
-                                     ports=plan.lease.ports if plan else [],
-                                     restart_count=existing.restart_count if existing else 0)
-            record.save(directory)
+                                     ip=plan.lease.ip if kind == "bridge" else None,
+                                     ports=plan.lease.ports if kind == "bridge"
+                                     else plan.ports if plan else [],
+                                     restart_count=existing.restart_count if existing else 0,
+                                     userns=existing.userns if existing else None)
+            if userns_size is not None and record.userns is None:
+                _save_with_id_block(handle, record, directory, userns_size)
+                # the overlay's root dir is the upper dir's: the container's root owns it
+                first = record.userns[0]
+                os.chown(os.path.join(directory, "upper"), first, first)
+            else:
+                record.save(directory)
             _save_options(directory, opts)
         except BaseException:
-            if plan is not None:
+            if kind == "bridge" and plan is not None:
                 from runtime.network import attach
 
                 attach.detach(Networks(), plan.lease)
@@ -609,7 +649,7 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
         process=process, hostname=hostname, binds=binds, tmpfs=tmpfs, etc_files=etc_files,
         readonly_rootfs=opts.read_only, network=kind, netns_fd=netns_fd, capabilities=caps,
         seccomp=seccomp, no_new_privileges=nnp, privileged=opts.privileged, init=opts.init,
-        **settings,
+        id_map=tuple(record.userns) if record.userns else None, **settings,
     )
     save_exec_config(directory, spec)
     return record, spec, directory, plan
@@ -694,9 +734,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
 
         def running(pid: int) -> None:
             if plan is not None:
-                from runtime.network.attach import connect
-
-                connect(plan, pid)
+                connect_network(plan, pid)
             record.status, record.pid = "running", pid
             record.runner = os.getpid() if opts.remove else 0
             record.save(directory)
@@ -720,10 +758,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
             if spec.netns_fd is not None:
                 os.close(spec.netns_fd)
             if plan is not None:
-                from runtime.network.attach import detach
-                from runtime.network.networks import Networks
-
-                detach(Networks(), plan.lease, plan.veth)
+                disconnect_network(plan)
         finally:
             try:
                 if cgroup is not None:
@@ -731,6 +766,77 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
             finally:
                 if opts.remove:
                     remove_container_dir(directory)
+
+
+def _userns_size(opts: RunOptions) -> int | None:
+    if opts.userns in (None, "", "host"):
+        return None
+    from runtime.userns import UsernsError, parse
+
+    size = parse(opts.userns)
+    if os.geteuid() != 0 or os.environ.get("KILN_ROOTLESS_UID"):
+        raise UsernsError(f"--userns {opts.userns}: rootless kiln's containers are in the "
+                          "user's namespace already (its /etc/subuid range)")
+    if opts.privileged:
+        raise UsernsError(f"--privileged and --userns {opts.userns} conflict: a privileged "
+                          "container is the host's root (as Docker's userns-remap says)")
+    return size
+
+
+def _check_searchable(path: str) -> None:
+    """The container's root (no host id of kiln's) sets its rootfs up by path: every
+    directory above the store's containers must let others search it, as /var/lib does."""
+    import stat
+
+    from runtime.userns import UsernsError
+
+    here = os.path.realpath(path)
+    while here != "/":
+        if not os.stat(here).st_mode & stat.S_IXOTH:
+            raise UsernsError(f"--userns=auto: the container's root cannot reach {path}: "
+                              f"{here} is not searchable by others (chmod o+x it, or use a "
+                              "store outside it)")
+        here = os.path.dirname(here)
+
+
+def _save_with_id_block(handle: StoreHandle, record: ContainerRecord, directory: str,
+                        size: int) -> None:
+    """Give ``record`` a block of ids no other container of the store has, and save it,
+    under one lock: two containers made at once never get the same block."""
+    import fcntl
+
+    from runtime.userns import allocate
+
+    fd = os.open(os.path.join(handle.containers_dir, ".userns.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        taken = [tuple(c.userns) for c in list_containers(handle)
+                 if c.userns and c.id != record.id]
+        record.userns = list(allocate(size, taken))
+        record.save(directory)
+    finally:
+        os.close(fd)
+
+
+def connect_network(plan, pid: int) -> None:
+    """PID ``pid``'s netns onto its network: a bridge's veth, or a slirp4netns of its own."""
+    if hasattr(plan, "lease"):
+        from runtime.network.attach import connect
+
+        connect(plan, pid)
+    else:
+        plan.connect(pid)
+
+
+def disconnect_network(plan) -> None:
+    if hasattr(plan, "lease"):
+        from runtime.network.attach import detach
+        from runtime.network.networks import Networks
+
+        detach(Networks(), plan.lease, plan.veth)
+    else:
+        plan.close()
 
 
 def remove_container_dir(path: str | os.PathLike) -> None:
@@ -831,6 +937,12 @@ def remove(store: Store | str | None, name_or_id: str, *, force: bool = False) -
             pass
     if rec.ip:
         _release_network(rec)
+    elif rec.network == "slirp4netns" and rec.status == "running":
+        # its slirp4netns (and published ports) end with the monitor's exit pipe
+        deadline = time.monotonic() + 5.0
+        while rec.monitor and alive(rec.monitor) and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
     remove_container_dir(os.path.join(handle.containers_dir, rec.id))
     return rec.id
 

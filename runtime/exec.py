@@ -75,7 +75,11 @@ def exec_in(store, name_or_id: str, argv: list[str], *, user: str | None = None,
                          seccomp=bytes.fromhex(config["seccomp"]) if config["seccomp"] else None,
                          no_new_privileges=config["no_new_privileges"])
     fds = []
+    userns_fd = None
     try:
+        # --userns=auto: its own user namespace, joined first (it owns the others)
+        if os.stat(f"/proc/{rec.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
+            userns_fd = os.open(f"/proc/{rec.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         for ns, _flag in _NAMESPACES:
             fds.append(os.open(f"/proc/{rec.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
         cgroup_ns = os.open(f"/proc/{rec.pid}/ns/cgroup", os.O_RDONLY | os.O_CLOEXEC)
@@ -83,30 +87,36 @@ def exec_in(store, name_or_id: str, argv: list[str], *, user: str | None = None,
         from runtime.cgroups import cgroup_dirs_of
 
         procs = [os.path.join(d, "cgroup.procs") for d in cgroup_dirs_of(rec.pid).values()]
+        if os.environ.get("KILN_ROOTLESS_UID"):  # a container without a cgroup of its own
+            procs = [p for p in procs if os.access(p, os.W_OK)]  # runs in kiln's, not ours
     except OSError as e:
-        for fd in fds:
+        for fd in fds if userns_fd is None else [*fds, userns_fd]:
             os.close(fd)
         raise KilnError(f"container {rec.name} is not running ({e.strerror})") from None
-    runner = _Exec(spec, fds, procs)
+    runner = _Exec(spec, fds, procs, userns_fd)
     try:
         runner.start()
     finally:
-        for fd in fds:
+        for fd in fds if userns_fd is None else [*fds, userns_fd]:
             os.close(fd)
     return runner.wait()
 
 
 class _Exec(Container):
-    def __init__(self, spec: ContainerSpec, ns_fds: list[int], procs: list[str]):
+    def __init__(self, spec: ContainerSpec, ns_fds: list[int], procs: list[str],
+                 userns_fd: int | None = None):
         super().__init__(spec, None)
         self.ns_fds = ns_fds
         self.procs = procs
+        self.userns_fd = userns_fd
 
     def _stage1(self, go_read: int, errpipe: int, pidpipe: int, tty_sock) -> None:
         try:
             for path in self.procs:
                 with open(path, "w") as f:
                     f.write(str(os.getpid()))
+            if self.userns_fd is not None:
+                sc.setns(self.userns_fd, sc.CLONE_NEWUSER)
             for fd, (_ns, flag) in zip(self.ns_fds, _NAMESPACES, strict=False):
                 sc.setns(fd, flag)
             sc.setns(self.ns_fds[-1], sc.CLONE_NEWCGROUP)

@@ -278,7 +278,12 @@ def inspect(store, name_or_id: str) -> dict:
         "HostConfig": {"NetworkMode": rec.network or "none",
                        "RestartPolicy": {"Name": policy, "MaximumRetryCount":
                                          int(retries or 0)},
-                       "AutoRemove": bool(options.get("remove"))},
+                       "AutoRemove": bool(options.get("remove")),
+                       # podman's names for --userns=auto and the block it got
+                       "UsernsMode": options.get("userns") or "",
+                       "IDMappings": {"UidMap": [f"0:{rec.userns[0]}:{rec.userns[1]}"],
+                                      "GidMap": [f"0:{rec.userns[0]}:{rec.userns[1]}"]}
+                       if rec.userns else {}},
         "NetworkSettings": {"IPAddress": rec.ip or "", "Ports": ports, "Networks": networks},
     }
 
@@ -351,8 +356,28 @@ def freeze(dirs: dict[str, str], paused: bool, name: str) -> None:
             if time.monotonic() > deadline:
                 raise KilnError(f"container {name}: cgroup.freeze did not take effect")
             time.sleep(0.01)
+    if os.environ.get("KILN_ROOTLESS_UID"):
+        raise KilnError(f"container {name} has no cgroup of its own: rootless kiln pauses "
+                        "containers only where cgroup v2 is delegated to the user")
     raise KilnError(f"container {name} has no freezer cgroup (on cgroup v1 only "
                     "detached containers, kiln run -d, get one)")
+
+
+def _pid_namespace_members(pid: int) -> set[int]:
+    try:
+        target = os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return set()
+    members = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                st = os.stat(f"/proc/{name}/ns/pid")
+            except OSError:
+                continue
+            if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
+                members.add(int(name))
+    return members
 
 
 def processes(store, name_or_id: str) -> list[dict]:
@@ -366,6 +391,8 @@ def processes(store, name_or_id: str) -> list[dict]:
                 pids |= {int(x) for x in f.read().split()}
         except OSError:
             continue
+    if not pids:  # no cgroup of its own (rootless): the processes of its PID namespace
+        pids = _pid_namespace_members(rec.pid)
     ticks = os.sysconf("SC_CLK_TCK")
     out = []
     for pid in sorted(pids):

@@ -175,9 +175,9 @@ class Monitor:
 
         def running(pid: int) -> None:
             if plan is not None:
-                from runtime.network.attach import connect
+                from runtime.containers import connect_network
 
-                connect(plan, pid)
+                connect_network(plan, pid)
             record.status, record.pid, record.monitor = "running", pid, os.getpid()
             record.started, record.exit_code, record.finished = time.time(), None, None
             record.save(self.directory)
@@ -232,8 +232,8 @@ class Monitor:
 
     def _replan(self) -> None:
         """A restarted container gets its network again (the old netns died with it)."""
-        if self.plan is None:
-            return
+        if self.plan is None or not hasattr(self.plan, "lease"):
+            return  # no plan, or slirp4netns: starts anew with the container
         from runtime.network import attach, ports
         from runtime.network.networks import Networks
 
@@ -301,11 +301,10 @@ class Monitor:
 
     def _teardown(self) -> None:
         if self.plan is not None:
-            from runtime.network.attach import detach
-            from runtime.network.networks import Networks
+            from runtime.containers import disconnect_network
 
             try:
-                detach(Networks(), self.plan.lease, self.plan.veth)
+                disconnect_network(self.plan)
             except (KilnError, OSError):
                 pass
         if self.cgroup is not None:

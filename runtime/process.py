@@ -148,7 +148,13 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
     host's Python library is out of reach.
     """
     try:
-        sc.prctl(sc.PR_SET_DUMPABLE, 0)
+        # Not dumpable: nothing but root may open its /proc files while it holds kiln's
+        # fds. Rootless, kiln's own slirp4netns must open /proc/PID/ns/net before go, and
+        # a non-dumpable process's /proc is the host root's (kiln was exec'd outside the
+        # user namespace): it stays the user's own, whose other processes could ptrace
+        # kiln itself anyway. Its exec makes it dumpable either way.
+        if not os.environ.get("KILN_ROOTLESS_UID"):
+            sc.prctl(sc.PR_SET_DUMPABLE, 0)
         for sig in FORWARDED:  # kiln's own handlers must not run in here
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -158,7 +164,7 @@ def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -
         rootfs.setup(spec)
         if spec.hostname:
             sc.sethostname(spec.hostname)
-        if spec.network == "none":
+        if spec.network in ("none", "slirp4netns"):
             _set_loopback_up()
         cwd = spec.process.cwd or "/"
         if not os.path.isdir(cwd):
@@ -322,9 +328,25 @@ def _run_init(spec: ContainerSpec, program: str, errpipe: int) -> None:
 # ----------------------------------------------------------------- the kiln side
 def _stage1(spec: ContainerSpec, go_read: int, errpipe: int, pidpipe: int, tty_sock) -> None:
     try:
+        if spec.userns_fd is not None:
+            # --userns=auto: the overlay on idmapped layers is mounted here, by root in a
+            # mount namespace of its own; the container's namespaces below then belong to
+            # its user namespace, their mount namespace a copy of this one
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            rootfs.mount_overlay_idmapped(spec.layers, spec.upper, spec.work, spec.rootfs,
+                                          os.path.dirname(spec.upper), spec.userns_fd,
+                                          nodev=not spec.privileged)
+            sc.setns(spec.userns_fd, sc.CLONE_NEWUSER)
+            # the namespace's root from here on (what the container makes, a tmpfs's
+            # files among them, needs ids the namespace maps); the container's directory
+            # is searchable by others for this (containers.create)
+            os.setresgid(0, 0, 0)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)
         # the cgroup namespace comes later, once PID 1 is in the container's cgroup
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
-        if spec.network in ("none", "bridge"):  # bridge: kiln plugs it in before go
+        if spec.network in ("none", "bridge", "slirp4netns"):  # kiln plugs it in before go
             flags |= sc.CLONE_NEWNET
         elif spec.network == "container":
             sc.setns(spec.netns_fd, sc.CLONE_NEWNET)
@@ -362,6 +384,16 @@ class Container:
             raise
 
     def _start(self, on_pid) -> None:
+        if self.spec.id_map is not None and self.spec.userns_fd is None:
+            from runtime.userns import open_namespace
+
+            self.spec.userns_fd = open_namespace(*self.spec.id_map)
+            try:
+                self._start(on_pid)
+            finally:
+                os.close(self.spec.userns_fd)
+                self.spec.userns_fd = None
+            return
         go_read, go_write = os.pipe()
         err_read, err_write = os.pipe2(os.O_CLOEXEC)
         pid_read, pid_write = os.pipe()
@@ -411,7 +443,12 @@ class Container:
                 stage1 = _reap(stage1)
                 os.write(go_write, b"g")
             except (OSError, KilnError):
-                # PID 1 may have failed its setup meanwhile: its own reason comes first
+                # PID 1 may have failed its setup meanwhile: its own reason comes first.
+                # Else it still waits for go, holding the error pipe open: it goes first.
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
                 self._raise_start_error(err_read)
                 raise
             os.close(go_write)

@@ -61,6 +61,31 @@ def mount_overlay(layers: list[str], upper: str, work: str, target: str,
     _mount_overlay_classic(lowers, upper, work, target, scratch, sc.MS_NODEV if nodev else 0)
 
 
+def mount_overlay_idmapped(layers: list[str], upper: str, work: str, target: str,
+                           scratch: str, userns_fd: int, *, nodev: bool = True) -> None:
+    """mount_overlay on idmapped mounts of ``layers``: through them a file of uid N on disk
+    is the user namespace's N (runtime.userns). The upper dir is not idmapped: overlayfs
+    writes it with the ids of the container's processes, host ids of their block."""
+    points = os.path.join(scratch, "idmapped")
+    os.makedirs(points, exist_ok=True)
+    mapped = []
+    for i, layer in enumerate(dict.fromkeys(reversed(layers))):  # top first, as overlayfs
+        point = os.path.join(points, format(i, "x"))
+        os.makedirs(point, exist_ok=True)
+        fd = sc.open_tree(layer)
+        try:
+            sc.mount_setattr(fd, sc.MOUNT_ATTR_IDMAP, flags=sc.AT_EMPTY_PATH, userns_fd=userns_fd)
+            sc.move_mount(fd, point)
+        except OSError as e:
+            raise RootfsError(f"--userns=auto: cannot make an idmapped mount of layer {layer} "
+                              f"({e.strerror}): this kernel or filesystem has no idmapped "
+                              "mounts; use --userns=host") from None
+        finally:
+            os.close(fd)
+        mapped.append(point)
+    mount_overlay(list(reversed(mapped)), upper, work, target, scratch, nodev=nodev)
+
+
 def _empty_dir(scratch: str) -> str:
     path = os.path.join(scratch, "empty")
     os.makedirs(path, exist_ok=True)
@@ -500,8 +525,13 @@ def setup(spec: ContainerSpec) -> None:
     """Everything from a private mount tree to standing in the container's root."""
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     root = spec.rootfs
-    mount_overlay(spec.layers, spec.upper, spec.work, root, os.path.dirname(spec.upper),
-                  nodev=not spec.privileged)
+    if spec.id_map is None:
+        mount_overlay(spec.layers, spec.upper, spec.work, root, os.path.dirname(spec.upper),
+                      nodev=not spec.privileged)
+    else:
+        # stage 1 mounted it (mount_overlay_idmapped) before the user namespace: here that
+        # mount is locked, and pivot_root refuses a locked new root; a bind of it is ours
+        sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
     mount_defaults(spec, root)
     mount_user_volumes(spec, root)
     if not spec.privileged:

@@ -100,6 +100,7 @@ class ContainerSpec(Record):
         rlimits: list[tuple[int, int, int]] | None = None,
         sysctls: dict[str, str] | None = None, oom_score_adj: int | None = None,
         devices: list[tuple[str, str, bool]] | None = None,
+        id_map: tuple[int, int] | None = None,
     ):
         self.id = id
         self.layers = layers  # unpacked layer dirs, bottom layer first
@@ -126,3 +127,7 @@ class ContainerSpec(Record):
         self.sysctls = {} if sysctls is None else sysctls  # namespaced ones only
         self.oom_score_adj = oom_score_adj
         self.devices = [] if devices is None else devices  # (host node, path inside, writable)
+        # --userns=auto: (first host id, count) that container ids 0.. map to; the layers
+        # are idmapped onto it (runtime.userns)
+        self.id_map = id_map
+        self.userns_fd: int | None = None  # that namespace, while the container starts

@@ -55,6 +55,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 OPEN_TREE_CLONE = 1
@@ -296,9 +297,10 @@ class _MountAttr(ctypes.Structure):
 
 
 def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, *, path: str = "",
-                  flags: int = AT_EMPTY_PATH | AT_RECURSIVE) -> None:
-    """Set mount attributes (MOUNT_ATTR_*) on the mount at ``fd`` (and below it, recursively)."""
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+                  flags: int = AT_EMPTY_PATH | AT_RECURSIVE, userns_fd: int = 0) -> None:
+    """Set mount attributes (MOUNT_ATTR_*) on the mount at ``fd`` (and below it, recursively);
+    MOUNT_ATTR_IDMAP takes the ids of the user namespace ``userns_fd``."""
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd)
     _check(_syscall("mount_setattr", ctypes.c_int(fd), ctypes.c_char_p(path.encode()),
                     ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
            "mount_setattr")

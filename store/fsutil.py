@@ -10,6 +10,23 @@ import os
 import stat
 
 
+def overlay_xattr_prefix() -> str:
+    """Where overlayfs keeps its own xattrs (opaque dirs, ...) in the layers kiln writes.
+
+    trusted.overlay.* as root on the host; user.overlay.* in a user namespace (rootless
+    kiln, where the overlay is mounted with ``userxattr``: trusted.* needs the host's
+    CAP_SYS_ADMIN).
+    """
+    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):
+        return "trusted.overlay."
+    return "user.overlay."
+
+
+def is_overlay_xattr(name: str) -> bool:
+    """overlayfs' own attribute (of either namespace): never copied, never put in a layer."""
+    return name.startswith(("trusted.overlay.", "user.overlay."))
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -39,7 +39,7 @@ from store.compression import (
 )
 from store.digest import validate_digest
 from store.errors import DigestError, KilnError, LayerError
-from store.fsutil import current_umask
+from store.fsutil import current_umask, overlay_xattr_prefix
 
 # --------------------------------------------------------------------------- limits
 
@@ -437,7 +437,7 @@ class _LayerTree:
         self.chmod_mask = 0o7000 | current_umask()
         self.deferred_dirs: dict[bytes, tuple[int, int]] = {}
         self.notes: list[str] = []
-        self.opaque_xattr = b"trusted.overlay.opaque" if self.privileged else b"user.overlay.opaque"
+        self.opaque_xattr = os.fsencode(overlay_xattr_prefix() + "opaque")
 
     def close(self) -> None:
         for key, fd in self._dirs.items():

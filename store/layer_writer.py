@@ -47,6 +47,7 @@ from typing import BinaryIO
 import zstandard
 
 from store.errors import KilnError, LayerError
+from store.fsutil import is_overlay_xattr, overlay_xattr_prefix
 
 MEDIA_TYPE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -81,11 +82,9 @@ _END_OF_ARCHIVE = bytes(2 * _BLOCK)
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_OVERLAY_XATTR_PREFIX = "trusted.overlay."
-_OVERLAY_OPAQUE = "trusted.overlay.opaque"
 # An upper dir using these overlay features is not a self-contained diff: a metacopy file
 # has its data in a lower layer, a redirected dir is a renamed lower dir.
-_OVERLAY_UNSUPPORTED = ("trusted.overlay.metacopy", "trusted.overlay.redirect")
+_OVERLAY_UNSUPPORTED = ("metacopy", "redirect")
 _WHITEOUT_PREFIX = b".wh."
 _OPAQUE_WHITEOUT = b".wh..wh..opq"
 _WHITEOUT_MODE = 0o644
@@ -441,7 +440,7 @@ class _TreeWriter:
         return children
 
     def _xattrs(self, target: int | bytes, entry: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-        """Sorted (name, value) pairs without trusted.overlay.*, and the opaque flag."""
+        """Sorted (name, value) pairs without overlayfs' own, and the opaque flag."""
         try:
             if isinstance(target, int):
                 names = os.listxattr(target)
@@ -469,14 +468,14 @@ class _TreeWriter:
                 raise LayerError(
                     f"cannot read xattr {xname}: {err.strerror}", entry=os.fsdecode(entry)
                 ) from err
-            if xname.startswith(_OVERLAY_XATTR_PREFIX):
-                if xname in _OVERLAY_UNSUPPORTED:
+            if is_overlay_xattr(xname):
+                if xname.rsplit(".", 1)[1] in _OVERLAY_UNSUPPORTED:
                     raise LayerError(
                         f"overlay upper dir uses {xname} (metacopy/redirect_dir), which "
                         "cannot be turned into a layer: mount without those features",
                         entry=os.fsdecode(entry),
                     )
-                if xname == _OVERLAY_OPAQUE and value == b"y":
+                if xname == overlay_xattr_prefix() + "opaque" and value == b"y":
                     opaque = True
                 continue
             pairs.append((os.fsencode(xname), value))

@@ -43,7 +43,7 @@ def default_root() -> Path:
     env = os.environ.get("KILN_ROOT")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):  # (host) root
         return Path("/var/lib/kiln")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "share")

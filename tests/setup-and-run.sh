@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq python3-venv busybox-static zstd umoci skopeo oci-image-tool \
     docker-registry apache2-utils podman buildah runc uidmap gcc libc6-dev tmux openssl \
-    binutils-aarch64-linux-gnu qemu-user libcap2-bin nftables iproute2 >/dev/null
+    binutils-aarch64-linux-gnu qemu-user libcap2-bin nftables iproute2 slirp4netns >/dev/null
 
 # This host's hybrid cgroups break crun; podman's default rlimits are refused here.
 if ! grep -q 'kiln-tests' /etc/containers/containers.conf 2>/dev/null; then
