@@ -124,7 +124,13 @@ def _apply_identity_and_privileges(spec: ContainerSpec, user: ExecUser, keep: in
     Seccomp is loaded while CAP_SYS_ADMIN is still effective (so no_new_privs
     is not forced on), then the final capability sets are installed.
     """
-    os.setgroups(list(user.additional_gids))
+    try:
+        os.setgroups(list(user.additional_gids))
+    except PermissionError:
+        if not _setgroups_denied():
+            raise
+        # a user namespace with one gid (rootless kiln without subordinate ids): the
+        # kernel refuses setgroups there; the groups stay the unmapped ones kiln had
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
     _eff, perm, _inh = sc.capget()
@@ -139,6 +145,14 @@ def _apply_identity_and_privileges(spec: ContainerSpec, user: ExecUser, keep: in
     sc.prctl(sc.PR_SET_KEEPCAPS, 0)
     if not any(e.startswith("HOME=") for e in spec.process.env):
         spec.process.env.append(f"HOME={user.home}")
+
+
+def _setgroups_denied() -> bool:
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() == "deny"
+    except OSError:
+        return False
 
 
 def _container_main(spec: ContainerSpec, go_read: int, errpipe: int, tty_sock) -> None:

@@ -316,8 +316,16 @@ def mount_defaults(spec: ContainerSpec, root: str) -> None:
         _copy_host_devices(dev)
     for name in ("pts", "shm", "mqueue"):
         os.makedirs(os.path.join(dev, name), 0o755, exist_ok=True)
-    sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-             "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    try:
+        sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        # a user namespace that maps no gid 5 (rootless kiln with one id): the tty group
+        # cannot own the ptys, as under rootless podman without subordinate ids
+        sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     sc.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid_nodev_noexec,
              f"mode=1777,size={spec.shm_size}")

@@ -12,6 +12,40 @@ PROJECT = Path(__file__).resolve().parents[1]
 CORPORA = PROJECT.parent / "shared" / "corpora"
 
 
+# kiln's packages and its dependencies as a directory for PYTHONPATH: what another user,
+# or a container with the host's /usr, runs with Debian's /usr/bin/python3 (the test
+# run's venv may live under root's home, which neither can enter)
+KILN_PACKAGES = ("kiln", "builder", "store", "runtime", "registry_client")
+KILN_DEPENDENCIES = ("requests", "urllib3", "idna", "certifi", "charset_normalizer",
+                     "zstandard", "cryptography", "cffi", "_cffi_backend", "pycparser",
+                     "click", "tqdm", "nacl")
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def copy_kiln(dest: Path) -> Path:
+    """kiln and its dependencies under ``dest`` (readable by all); fails the test when
+    SYSTEM_PYTHON is not the test run's Python version (the compiled modules would not load)."""
+    import importlib.util
+
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.fail(f"{SYSTEM_PYTHON} is Python {version}, the tests' is "
+                    f"{sys.version_info[:2]}: the dependencies' compiled modules would not load")
+    for package in KILN_PACKAGES:
+        shutil.copytree(PROJECT / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in KILN_DEPENDENCIES:
+        origin = Path(importlib.util.find_spec(name).origin)
+        if origin.name == "__init__.py":
+            shutil.copytree(origin.parent, dest / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, dest / origin.name)
+    subprocess.run(["chmod", "-R", "a+rX", str(dest)], check=True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def busybox_rootfs(tmp_path_factory) -> Path:
     """A busybox root filesystem from Debian's busybox-static (the tests' base image)."""

@@ -10,13 +10,11 @@ namespace, slirp4netns, a docker-registry on 127.0.0.1.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -25,24 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, KilnCLI
+from tests.conftest import PROJECT, SYSTEM_PYTHON, KilnCLI, copy_kiln
 from tests.registry.conftest import registry  # noqa: F401 - the fixture
 from tests.registry.servers import REGISTRY_BIN
 
 USER = "kiln-rootless"
-PACKAGES = ("kiln", "builder", "store", "runtime", "registry_client")
-DEPENDENCIES = ("requests", "urllib3", "idna", "certifi", "charset_normalizer", "zstandard",
-                "cryptography", "cffi", "_cffi_backend", "pycparser", "click", "tqdm", "nacl")
-PYTHON = "/usr/bin/python3"
+PYTHON = SYSTEM_PYTHON
 EPOCH = "1700000000"
 
 
-def _ensure_user() -> pwd.struct_passwd:
+def _ensure_user(name: str = USER) -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(USER)
+        return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        return pwd.getpwnam(USER)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+        return pwd.getpwnam(name)
 
 
 def _has_range(path: str, entry: pwd.struct_passwd) -> bool:
@@ -57,11 +52,6 @@ def user(tmp_path_factory):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing (tests/setup-and-run.sh installs uidmap, "
                         "slirp4netns)")
-    version = subprocess.run([PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.fail(f"{PYTHON} is Python {version}, the tests' is {sys.version_info[:2]}: "
-                    "the dependencies' compiled modules would not load")
     entry = _ensure_user()
     for path in ("/etc/subuid", "/etc/subgid"):
         if not _has_range(path, entry):
@@ -73,18 +63,7 @@ def user(tmp_path_factory):
         os.chmod("/dev/net/tun", 0o666)
     shared = Path(tempfile.mkdtemp(prefix="kiln-rootless-", dir="/var/tmp"))
     os.chmod(shared, 0o755)
-    source = shared / "src"
-    for package in PACKAGES:
-        shutil.copytree(PROJECT / package, source / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    for name in DEPENDENCIES:
-        origin = Path(importlib.util.find_spec(name).origin)
-        if origin.name == "__init__.py":
-            shutil.copytree(origin.parent, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(origin, source / origin.name)
-    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+    source = copy_kiln(shared / "src")
     _stop_user_processes()
     yield entry, source, shared
     _stop_user_processes()
@@ -102,13 +81,14 @@ def _stop_user_processes() -> None:
 class RootlessKiln:
     def __init__(self, entry: pwd.struct_passwd, source: Path, data_home: Path):
         self.entry, self.source, self.data_home = entry, source, data_home
+        self.user = entry.pw_name
 
     def __call__(self, *args: str, check: bool = True, env: dict | None = None,
                  cwd: str = "/", timeout: float = 120) -> subprocess.CompletedProcess:
         environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": self.entry.pw_dir,
                    "XDG_DATA_HOME": str(self.data_home), "PYTHONPATH": str(self.source),
                    "LANG": "C.UTF-8", **(env or {})}
-        p = subprocess.run(["runuser", "-u", USER, "--", "env", "-i",
+        p = subprocess.run(["runuser", "-u", self.user, "--", "env", "-i",
                             *[f"{k}={v}" for k, v in environ.items()],
                             PYTHON, "-m", "kiln", *args],
                            capture_output=True, cwd=cwd, timeout=timeout)
@@ -310,3 +290,32 @@ def test_pull_build_push_match_the_rootful_build_digests(rootless, user, registr
         assert json.loads(root("inspect", tag).out)[0]["Id"] == rootful["Id"]
     sel = rootless("run", "--rm", f"{registry.host}/rootless/web:1", "selftest")
     assert sel.returncode == 0, sel.err
+
+
+def test_a_user_without_subordinate_ranges_gets_one_id_and_a_warning(user, rootless):
+    # useradd gives new users ranges: this one's are taken away, as on a host where an
+    # administrator made none
+    entry = _ensure_user("kiln-rootless-1id")
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with open(path) as f:
+            lines = [line for line in f if line.split(":")[0] != entry.pw_name]
+        with open(path, "w") as f:
+            f.writelines(lines)
+    subprocess.run(["pkill", "-KILL", "-u", entry.pw_name], capture_output=True)
+    _entry, source, shared = user
+    data_home = Path(entry.pw_dir) / "kiln-test-data"
+    shutil.rmtree(data_home, ignore_errors=True)
+    data_home.mkdir()
+    os.chown(data_home, entry.pw_uid, entry.pw_gid)
+    kiln = RootlessKiln(entry, source, data_home)
+    try:
+        imported = kiln("import", str(shared / "busybox.tar"), "busybox:latest")
+        assert imported.err.count("no range for kiln-rootless-1id") == 1, imported.err
+        run = kiln("run", "--rm", "busybox", "sh", "-c", "id -u; cat /proc/self/uid_map")
+        assert run.out.split() == ["0", "0", str(entry.pw_uid), "1"], run.out
+        assert "warning" not in run.err  # said once, when the namespace was made
+        bad = kiln("run", "--rm", "busybox", "chown", "1000", "/tmp", check=False)
+        assert bad.returncode != 0 and "Invalid argument" in bad.err + bad.out
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", entry.pw_name], capture_output=True)
+        shutil.rmtree(data_home, ignore_errors=True)
