@@ -562,11 +562,18 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
         binds=[*(prepared.binds if prepared is not None else ()), *(extra_binds or ())],
         tmpfs=list(prepared.tmpfs) if prepared is not None else [],
     )
+    chroot = os.environ.get("KILN_ISOLATION") == "chroot"
     try:
-        cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
-                               Limits(pids_limit=b.opts.pids_limit))
+        if chroot:  # no namespaces, no cgroup of its own (runtime.chroot)
+            from runtime.cgroups import NoCgroup
+            from runtime.chroot import ChrootContainer
+
+            cgroup = NoCgroup([])
+        else:
+            cgroup = create_cgroup(f"kiln-build-{os.path.basename(work)[-12:]}",
+                                   Limits(pids_limit=b.opts.pids_limit))
         try:
-            container = Container(spec, cgroup)
+            container = ChrootContainer(spec) if chroot else Container(spec, cgroup)
             try:
                 container.start()
             except ContainerStartError as e:
@@ -577,6 +584,8 @@ def _run_in_sandbox(b: Builder, state: StageState, argv: list[str], args: dict[s
                 if output is not None:
                     output.started()
             status = container.wait()
+            if chroot:
+                container.commit()
         finally:
             cgroup.remove()
     finally:

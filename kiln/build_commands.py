@@ -45,6 +45,10 @@ def _pull_policy(ctx, param, value: str) -> str:
               help="type=oci,dest=DIR|FILE.tar, type=oci-archive,dest=FILE or "
                    "type=docker-archive,dest=FILE (name=NAME: the name inside; default the "
                    "first -t)")
+@click.option("--isolation", default=None, type=click.Choice(["oci", "chroot"]),
+              help="oci (default): each step in namespaces on an overlay; chroot: no "
+                   "namespaces or mounts, for a container without CAP_SYS_ADMIN (a CI pod). "
+                   "Default: $KILN_ISOLATION, else oci.")
 @click.option("--squash", is_flag=True, help="One layer for the whole image.")
 @click.option("--layers/--no-layers", "layers", default=True, show_default=True,
               help="One layer per RUN/COPY/ADD (cached), or one for all of a stage's steps.")

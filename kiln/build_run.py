@@ -68,6 +68,11 @@ def build_image(store, params: dict) -> None:
                          "(-f - with CONTEXT -)")
     if context != "-" and not os.path.isdir(context):
         raise UsageError(f"build context {context} is not a directory")
+    isolation = p.get("isolation") or os.environ.get("KILN_ISOLATION") or "oci"
+    if isolation not in ("oci", "chroot"):
+        raise UsageError(f"invalid --isolation {isolation!r} (oci or chroot; "
+                         "KILN_ISOLATION as well)")
+    os.environ["KILN_ISOLATION"] = isolation  # the workspace and RUN steps look here
     cache_to = [_cache_spec("--cache-to", t) for t in p.get("cache_to") or ()]
     cache_from = [_cache_spec("--cache-from", t) for t in p.get("cache_from") or ()]
     import time

@@ -501,6 +501,7 @@ BUILD_OPTIONS = {
     "--layers": ("layers", "flag"), "--no-layers": ("layers", "off"),
     "-q": ("quiet", "flag"), "--quiet": ("quiet", "flag"),
     "--pull": ("pull_policy", "value"),
+    "--isolation": ("isolation", "value"),
 }
 BUILD_DEFAULTS = {
     "network": "host", "compression": "zstd", "layers": True, "pull_policy": "missing",
@@ -509,7 +510,8 @@ BUILD_DEFAULTS = {
     "verify_keys": (), "signature_policy": None, "tls_verify": None, "cert_dir": None,
     "creds": None, "authfile": None, "retry": None, "jobs": 3, "cache_from": (), "cache_to": (),
 }
-BUILD_CHOICES = {"network": ("host", "none"), "compression": ("zstd", "gzip")}
+BUILD_CHOICES = {"network": ("host", "none"), "compression": ("zstd", "gzip"),
+                 "isolation": ("oci", "chroot")}
 
 
 def parse_build_args(args: list[str]) -> tuple[str | None, dict] | None:
@@ -528,7 +530,7 @@ def parse_build_args(args: list[str]) -> tuple[str | None, dict] | None:
         return None
     params["context"] = positional[0] if positional else "."
     for dest, choices in BUILD_CHOICES.items():
-        if params[dest] not in choices:
+        if params[dest] is not None and params[dest] not in choices:
             return None
     policy = PULL_POLICIES.get(params["pull_policy"].lower())
     if policy is None:

@@ -35,6 +35,10 @@ def with_views(views: list[View], fn: Callable[..., Any], scratch: str) -> Any:
     ``fn`` runs as root in a forked child (a private mount namespace), so it may
     chown and mknod; what it returns or raises is pickled back to the caller.
     """
+    if os.environ.get("KILN_ISOLATION") == "chroot":  # no mounts: plain trees
+        from runtime.chroot import with_trees
+
+        return with_trees(views, fn, scratch)
     import _signal
     import pickle
     import tempfile

@@ -15,9 +15,10 @@ def overlay_xattr_prefix() -> str:
 
     trusted.overlay.* as root on the host; user.overlay.* in a user namespace (rootless
     kiln, where the overlay is mounted with ``userxattr``: trusted.* needs the host's
-    CAP_SYS_ADMIN).
+    CAP_SYS_ADMIN) and under --isolation chroot (kiln in a container without it).
     """
-    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):
+    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID") \
+            and os.environ.get("KILN_ISOLATION") != "chroot":  # chroot: no CAP_SYS_ADMIN
         return "trusted.overlay."
     return "user.overlay."
 
