@@ -32,7 +32,9 @@ class ConfigError(KilnError):
 def config_path() -> str:
     if os.environ.get("KILN_CONFIG"):
         return os.environ["KILN_CONFIG"]
-    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):  # (host) root
+    from store.fsutil import is_host_root
+
+    if is_host_root():
         return "/etc/kiln/kiln.conf"
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "kiln", "kiln.conf")

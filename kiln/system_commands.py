@@ -10,6 +10,7 @@ import sys
 import click
 
 from kiln import __version__
+from store.fsutil import is_host_root
 
 
 def _emit(data: dict, fmt: str | None, text: str) -> None:
@@ -70,7 +71,7 @@ def info_data(root) -> dict:
         "OSType": "linux", "Architecture": _arch(), "NCPU": os.cpu_count(),
         "MemTotal": mem_kb * 1024, "SecurityOptions": ["name=seccomp,profile=builtin"]
         if seccomp else [], "ServerVersion": __version__,
-        "Rootless": os.geteuid() != 0 or bool(os.environ.get("KILN_ROOTLESS_UID"))}
+        "Rootless": not is_host_root()}
 
 
 def _os_name() -> str:

@@ -372,7 +372,9 @@ def create_cgroup(name: str, limits: Limits, *, driver: str | None = None,
     Raises CgroupError naming the file and the value on failure, having removed what it made.
     """
     driver = driver or detect_driver()
-    if os.geteuid() != 0 or os.environ.get("KILN_ROOTLESS_UID"):
+    from store.fsutil import is_host_root
+
+    if not is_host_root():
         return _rootless_cgroup(name, limits, driver, parent)
     if driver == "v2":
         return V2Cgroup.create(name, limits, parent=parent)

@@ -15,8 +15,9 @@ buildah's chroot isolation and kaniko do, each step then works on a plain direct
 
 What needs mounts is refused with a clear error (RUN --mount); /dev holds only the nodes
 kiln may make, /proc and /sys are absent. This is no sandbox: a step runs as the build
-container's root and may leave a chroot; the container around kiln is the isolation. The store must be on a filesystem that takes
-overlay whiteouts (a volume, not the container's own overlay root).
+container's root and may leave a chroot; the container around kiln is the isolation. The
+store must be on a filesystem that takes overlay whiteouts (a volume, not the container's
+own overlay root).
 """
 
 from __future__ import annotations

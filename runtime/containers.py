@@ -145,7 +145,9 @@ def default_root() -> str:
     env = os.environ.get("KILN_ROOT")
     if env:
         return env
-    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):  # (host) root
+    from store.fsutil import is_host_root
+
+    if is_host_root():
         return "/var/lib/kiln"
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "share")
@@ -323,7 +325,9 @@ def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict
     if mode != "host" and (dns or b"nameserver" in resolv or mode == "slirp4netns"):
         from runtime.network.resolv import resolv_conf
 
-        via = "10.0.2.3" if mode == "slirp4netns" else None  # slirp.DNS_IP, unimported
+        via = None
+        if mode == "slirp4netns":
+            from runtime.network.slirp import DNS_IP as via
         resolv = resolv_conf(resolv.decode("utf-8", "replace"), dns,
                              own_netns=mode != "none", loopback_via=via).encode()
     contents = {
@@ -344,8 +348,10 @@ def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict
 def network_mode(opts: RunOptions) -> tuple[str, str]:
     """(kind, name): kind none|host|container|bridge|slirp4netns; name the network or
     container. Rootless, the default is slirp4netns (as podman's) where it is installed."""
+    from store.fsutil import is_host_root
+
     name = opts.network
-    rootless = os.geteuid() != 0 or bool(os.environ.get("KILN_ROOTLESS_UID"))
+    rootless = not is_host_root()
     if name is None:
         if not rootless:
             name = "bridge"
@@ -577,10 +583,10 @@ def create(store: Store | StoreHandle | str | None, opts: RunOptions,
         argv = command_for(config, opts)
         directory = os.path.join(handle.containers_dir, cid)
         if existing is None:
-            # --userns=auto: the container's root (not the host's) sets it up from here
-            os.mkdir(directory, 0o711 if userns_size is not None else 0o700)
+            os.mkdir(directory, 0o700)
             if userns_size is not None:
-                os.chmod(directory, 0o711)  # whatever the umask
+                # --userns=auto: the container's root (not the host's) sets it up from here
+                os.chmod(directory, 0o711)
         try:
             for sub in ("upper", "work", "rootfs"):
                 if existing is None:
@@ -734,7 +740,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
 
         def running(pid: int) -> None:
             if plan is not None:
-                connect_network(plan, pid)
+                plan.connect(pid)
             record.status, record.pid = "running", pid
             record.runner = os.getpid() if opts.remove else 0
             record.save(directory)
@@ -758,7 +764,7 @@ def run(store: Store | str | os.PathLike | None, opts: RunOptions, *, warm_up: b
             if spec.netns_fd is not None:
                 os.close(spec.netns_fd)
             if plan is not None:
-                disconnect_network(plan)
+                plan.close()
         finally:
             try:
                 if cgroup is not None:
@@ -772,9 +778,10 @@ def _userns_size(opts: RunOptions) -> int | None:
     if opts.userns in (None, "", "host"):
         return None
     from runtime.userns import UsernsError, parse
+    from store.fsutil import is_host_root
 
     size = parse(opts.userns)
-    if os.geteuid() != 0 or os.environ.get("KILN_ROOTLESS_UID"):
+    if not is_host_root():
         raise UsernsError(f"--userns {opts.userns}: rootless kiln's containers are in the "
                           "user's namespace already (its /etc/subuid range)")
     if opts.privileged:
@@ -817,26 +824,6 @@ def _save_with_id_block(handle: StoreHandle, record: ContainerRecord, directory:
         record.save(directory)
     finally:
         os.close(fd)
-
-
-def connect_network(plan, pid: int) -> None:
-    """PID ``pid``'s netns onto its network: a bridge's veth, or a slirp4netns of its own."""
-    if hasattr(plan, "lease"):
-        from runtime.network.attach import connect
-
-        connect(plan, pid)
-    else:
-        plan.connect(pid)
-
-
-def disconnect_network(plan) -> None:
-    if hasattr(plan, "lease"):
-        from runtime.network.attach import detach
-        from runtime.network.networks import Networks
-
-        detach(Networks(), plan.lease, plan.veth)
-    else:
-        plan.close()
 
 
 def remove_container_dir(path: str | os.PathLike) -> None:

@@ -87,7 +87,9 @@ def exec_in(store, name_or_id: str, argv: list[str], *, user: str | None = None,
         from runtime.cgroups import cgroup_dirs_of
 
         procs = [os.path.join(d, "cgroup.procs") for d in cgroup_dirs_of(rec.pid).values()]
-        if os.environ.get("KILN_ROOTLESS_UID"):  # a container without a cgroup of its own
+        from store.fsutil import is_host_root
+
+        if not is_host_root():  # rootless: a container without a cgroup of its own
             procs = [p for p in procs if os.access(p, os.W_OK)]  # runs in kiln's, not ours
     except OSError as e:
         for fd in fds if userns_fd is None else [*fds, userns_fd]:

@@ -356,7 +356,9 @@ def freeze(dirs: dict[str, str], paused: bool, name: str) -> None:
             if time.monotonic() > deadline:
                 raise KilnError(f"container {name}: cgroup.freeze did not take effect")
             time.sleep(0.01)
-    if os.environ.get("KILN_ROOTLESS_UID"):
+    from store.fsutil import is_host_root
+
+    if not is_host_root():
         raise KilnError(f"container {name} has no cgroup of its own: rootless kiln pauses "
                         "containers only where cgroup v2 is delegated to the user")
     raise KilnError(f"container {name} has no freezer cgroup (on cgroup v1 only "

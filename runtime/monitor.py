@@ -175,9 +175,7 @@ class Monitor:
 
         def running(pid: int) -> None:
             if plan is not None:
-                from runtime.containers import connect_network
-
-                connect_network(plan, pid)
+                plan.connect(pid)
             record.status, record.pid, record.monitor = "running", pid, os.getpid()
             record.started, record.exit_code, record.finished = time.time(), None, None
             record.save(self.directory)
@@ -301,10 +299,8 @@ class Monitor:
 
     def _teardown(self) -> None:
         if self.plan is not None:
-            from runtime.containers import disconnect_network
-
             try:
-                disconnect_network(self.plan)
+                self.plan.close()
             except (KilnError, OSError):
                 pass
         if self.cgroup is not None:

@@ -21,11 +21,6 @@ import os
 ENV = "KILN_ROOTLESS_UID"
 
 
-def active() -> bool:
-    """Whether this process is a rootless kiln's (in the user's namespace, or about to be)."""
-    return bool(os.environ.get(ENV))
-
-
 def host_uid() -> int:
     """The uid kiln was started with: the user's own, also inside the namespace."""
     value = os.environ.get(ENV)

@@ -10,6 +10,12 @@ import os
 import stat
 
 
+def is_host_root() -> bool:
+    """Root on the host: not rootless kiln, which is uid 0 in the user's namespace
+    (runtime.rootless sets KILN_ROOTLESS_UID there)."""
+    return os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID")
+
+
 def overlay_xattr_prefix() -> str:
     """Where overlayfs keeps its own xattrs (opaque dirs, ...) in the layers kiln writes.
 
@@ -17,8 +23,7 @@ def overlay_xattr_prefix() -> str:
     kiln, where the overlay is mounted with ``userxattr``: trusted.* needs the host's
     CAP_SYS_ADMIN) and under --isolation chroot (kiln in a container without it).
     """
-    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID") \
-            and os.environ.get("KILN_ISOLATION") != "chroot":  # chroot: no CAP_SYS_ADMIN
+    if is_host_root() and os.environ.get("KILN_ISOLATION") != "chroot":
         return "trusted.overlay."
     return "user.overlay."
 

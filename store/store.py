@@ -43,7 +43,9 @@ def default_root() -> Path:
     env = os.environ.get("KILN_ROOT")
     if env:
         return Path(env)
-    if os.geteuid() == 0 and not os.environ.get("KILN_ROOTLESS_UID"):  # (host) root
+    from store.fsutil import is_host_root
+
+    if is_host_root():
         return Path("/var/lib/kiln")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "share")

@@ -23,6 +23,13 @@ class Plan(Record):
         self.veth = veth
         self.created_bridge = created_bridge
 
+    # the interface a container's network plan has (slirp.SlirpPlan's too)
+    def connect(self, pid: int) -> None:
+        connect(self, pid)
+
+    def close(self) -> None:
+        detach(Networks(), self.lease, self.veth)
+
 
 def veth_name(container_id: str) -> str:
     return "kv" + container_id[:12]  # 14 of IFNAMSIZ's 15
