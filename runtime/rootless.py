@@ -46,26 +46,6 @@ def runtime_dir(uid: int) -> str:
     return path
 
 
-def subordinate_range(path: str, uid: int, name: str | None) -> tuple[int, int] | None:
-    """The first ``name:start:count`` (or ``uid:start:count``) range of /etc/subuid or subgid."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read(1 << 20).splitlines()
-    except FileNotFoundError:
-        return None
-    for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) != 3 or parts[0] not in (name, str(uid)):
-            continue
-        try:
-            start, count = int(parts[1]), int(parts[2])
-        except ValueError:
-            continue
-        if start > 0 and count > 0:
-            return start, count
-    return None
-
-
 def enter() -> None:
     """Join (or make) the user's namespace; a no-op for root and for a process already in it.
 
@@ -158,8 +138,11 @@ def _start_pause(uid: int, gid: int) -> int:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         name = None
-    subuid = subordinate_range("/etc/subuid", uid, name)
-    subgid = subordinate_range("/etc/subgid", uid, name)
+    from runtime.userns import subordinate_ranges
+
+    owners = (name, str(uid)) if name else (str(uid),)
+    subuid = next(iter(subordinate_ranges("/etc/subuid", owners)), None)
+    subgid = next(iter(subordinate_ranges("/etc/subgid", owners)), None)
     try:
         if subuid and subgid:
             for tool, own, (start, count) in (("newuidmap", uid, subuid),

@@ -41,7 +41,9 @@ def parse(text: str | None) -> int | None:
     return size
 
 
-def _ranges(path: str) -> list[tuple[int, int]]:
+def subordinate_ranges(path: str, owners: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The ``owner:start:count`` ranges of /etc/subuid or /etc/subgid for any of
+    ``owners`` (a name, or a uid written as a number), in file order."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read(1 << 20).splitlines()
@@ -50,9 +52,14 @@ def _ranges(path: str) -> list[tuple[int, int]]:
     out = []
     for line in lines:
         parts = line.strip().split(":")
-        if len(parts) == 3 and parts[0] == RANGE_OWNER and parts[1].isdigit() \
-                and parts[2].isdigit() and int(parts[1]) > 0:
-            out.append((int(parts[1]), int(parts[2])))
+        if len(parts) != 3 or parts[0] not in owners:
+            continue
+        try:
+            start, count = int(parts[1]), int(parts[2])
+        except ValueError:
+            continue
+        if start > 0 and count > 0:
+            out.append((start, count))
     return out
 
 
@@ -60,7 +67,8 @@ def allocate(size: int, taken: list[tuple[int, int]], *, subuid: str = "/etc/sub
              subgid: str = "/etc/subgid") -> tuple[int, int]:
     """The lowest block of ``size`` ids in kiln's ranges (of both files) that overlaps no
     ``taken`` block. The caller holds the lock under which the taken blocks were listed."""
-    uids, gids = _ranges(subuid), _ranges(subgid)
+    uids = subordinate_ranges(subuid, (RANGE_OWNER,))
+    gids = subordinate_ranges(subgid, (RANGE_OWNER,))
     if not uids or not gids:
         raise UsernsError(f"--userns=auto needs a range for {RANGE_OWNER!r} in {subuid} and "
                           f"{subgid}, e.g. the line '{RANGE_OWNER}:1000000000:1000000000' "
