@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from store.errors import KilnError
+from store.fsutil import is_host_root  # at import: a caller may drop its uid before asking
 
 SETTINGS: dict[str, dict[str, type]] = {"run": {"pids_limit": int}, "build": {"pids_limit": int},
                                         "network": {"subnet": str}}
@@ -32,8 +33,6 @@ class ConfigError(KilnError):
 def config_path() -> str:
     if os.environ.get("KILN_CONFIG"):
         return os.environ["KILN_CONFIG"]
-    from store.fsutil import is_host_root
-
     if is_host_root():
         return "/etc/kiln/kiln.conf"
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")

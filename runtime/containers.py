@@ -7,6 +7,7 @@ import time
 
 from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, ProcessSpec, Record, TmpfsMount
 from store.errors import KilnError
+from store.fsutil import is_host_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -145,8 +146,6 @@ def default_root() -> str:
     env = os.environ.get("KILN_ROOT")
     if env:
         return env
-    from store.fsutil import is_host_root
-
     if is_host_root():
         return "/var/lib/kiln"
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
@@ -348,8 +347,6 @@ def _etc_files(directory: str, hostname: str, mode: str, dns: list[str]) -> dict
 def network_mode(opts: RunOptions) -> tuple[str, str]:
     """(kind, name): kind none|host|container|bridge|slirp4netns; name the network or
     container. Rootless, the default is slirp4netns (as podman's) where it is installed."""
-    from store.fsutil import is_host_root
-
     name = opts.network
     rootless = not is_host_root()
     if name is None:
@@ -778,7 +775,6 @@ def _userns_size(opts: RunOptions) -> int | None:
     if opts.userns in (None, "", "host"):
         return None
     from runtime.userns import UsernsError, parse
-    from store.fsutil import is_host_root
 
     size = parse(opts.userns)
     if not is_host_root():

@@ -26,7 +26,7 @@ from pathlib import Path
 from store.digest import digest_hex, validate_digest
 from store.documents import INDEX_MEDIA_TYPES, Descriptor, parse_index
 from store.errors import DigestError, NotFoundError, ReferenceError_, StoreError
-from store.fsutil import remove_tree
+from store.fsutil import is_host_root, remove_tree
 from store.image import Image, ManifestImage
 from store.layout import REF_NAME, OCILayout
 from store.locks import file_lock
@@ -43,8 +43,6 @@ def default_root() -> Path:
     env = os.environ.get("KILN_ROOT")
     if env:
         return Path(env)
-    from store.fsutil import is_host_root
-
     if is_host_root():
         return Path("/var/lib/kiln")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
